@@ -1,0 +1,6 @@
+//! The command-line edge: each subcommand parses nothing (clap did), calls the library, and
+//! prints. `anyhow` is allowed here and in `main.rs` only.
+
+pub mod bench;
+pub mod generate;
+pub mod models;

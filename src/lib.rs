@@ -1,0 +1,8 @@
+//! cortensor: a working implementation of the Cortensor decentralized AI-inference network.
+//!
+//! - [`models`]: Llama 3 in burn (wgpu or CPU), GGUF/safetensors loaders, tokenizers, chat
+//!   templates, sampling, and the [`models::engine::InferenceEngine`] that miners and validators use.
+//!
+//! See ARCHITECTURE.md for the code map, the message flow and the invariants.
+pub mod commands;
+pub mod models;
