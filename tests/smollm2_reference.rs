@@ -66,7 +66,7 @@ fn last_position_logits_match_llama_cpp() {
     let fixture = read_json("logits.json");
     let g = GgufFile::open(&model_path()).unwrap();
     let w = weights::load_gguf(&g).unwrap();
-    let model = Llama::new(&w, &Device::flex(), BackendKind::Cpu, 1024).unwrap();
+    let model = Llama::new(w.clone(), &Device::flex(), BackendKind::Cpu, 1024).unwrap();
     for case in fixture["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let prompt = ids(&case["prompt_ids"]);

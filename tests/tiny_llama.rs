@@ -288,7 +288,7 @@ const PROMPT: [u32; 9] = [128000, 9906, 1917, 0, 42, 128255, 100000, 77, 5];
 
 fn logits_all(path: &Path, device: Device, backend: BackendKind) -> Vec<f32> {
     let w = weights::load(path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-    let model = Llama::new(&w, &device, backend, 64).unwrap();
+    let model = Llama::new(w.clone(), &device, backend, 64).unwrap();
     let mut s = model.new_session(64);
     model.forward(&mut s, &PROMPT, true).unwrap()
 }
@@ -368,7 +368,7 @@ fn prefill_equals_token_by_token_decoding() {
     let gguf = dir.path().join("tiny.gguf");
     write_gguf(&gguf, &random_model(SEED), GgmlType::F32);
     let w = weights::load(&gguf).unwrap();
-    let model = Llama::new(&w, &Device::flex(), BackendKind::Cpu, 64).unwrap();
+    let model = Llama::new(w.clone(), &Device::flex(), BackendKind::Cpu, 64).unwrap();
     let mut s = model.new_session(64);
     let batch = model.forward(&mut s, &PROMPT, false).unwrap();
     let mut s = model.new_session(64);
@@ -400,11 +400,12 @@ fn quantized_cpu_path_tracks_the_dense_model() {
         write_gguf(&path, &t, ty);
         let w = weights::load(&path).unwrap();
         // Reference: the same quantized weights, dequantized to f32 at load.
-        let reference = Llama::new_dequantized(&w, &Device::flex(), BackendKind::Cpu, 64).unwrap();
+        let reference =
+            Llama::new_dequantized(w.clone(), &Device::flex(), BackendKind::Cpu, 64).unwrap();
         let mut s = reference.new_session(64);
         let ref_all = reference.forward(&mut s, &PROMPT, true).unwrap();
         let ref_last = &ref_all[(PROMPT.len() - 1) * VOCAB..];
-        let packed = Llama::new(&w, &Device::flex(), BackendKind::Cpu, 64).unwrap();
+        let packed = Llama::new(w.clone(), &Device::flex(), BackendKind::Cpu, 64).unwrap();
         // Prefill of 9 rows (all logits, so the output layer too) dequantizes each matrix and
         // uses the dense product: the same numbers as the reference.
         let mut s = packed.new_session(64);

@@ -84,7 +84,9 @@ pub struct SelectedBackend {
 pub fn wgpu_adapters() -> Vec<AdapterSummary> {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let future = instance.enumerate_adapters(wgpu::Backends::all());
+    // Vulkan, Metal and DX12 only: burn's kernels need features the OpenGL path lacks (it
+    // fails on subgroup and atomic kernels), and probing EGL floods stderr on headless hosts.
+    let future = instance.enumerate_adapters(wgpu::Backends::PRIMARY);
     let adapters = match tokio::runtime::Builder::new_current_thread().build() {
         Ok(rt) => rt.block_on(future),
         Err(_) => return Vec::new(),

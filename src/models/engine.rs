@@ -213,7 +213,7 @@ impl LlamaEngine {
             .thread_name(|i| format!("cortensor-infer-{i}"))
             .build()
             .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
-        let selected = backend::select(opts.backend, threads)?;
+        // The model file first: a bad file should fail fast, before any device is probed.
         let (weights, tokenizer, carried_template, name) = if opts.model.is_dir() {
             let weights = weights::load_hf_dir(&opts.model)?;
             let tok_path = opts
@@ -237,12 +237,14 @@ impl LlamaEngine {
                 .get_str("general.name")
                 .map(str::to_string)
                 .unwrap_or_else(|| dir_name(&opts.model));
+            drop(g); // unmap the file before the model is built: peak memory is one copy
             (weights, tokenizer, template, name)
         };
         let template = ChatTemplate::for_model(carried_template.as_deref(), &tokenizer)?;
+        let selected = backend::select(opts.backend, threads)?;
         let weight_bytes = weights.byte_len();
         let model = pool
-            .install(|| Llama::new(&weights, &selected.device, selected.kind, opts.max_context))?;
+            .install(|| Llama::new(weights, &selected.device, selected.kind, opts.max_context))?;
         Ok(Self {
             model,
             tokenizer,

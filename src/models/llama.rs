@@ -47,9 +47,9 @@ enum Linear {
 }
 
 impl Linear {
-    fn new(m: &Matrix, device: &Device, keep_quantized: bool) -> Result<Self, ForwardError> {
+    fn new(m: Matrix, device: &Device, keep_quantized: bool) -> Result<Self, ForwardError> {
         Ok(match m {
-            Matrix::Quant(q) if keep_quantized => Linear::Quant(Arc::new(q.clone())),
+            Matrix::Quant(q) if keep_quantized => Linear::Quant(Arc::new(q)),
             other => {
                 let data = other.to_dense()?;
                 Linear::Dense(Tensor::from_data(
@@ -88,6 +88,14 @@ impl Linear {
     }
 }
 
+fn take_cache(slot: &mut Option<Tensor<3>>) -> Result<Tensor<3>, ForwardError> {
+    // Only empty if an earlier step failed between take and put back; the session is then
+    // unusable, which the caller learns here instead of through a panic.
+    slot.take().ok_or(ForwardError::Readback(
+        "the KV cache was lost by an earlier failed step".into(),
+    ))
+}
+
 fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, ForwardError> {
     t.into_data()
         .try_into_vec::<f32>()
@@ -116,9 +124,13 @@ impl RmsNorm {
 
 /// The keys and values of one layer for every position so far, preallocated to the context
 /// limit so memory is bounded and known at start.
+///
+/// Held in `Option`s so each step can take sole ownership before `slice_assign`: with no other
+/// handle on the buffer the backend writes the new rows in place instead of copying the whole
+/// cache every token.
 struct LayerCache {
-    k: Tensor<3>, // [n_kv_heads, max_ctx, head_dim]
-    v: Tensor<3>,
+    k: Option<Tensor<3>>, // [n_kv_heads, max_ctx, head_dim]
+    v: Option<Tensor<3>>,
 }
 
 struct Layer {
@@ -169,7 +181,7 @@ impl Llama {
     /// Builds the model on `device`. `max_context` bounds the KV cache (and so memory); it is
     /// capped at the context the model was trained for.
     pub fn new(
-        weights: &LlamaWeights,
+        weights: LlamaWeights,
         device: &Device,
         backend: BackendKind,
         max_context: usize,
@@ -186,7 +198,7 @@ impl Llama {
     /// Like [`Llama::new`] but with every matrix dequantized to f32 at load, whatever the
     /// backend: the reference the packed CPU path is tested against.
     pub fn new_dequantized(
-        weights: &LlamaWeights,
+        weights: LlamaWeights,
         device: &Device,
         backend: BackendKind,
         max_context: usize,
@@ -195,36 +207,41 @@ impl Llama {
     }
 
     fn build(
-        weights: &LlamaWeights,
+        weights: LlamaWeights,
         device: &Device,
         backend: BackendKind,
         max_context: usize,
         keep_q: bool,
     ) -> Result<Self, ForwardError> {
-        let cfg = weights.config.clone();
+        // Weights are consumed: each matrix moves into its layer, so loading never holds two
+        // copies of the model.
+        let LlamaWeights {
+            config: cfg,
+            token_embd,
+            output_norm,
+            output,
+            layers,
+        } = weights;
         let max_context = max_context.clamp(1, cfg.trained_context.max(1));
-        let layers = weights
-            .layers
-            .iter()
+        let layers = layers
+            .into_iter()
             .map(|l| {
                 Ok(Layer {
                     attn_norm: RmsNorm::new(&l.attn_norm, cfg.rms_eps, device),
-                    wq: Linear::new(&l.wq, device, keep_q)?,
-                    wk: Linear::new(&l.wk, device, keep_q)?,
-                    wv: Linear::new(&l.wv, device, keep_q)?,
-                    wo: Linear::new(&l.wo, device, keep_q)?,
+                    wq: Linear::new(l.wq, device, keep_q)?,
+                    wk: Linear::new(l.wk, device, keep_q)?,
+                    wv: Linear::new(l.wv, device, keep_q)?,
+                    wo: Linear::new(l.wo, device, keep_q)?,
                     ffn_norm: RmsNorm::new(&l.ffn_norm, cfg.rms_eps, device),
-                    w_gate: Linear::new(&l.w_gate, device, keep_q)?,
-                    w_up: Linear::new(&l.w_up, device, keep_q)?,
-                    w_down: Linear::new(&l.w_down, device, keep_q)?,
+                    w_gate: Linear::new(l.w_gate, device, keep_q)?,
+                    w_up: Linear::new(l.w_up, device, keep_q)?,
+                    w_down: Linear::new(l.w_down, device, keep_q)?,
                 })
             })
             .collect::<Result<Vec<_>, ForwardError>>()?;
-        let output = Linear::new(
-            weights.output.as_ref().unwrap_or(&weights.token_embd),
-            device,
-            keep_q,
-        )?;
+        // Tied embeddings: the output layer gets its own copy (dense on wgpu, packed on the
+        // CPU), since token lookups read the table on the host.
+        let output = Linear::new(output.unwrap_or_else(|| token_embd.clone()), device, keep_q)?;
         let half = cfg.head_dim / 2;
         let mut cos = Vec::with_capacity(max_context * half);
         let mut sin = Vec::with_capacity(max_context * half);
@@ -236,8 +253,8 @@ impl Llama {
             }
         }
         Ok(Self {
-            output_norm: RmsNorm::new(&weights.output_norm, cfg.rms_eps, device),
-            token_embd: weights.token_embd.clone(),
+            output_norm: RmsNorm::new(&output_norm, cfg.rms_eps, device),
+            token_embd,
             layers,
             output,
             cos: Tensor::from_data(TensorData::new(cos, [max_context, half]), device),
@@ -265,8 +282,14 @@ impl Llama {
         let max_context = max_context.clamp(1, self.max_context);
         let caches = (0..c.n_layers)
             .map(|_| LayerCache {
-                k: Tensor::zeros([c.n_kv_heads, max_context, c.head_dim], &self.device),
-                v: Tensor::zeros([c.n_kv_heads, max_context, c.head_dim], &self.device),
+                k: Some(Tensor::zeros(
+                    [c.n_kv_heads, max_context, c.head_dim],
+                    &self.device,
+                )),
+                v: Some(Tensor::zeros(
+                    [c.n_kv_heads, max_context, c.head_dim],
+                    &self.device,
+                )),
             })
             .collect();
         Session {
@@ -373,10 +396,12 @@ impl Llama {
         let q = self.rope(q, pos0);
         let k = self.rope(k, pos0);
         let end = pos0 + n;
-        cache.k = cache.k.clone().slice_assign([0..nkv, pos0..end, 0..hd], k);
-        cache.v = cache.v.clone().slice_assign([0..nkv, pos0..end, 0..hd], v);
-        let keys = cache.k.clone().slice([0..nkv, 0..end, 0..hd]);
-        let values = cache.v.clone().slice([0..nkv, 0..end, 0..hd]);
+        let k_all = take_cache(&mut cache.k)?.slice_assign([0..nkv, pos0..end, 0..hd], k);
+        let v_all = take_cache(&mut cache.v)?.slice_assign([0..nkv, pos0..end, 0..hd], v);
+        let keys = k_all.clone().slice([0..nkv, 0..end, 0..hd]);
+        let values = v_all.clone().slice([0..nkv, 0..end, 0..hd]);
+        cache.k = Some(k_all);
+        cache.v = Some(v_all);
         // Heads sharing a key/value head are contiguous: [nh, n, hd] -> [nkv, g * n, hd].
         let g = c.group_size();
         let q = q.reshape([nkv, g * n, hd]);
