@@ -12,7 +12,7 @@ use super::config::{LlamaConfig, RopeLayout};
 use super::qmatmul::{QMatmulError, QuantMatrix};
 use super::weights::{LlamaWeights, Matrix};
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Tensor, TensorData};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -458,11 +458,5 @@ impl Llama {
                     .reshape([h, n, hd])
             }
         }
-    }
-
-    /// Embedding-free helper for tests and validators: ids as an Int tensor on this device.
-    pub fn ids_tensor(&self, ids: &[u32]) -> Tensor<1, Int> {
-        let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        Tensor::from_data(TensorData::new(v, [ids.len()]), &self.device)
     }
 }
