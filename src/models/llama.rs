@@ -102,6 +102,29 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, ForwardError> {
         .map_err(|e| ForwardError::Readback(format!("{e:?}")))
 }
 
+/// The token-embedding table, read on the host (a lookup is a row copy).
+enum EmbeddingTable {
+    Host(Matrix),
+    /// The same packed matrix the tied output layer multiplies by.
+    Shared(Arc<QuantMatrix>),
+}
+
+impl EmbeddingTable {
+    fn rows(&self) -> usize {
+        match self {
+            EmbeddingTable::Host(m) => m.rows(),
+            EmbeddingTable::Shared(q) => q.rows(),
+        }
+    }
+
+    fn row_into(&self, row: usize, out: &mut [f32]) -> Result<(), QMatmulError> {
+        match self {
+            EmbeddingTable::Host(m) => m.row_into(row, out),
+            EmbeddingTable::Shared(q) => Ok(q.dequantize_row(row, out)?),
+        }
+    }
+}
+
 struct RmsNorm {
     weight: Tensor<2>, // [1, dim]
     eps: f32,
@@ -152,7 +175,7 @@ pub struct Llama {
     device: Device,
     backend: BackendKind,
     /// Token embeddings on the host: lookup is a row copy (dequantized on the fly).
-    token_embd: Matrix,
+    token_embd: EmbeddingTable,
     layers: Vec<Layer>,
     output_norm: RmsNorm,
     output: Linear,
@@ -239,9 +262,25 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>, ForwardError>>()?;
-        // Tied embeddings: the output layer gets its own copy (dense on wgpu, packed on the
-        // CPU), since token lookups read the table on the host.
-        let output = Linear::new(output.unwrap_or_else(|| token_embd.clone()), device, keep_q)?;
+        // Tied, packed embeddings are shared by the lookup and the output layer (one copy in
+        // memory); otherwise the output layer gets its own (dense on wgpu).
+        let (token_embd, output) = match (output, token_embd) {
+            (None, Matrix::Quant(q)) if keep_q => {
+                let shared = Arc::new(q);
+                (
+                    EmbeddingTable::Shared(shared.clone()),
+                    Linear::Quant(shared),
+                )
+            }
+            (None, table) => {
+                let output = Linear::new(table.clone(), device, keep_q)?;
+                (EmbeddingTable::Host(table), output)
+            }
+            (Some(out), table) => (
+                EmbeddingTable::Host(table),
+                Linear::new(out, device, keep_q)?,
+            ),
+        };
         let half = cfg.head_dim / 2;
         let mut cos = Vec::with_capacity(max_context * half);
         let mut sin = Vec::with_capacity(max_context * half);
