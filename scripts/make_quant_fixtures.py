@@ -6,7 +6,8 @@ Writes, relative to the repository root (found from this file's location):
       {"generator", "type", "n_elems", "bytes_hex", "values", ["input"]}
       `values` is gguf.quants.dequantize(bytes); `input` (Q4_0/Q4_1/Q8_0/BF16 only) is the f32 data
       that gguf.quants.quantize turned into `bytes`, so the Rust quantizers can be checked too.
-  tests/fixtures/gguf/python_writer.gguf
+  tests/fixtures/gguf/python_writer.gguf.hex (the 1 KiB file as hex text: no binary
+  model-format files in the repository)
       a small GGUF written by gguf.GGUFWriter (metadata of several types, nested arrays, custom
       alignment, F32/F16/Q8_0 tensors), so the Rust reader is checked against another writer.
 
@@ -152,6 +153,13 @@ def make_gguf_fixture() -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    # Keep it as hex text, 64 digits a line: no binary model-format file in the repository.
+    data = path.read_bytes()
+    digits = data.hex()
+    (GGUF_DIR / "python_writer.gguf.hex").write_text(
+        "\n".join(digits[i : i + 64] for i in range(0, len(digits), 64)) + "\n"
+    )
+    path.unlink()
 
 
 def main() -> None:
