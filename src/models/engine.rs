@@ -385,10 +385,14 @@ impl InferenceEngine for LlamaEngine {
             ids.push(next);
             history.push(next);
             text.push_str(&decoder.push(tokenizer, next));
+            // Only the unemitted tail can hold a new match: any stop string starting earlier
+            // would have had its prefix held back (`stop_hold_back`), not emitted. Searching
+            // the tail keeps this O(new text) per token instead of O(all text).
             if let Some(at) = request
                 .stop
                 .iter()
-                .filter_map(|s| text.find(s.as_str()))
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| text[emitted..].find(s.as_str()).map(|i| emitted + i))
                 .min()
             {
                 text.truncate(at);

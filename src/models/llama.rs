@@ -31,6 +31,8 @@ pub enum ForwardError {
     Quant(#[from] QMatmulError),
     #[error("reading a tensor back from the device failed: {0}")]
     Readback(String),
+    #[error("this session's KV cache was lost by an earlier failed step; start a new session")]
+    CacheLost,
 }
 
 /// From how many activation rows on a linear layer the CPU path dequantizes the weights and
@@ -91,9 +93,7 @@ impl Linear {
 fn take_cache(slot: &mut Option<Tensor<3>>) -> Result<Tensor<3>, ForwardError> {
     // Only empty if an earlier step failed between take and put back; the session is then
     // unusable, which the caller learns here instead of through a panic.
-    slot.take().ok_or(ForwardError::Readback(
-        "the KV cache was lost by an earlier failed step".into(),
-    ))
+    slot.take().ok_or(ForwardError::CacheLost)
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, ForwardError> {

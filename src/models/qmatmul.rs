@@ -220,7 +220,8 @@ impl QuantMatrix {
                 let bpr = self.cols / QK;
                 let nq = quant_bytes(self.ty);
                 let ty = self.ty;
-                self.for_each_row(n, out, |r, row_out| {
+                let dot = dot_kernel();
+                self.for_each_row(n, out, |r, row_out, _| {
                     let blocks = r * bpr..(r + 1) * bpr;
                     let row = PackedRow {
                         scale: &scale[blocks.clone()],
@@ -232,18 +233,18 @@ impl QuantMatrix {
                         qs: &qs[blocks.start * nq..blocks.end * nq],
                     };
                     for (t, o) in row_out.iter_mut().enumerate() {
-                        *o = dot_packed(ty, &row, &acts[t * bpr..(t + 1) * bpr]);
+                        *o = dot(ty, &row, &acts[t * bpr..(t + 1) * bpr]);
                     }
                     Ok(())
                 })
             }
             Storage::Raw { .. } => {
                 let cols = self.cols;
-                self.for_each_row(n, out, |r, row_out| {
-                    let mut row = vec![0f32; cols];
-                    self.dequantize_row(r, &mut row)?;
+                self.for_each_row(n, out, |r, row_out, row| {
+                    row.resize(cols, 0.0);
+                    self.dequantize_row(r, row)?;
                     for (t, o) in row_out.iter_mut().enumerate() {
-                        *o = dot_f32(&row, &x[t * cols..(t + 1) * cols]);
+                        *o = dot_f32(row, &x[t * cols..(t + 1) * cols]);
                     }
                     Ok(())
                 })
@@ -251,14 +252,15 @@ impl QuantMatrix {
         }
     }
 
-    /// Runs `f(row, outputs_of_that_row_for_each_activation_row)` over all rows in parallel
-    /// and lays the results out `[n, rows]`. With one activation row (decode) the results are
-    /// written in place; otherwise through a `[rows, n]` buffer and one transpose.
+    /// Runs `f(row, outputs_of_that_row_for_each_activation_row, scratch)` over all rows in
+    /// parallel and lays the results out `[n, rows]`. `scratch` is one buffer per task, reused
+    /// across its rows. With one activation row (decode) the results are written in place;
+    /// otherwise through a `[rows, n]` buffer and one transpose.
     fn for_each_row(
         &self,
         n: usize,
         out: &mut [f32],
-        f: impl Fn(usize, &mut [f32]) -> Result<(), QuantError> + Sync,
+        f: impl Fn(usize, &mut [f32], &mut Vec<f32>) -> Result<(), QuantError> + Sync,
     ) -> Result<(), QMatmulError> {
         let threads = rayon::current_num_threads().max(1);
         // Enough tasks to balance the threads, each long enough to amortise scheduling.
@@ -267,8 +269,9 @@ impl QuantMatrix {
             dst.par_chunks_mut(rows_per_task * n)
                 .enumerate()
                 .try_for_each(|(task, chunk)| {
+                    let mut scratch = Vec::new();
                     for (k, row_out) in chunk.chunks_mut(n).enumerate() {
-                        f(task * rows_per_task + k, row_out)?;
+                        f(task * rows_per_task + k, row_out, &mut scratch)?;
                     }
                     Ok(())
                 })
@@ -317,23 +320,24 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-/// Dot product of one repacked weight row with its quantized activation blocks.
-fn dot_packed(ty: GgmlType, w: &PackedRow, a: &[ActBlock]) -> f32 {
+/// A dot product of one repacked weight row with its quantized activation blocks.
+type DotKernel = fn(GgmlType, &PackedRow, &[ActBlock]) -> f32;
+
+/// The fastest kernel this CPU runs; chosen once per product, not per row.
+fn dot_kernel() -> DotKernel {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (and AVX-VNNI for that variant), checked
-            // just here; the kernels index only blocks 0..a.len(), which the row holds.
-            return unsafe {
-                if std::is_x86_feature_detected!("avxvnni") {
-                    avx2::dot_packed_vnni(ty, w, a)
-                } else {
-                    avx2::dot_packed(ty, w, a)
-                }
-            };
+            // SAFETY (both closures): the CPU supports AVX2 and FMA, and AVX-VNNI for the
+            // first, checked just here; the kernels index only blocks 0..a.len(), which the
+            // row holds.
+            if std::is_x86_feature_detected!("avxvnni") {
+                return |ty, w, a| unsafe { avx2::dot_packed_vnni(ty, w, a) };
+            }
+            return |ty, w, a| unsafe { avx2::dot_packed(ty, w, a) };
         }
     }
-    dot_packed_portable(ty, w, a)
+    dot_packed_portable
 }
 
 /// The reference integer kernels: also what the AVX2 ones are tested against.
@@ -393,7 +397,7 @@ fn dot_row_portable_f32(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
 
 #[cfg(test)]
 fn dot_row_fast_f32(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
-    with_packed_row(ty, w, x, |row, acts| dot_packed(ty, row, acts))
+    with_packed_row(ty, w, x, |row, acts| dot_kernel()(ty, row, acts))
 }
 
 /// f32 dot product written so the compiler vectorises it (eight independent accumulators).
