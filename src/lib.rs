@@ -6,3 +6,12 @@
 //! See ARCHITECTURE.md for the code map, the message flow and the invariants.
 pub mod commands;
 pub mod models;
+pub mod actors;
+pub mod api;
+pub mod chain;
+pub mod config;
+pub mod session;
+pub mod store;
+pub mod task;
+pub mod testkit;
+pub mod testnet;

@@ -1,7 +1,7 @@
 //! The `cortensor` command: parse the command line and hand over to the library.
 
 use clap::{Parser, Subcommand};
-use cortensor::commands::{bench, generate, models};
+use cortensor::commands::{bench, client, generate, models, testnet};
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +21,13 @@ enum Command {
     /// Manage model files (fetched from package registries into a cache).
     #[command(subcommand)]
     Models(models::ModelsCommand),
+    /// Run a router, miners and validators in one process (the embedded defaults).
+    Testnet(testnet::TestnetArgs),
+    /// Sessions on a running router.
+    #[command(subcommand)]
+    Session(client::SessionCommand),
+    /// Send a prompt to a running router and print the answer.
+    Prompt(client::PromptArgs),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -30,12 +37,18 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("cortensor=info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
         Command::Models(cmd) => models::run(cmd),
+        Command::Testnet(args) => testnet::run(args),
+        Command::Session(cmd) => client::session(cmd),
+        Command::Prompt(args) => client::prompt(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Backends => bench::print_backends(),
     }

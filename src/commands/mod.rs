@@ -2,5 +2,7 @@
 //! prints. `anyhow` is allowed here and in `main.rs` only.
 
 pub mod bench;
+pub mod client;
 pub mod generate;
 pub mod models;
+pub mod testnet;

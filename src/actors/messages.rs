@@ -1,0 +1,56 @@
+//! The typed messages actors exchange. Each actor's own requests (the queries it answers) sit
+//! beside it; this file holds the ones that cross between roles: what the queue tells miners,
+//! what miners report, and what subscribers (API clients) receive.
+
+use crate::models::engine::GenerateRequest;
+use crate::task::{TaskKey, TaskOutcome, TaskRecord, TaskResult, TaskState};
+use actix::prelude::*;
+
+/// The queue's instructions to a miner. A miner is addressed as a `Recipient<ToMiner>`, so a
+/// local actor and a proxy for a remote node look the same to the queue.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub enum ToMiner {
+    /// Run this request. The miner answers `Ack` at once, later `Precommit`.
+    Assign {
+        key: TaskKey,
+        request: GenerateRequest,
+    },
+    /// All precommits are in (or their deadline passed): reveal the result.
+    Reveal { key: TaskKey },
+    /// Stop working on the task and forget it.
+    Cancel { key: TaskKey },
+}
+
+/// A miner's reports to the queue about one task.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct MinerReport {
+    pub key: TaskKey,
+    pub miner: String,
+    pub kind: ReportKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum ReportKind {
+    Ack,
+    /// A piece of generated text, in order (`index` counts tokens from 0).
+    Token { index: usize, text: String },
+    /// `0x`-prefixed keccak256 of the result it will reveal.
+    Precommit { hash: String },
+    Commit { result: TaskResult },
+    /// It cannot do the task (its engine failed, it is busy, it is restarting).
+    Failed { error: String },
+}
+
+/// What a client following a task receives, in order; the last one is `Finished`.
+#[derive(Clone, Debug)]
+pub enum TaskEvent {
+    State(TaskState),
+    /// Text from the miner whose output is streamed (the first one to produce tokens).
+    Token { text: String },
+    Finished(Box<TaskRecord>),
+}
+
+/// The validator's decision: the accepted outcome, or none when the miners do not agree.
+pub type Verdict = Option<TaskOutcome>;

@@ -1,0 +1,359 @@
+//! A miner node: wraps an [`InferenceEngine`] that runs on a thread of its own (inference is
+//! CPU/GPU-bound and must never block an arbiter), and speaks the task protocol: ack at once,
+//! precommit the keccak256 of its result, reveal the result when asked.
+//!
+//! Supervision: an engine that panics takes its thread down; the thread reports it, the actor
+//! fails its in-flight tasks (the queue gives them to other miners), stops, and its
+//! `Supervisor` restarts it with a fresh engine after a bounded back-off.
+
+use super::messages::{MinerReport, ReportKind, ToMiner};
+use super::node_pool::{GoOffline, Heartbeat, NodePool, Register};
+use crate::models::engine::{CancelToken, EngineError, GenerateRequest, InferenceEngine};
+use crate::task::{TaskKey, TaskResult};
+use actix::prelude::*;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Builds a miner's engine (called on the engine thread, again after every restart).
+pub type EngineFactory =
+    Arc<dyn Fn(&str) -> Result<Box<dyn InferenceEngine>, EngineError> + Send + Sync>;
+
+/// Longest wait before an engine is restarted (the back-off doubles from 100 ms up to this).
+pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Protocol-level misbehaviour, for fault-injection tests. All off for a real miner.
+#[derive(Clone, Debug, Default)]
+pub struct MinerFaults {
+    /// Never answer assignments (misses the ack deadline).
+    pub ignore_assignments: bool,
+    /// Reveal a result other than the one precommitted.
+    pub wrong_reveal: bool,
+    /// Never reveal (misses the commit deadline).
+    pub withhold_reveal: bool,
+    /// Send every report twice.
+    pub duplicate_reports: bool,
+}
+
+#[derive(Clone)]
+pub struct MinerSpec {
+    pub id: String,
+    /// The network's name for the model it serves (what sessions ask for).
+    pub model: String,
+    pub max_tasks: usize,
+    pub heartbeat_interval: Duration,
+    pub faults: MinerFaults,
+}
+
+struct Job {
+    key: TaskKey,
+    request: GenerateRequest,
+    cancel: CancelToken,
+}
+
+struct Held {
+    cancel: CancelToken,
+    result: Option<TaskResult>,
+}
+
+pub struct Miner {
+    spec: MinerSpec,
+    factory: EngineFactory,
+    queue: Recipient<MinerReport>,
+    pool: Addr<NodePool>,
+    jobs: Option<SyncSender<Job>>,
+    held: HashMap<TaskKey, Held>,
+    /// Bumped on every restart, so events from an old engine thread are ignored.
+    generation: u64,
+    restarts: u32,
+    ready: bool,
+}
+
+impl Miner {
+    pub fn new(
+        spec: MinerSpec,
+        factory: EngineFactory,
+        queue: Recipient<MinerReport>,
+        pool: Addr<NodePool>,
+    ) -> Self {
+        Self {
+            spec,
+            factory,
+            queue,
+            pool,
+            jobs: None,
+            held: HashMap::new(),
+            generation: 0,
+            restarts: 0,
+            ready: false,
+        }
+    }
+
+    fn report(&self, key: TaskKey, kind: ReportKind) {
+        let times = if self.spec.faults.duplicate_reports { 2 } else { 1 };
+        for _ in 0..times {
+            self.queue.do_send(MinerReport {
+                key,
+                miner: self.spec.id.clone(),
+                kind: kind.clone(),
+            });
+        }
+    }
+
+    fn spawn_engine(&mut self, ctx: &mut Context<Self>) {
+        let (tx, rx) = sync_channel::<Job>(self.spec.max_tasks);
+        self.jobs = Some(tx);
+        let addr = ctx.address();
+        let factory = self.factory.clone();
+        let id = self.spec.id.clone();
+        let generation = self.generation;
+        let spawned = std::thread::Builder::new()
+            .name(format!("engine-{id}"))
+            .spawn(move || engine_thread(id, factory, rx, addr, generation));
+        if let Err(e) = spawned {
+            tracing::error!(miner = %self.spec.id, error = %e, "cannot start the engine thread");
+            ctx.stop();
+        }
+    }
+}
+
+impl Actor for Miner {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.restarts == 0 {
+            self.spawn_engine(ctx);
+        } else {
+            let backoff = Duration::from_millis(100u64 << self.restarts.min(6)).min(MAX_RESTART_BACKOFF);
+            tracing::warn!(miner = %self.spec.id, restarts = self.restarts, ?backoff, "restarting the engine");
+            ctx.run_later(backoff, |miner, ctx| miner.spawn_engine(ctx));
+        }
+        ctx.run_interval(self.spec.heartbeat_interval, |miner, _| {
+            if miner.ready {
+                miner.pool.do_send(Heartbeat {
+                    id: miner.spec.id.clone(),
+                });
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.pool.do_send(GoOffline {
+            id: self.spec.id.clone(),
+        });
+    }
+}
+
+impl Supervised for Miner {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        // Dropping the sender ends the old engine thread once its current job returns.
+        self.jobs = None;
+        for (_, held) in self.held.drain() {
+            held.cancel.cancel();
+        }
+        self.ready = false;
+        self.generation += 1;
+        self.restarts += 1;
+    }
+}
+
+impl Handler<ToMiner> for Miner {
+    type Result = ();
+    fn handle(&mut self, m: ToMiner, _: &mut Context<Self>) {
+        match m {
+            ToMiner::Assign { key, request } => {
+                if self.spec.faults.ignore_assignments {
+                    return;
+                }
+                if !self.ready || self.held.contains_key(&key) {
+                    let why = if self.ready { "already has this task" } else { "engine not ready" };
+                    self.report(key, ReportKind::Failed { error: why.into() });
+                    return;
+                }
+                let cancel = CancelToken::new();
+                let job = Job {
+                    key,
+                    request,
+                    cancel: cancel.clone(),
+                };
+                let sent = match &self.jobs {
+                    Some(jobs) => jobs.try_send(job),
+                    None => Err(TrySendError::Disconnected(job)),
+                };
+                match sent {
+                    Ok(()) => {
+                        self.held.insert(key, Held { cancel, result: None });
+                        self.report(key, ReportKind::Ack);
+                    }
+                    Err(TrySendError::Full(_)) => {
+                        self.report(key, ReportKind::Failed { error: "miner is at capacity".into() })
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        self.report(key, ReportKind::Failed { error: "engine is down".into() })
+                    }
+                }
+            }
+            ToMiner::Reveal { key } => {
+                if self.spec.faults.withhold_reveal {
+                    return;
+                }
+                let Some(result) = self.held.get(&key).and_then(|h| h.result.clone()) else {
+                    return;
+                };
+                self.held.remove(&key);
+                let mut result = result;
+                if self.spec.faults.wrong_reveal {
+                    result.text.push_str(" (altered)");
+                }
+                self.report(key, ReportKind::Commit { result });
+            }
+            ToMiner::Cancel { key } => {
+                if let Some(held) = self.held.remove(&key) {
+                    held.cancel.cancel();
+                }
+            }
+        }
+    }
+}
+
+/// What the engine thread tells its actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+enum EngineEvent {
+    Ready { generation: u64, model: String, backend: String },
+    Token { generation: u64, key: TaskKey, index: usize, text: String },
+    Done { generation: u64, key: TaskKey, result: Result<TaskResult, String> },
+    Crashed { generation: u64, message: String },
+}
+
+impl EngineEvent {
+    fn generation(&self) -> u64 {
+        match self {
+            EngineEvent::Ready { generation, .. }
+            | EngineEvent::Token { generation, .. }
+            | EngineEvent::Done { generation, .. }
+            | EngineEvent::Crashed { generation, .. } => *generation,
+        }
+    }
+}
+
+impl Handler<EngineEvent> for Miner {
+    type Result = ();
+    fn handle(&mut self, event: EngineEvent, ctx: &mut Context<Self>) {
+        if event.generation() != self.generation {
+            return;
+        }
+        match event {
+            EngineEvent::Ready { model, backend, .. } => {
+                tracing::info!(miner = %self.spec.id, engine = %model, %backend, "engine ready");
+                self.ready = true;
+                self.pool.do_send(Register {
+                    id: self.spec.id.clone(),
+                    model: self.spec.model.clone(),
+                    backend,
+                    max_load: self.spec.max_tasks,
+                    addr: ctx.address().recipient(),
+                });
+            }
+            EngineEvent::Token { key, index, text, .. } => {
+                if self.held.contains_key(&key) {
+                    self.report(key, ReportKind::Token { index, text });
+                }
+            }
+            EngineEvent::Done { key, result, .. } => {
+                let Some(held) = self.held.get_mut(&key) else {
+                    return; // cancelled meanwhile
+                };
+                match result {
+                    Ok(result) => {
+                        let hash = result.hash_hex();
+                        held.result = Some(result);
+                        self.report(key, ReportKind::Precommit { hash });
+                    }
+                    Err(error) => {
+                        self.held.remove(&key);
+                        self.report(key, ReportKind::Failed { error });
+                    }
+                }
+            }
+            EngineEvent::Crashed { message, .. } => {
+                tracing::error!(miner = %self.spec.id, %message, "engine crashed");
+                let keys: Vec<TaskKey> = self.held.keys().copied().collect();
+                for key in keys {
+                    self.report(key, ReportKind::Failed { error: format!("engine crashed: {message}") });
+                }
+                self.pool.do_send(GoOffline {
+                    id: self.spec.id.clone(),
+                });
+                ctx.stop(); // the Supervisor restarts us
+            }
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_string())
+}
+
+fn engine_thread(
+    id: String,
+    factory: EngineFactory,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    addr: Addr<Miner>,
+    generation: u64,
+) {
+    let mut engine = match catch_unwind(AssertUnwindSafe(|| factory(&id))) {
+        Ok(Ok(engine)) => engine,
+        Ok(Err(e)) => {
+            addr.do_send(EngineEvent::Crashed { generation, message: format!("cannot load the engine: {e}") });
+            return;
+        }
+        Err(p) => {
+            addr.do_send(EngineEvent::Crashed { generation, message: panic_message(p) });
+            return;
+        }
+    };
+    let info = engine.info();
+    addr.do_send(EngineEvent::Ready {
+        generation,
+        model: info.model,
+        backend: format!("{:?}", info.backend).to_lowercase(),
+    });
+    while let Ok(job) = jobs.recv() {
+        if job.cancel.is_cancelled() {
+            continue;
+        }
+        let key = job.key;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            engine.generate(&job.request, &job.cancel, &mut |t| {
+                if !t.text.is_empty() {
+                    addr.do_send(EngineEvent::Token { generation, key, index: t.index, text: t.text.to_string() });
+                }
+            })
+        }));
+        match outcome {
+            Ok(Ok(g)) => addr.do_send(EngineEvent::Done {
+                generation,
+                key,
+                result: Ok(TaskResult {
+                    text: g.text,
+                    token_ids: g.token_ids,
+                    finish_reason: g.finish_reason,
+                    prompt_tokens: g.prompt_tokens,
+                }),
+            }),
+            Ok(Err(e)) => addr.do_send(EngineEvent::Done { generation, key, result: Err(e.to_string()) }),
+            Err(p) => {
+                // The engine may be half-updated: give it up and let the supervisor restart us.
+                addr.do_send(EngineEvent::Crashed { generation, message: panic_message(p) });
+                return;
+            }
+        }
+    }
+}

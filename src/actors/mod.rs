@@ -1,0 +1,19 @@
+//! The actors of one router and its nodes, one file each, and the messages they exchange.
+//!
+//! ```text
+//! api ─SubmitTask→ Router ─Hold→ ChainBridge
+//!                    └─Enqueue→ SessionQueue ─SelectMiners→ NodePool
+//!                                   │ └─ToMiner::Assign/Reveal/Cancel→ Miner×k ─MinerReport→ SessionQueue
+//!                                   ├─Validate→ Validator ─Verdict→
+//!                                   └─Settle→ ChainBridge
+//! ```
+//! **Invariant:** no state is shared between actors; they talk through typed messages only.
+//! Each actor that blocks (sled flushes, inference) runs on an arbiter (thread) of its own.
+
+pub mod chain_bridge;
+pub mod messages;
+pub mod miner;
+pub mod node_pool;
+pub mod router;
+pub mod session_queue;
+pub mod validator;

@@ -1,0 +1,303 @@
+//! The node pool: which miners exist, what they serve, whether they are alive, how loaded and
+//! how reputable they are. Selection prefers online miners of the right model with the least
+//! load and the best reputation; remaining ties are broken by a seeded random order.
+
+use super::messages::ToMiner;
+use actix::prelude::*;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Reputation a new node starts with; it moves by the amounts below and stays in 0..=1000.
+pub const INITIAL_REPUTATION: i64 = 100;
+pub const REPUTATION_MAX: i64 = 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Idle in the pool, available to any session.
+    Ephemeral,
+    /// Working on at least one task.
+    Reserved,
+    /// Pinned to a session.
+    Dedicated,
+    /// Silent past its heartbeat deadline, or restarting.
+    Offline,
+}
+
+struct Node {
+    addr: Recipient<ToMiner>,
+    model: String,
+    backend: String,
+    load: usize,
+    max_load: usize,
+    reputation: i64,
+    online: bool,
+    dedicated: bool,
+    last_heartbeat: Instant,
+    registered_at_ms: u64,
+    tasks_done: u64,
+    misses: u64,
+}
+
+/// A node as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeView {
+    pub id: String,
+    pub model: String,
+    pub backend: String,
+    pub state: NodeState,
+    pub load: usize,
+    pub reputation: i64,
+    pub registered_at_ms: u64,
+    pub tasks_done: u64,
+    pub misses: u64,
+}
+
+pub struct NodePool {
+    nodes: BTreeMap<String, Node>,
+    offline_after: Duration,
+    rng: ChaCha8Rng,
+}
+
+impl NodePool {
+    pub fn new(offline_after: Duration, selection_seed: u64) -> Self {
+        Self {
+            nodes: BTreeMap::new(),
+            offline_after,
+            rng: ChaCha8Rng::seed_from_u64(selection_seed),
+        }
+    }
+
+    fn state_of(node: &Node) -> NodeState {
+        if !node.online {
+            NodeState::Offline
+        } else if node.dedicated {
+            NodeState::Dedicated
+        } else if node.load > 0 {
+            NodeState::Reserved
+        } else {
+            NodeState::Ephemeral
+        }
+    }
+}
+
+impl Actor for NodePool {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let every = (self.offline_after / 4).max(Duration::from_millis(10));
+        ctx.run_interval(every, |pool, _| {
+            let now = Instant::now();
+            for (id, node) in pool.nodes.iter_mut() {
+                if node.online && now.duration_since(node.last_heartbeat) > pool.offline_after {
+                    tracing::warn!(miner = %id, "no heartbeat: marked offline");
+                    node.online = false;
+                }
+            }
+        });
+    }
+}
+
+/// A miner whose engine is loaded joins (or rejoins) the pool.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub id: String,
+    pub model: String,
+    pub backend: String,
+    pub max_load: usize,
+    pub addr: Recipient<ToMiner>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Heartbeat {
+    pub id: String,
+}
+
+/// A miner goes away for now (its engine crashed and it is restarting, or it shuts down).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GoOffline {
+    pub id: String,
+}
+
+/// Picks up to `count` miners for `model`, none of `exclude`, and counts them as loaded.
+#[derive(Message)]
+#[rtype(result = "Selection")]
+pub struct SelectMiners {
+    pub model: String,
+    pub count: usize,
+    pub exclude: Vec<String>,
+}
+
+pub struct Selection {
+    pub miners: Vec<(String, Recipient<ToMiner>)>,
+    /// Online miners of the model outside `exclude`, busy or not: 0 means waiting is pointless.
+    pub eligible: usize,
+}
+
+/// These miners are done with a task (however it ended).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Release {
+    pub miners: Vec<String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdjustReputation {
+    pub miner: String,
+    pub delta: i64,
+    pub reason: &'static str,
+}
+
+#[derive(Message)]
+#[rtype(result = "Vec<NodeView>")]
+pub struct ListNodes;
+
+impl Handler<Register> for NodePool {
+    type Result = ();
+    fn handle(&mut self, m: Register, _: &mut Context<Self>) {
+        tracing::info!(miner = %m.id, model = %m.model, backend = %m.backend, "miner registered");
+        let now = Instant::now();
+        match self.nodes.get_mut(&m.id) {
+            Some(node) => {
+                // A restart: keep reputation and counters, take the new address.
+                node.addr = m.addr;
+                node.model = m.model;
+                node.backend = m.backend;
+                node.max_load = m.max_load;
+                node.load = 0;
+                node.online = true;
+                node.last_heartbeat = now;
+            }
+            None => {
+                self.nodes.insert(
+                    m.id,
+                    Node {
+                        addr: m.addr,
+                        model: m.model,
+                        backend: m.backend,
+                        load: 0,
+                        max_load: m.max_load,
+                        reputation: INITIAL_REPUTATION,
+                        online: true,
+                        dedicated: false,
+                        last_heartbeat: now,
+                        registered_at_ms: crate::task::now_ms(),
+                        tasks_done: 0,
+                        misses: 0,
+                    },
+                );
+            }
+        }
+    }
+}
+
+impl Handler<Heartbeat> for NodePool {
+    type Result = ();
+    fn handle(&mut self, m: Heartbeat, _: &mut Context<Self>) {
+        if let Some(node) = self.nodes.get_mut(&m.id) {
+            node.last_heartbeat = Instant::now();
+            if !node.online {
+                tracing::info!(miner = %m.id, "heartbeat again: back online");
+                node.online = true;
+            }
+        }
+    }
+}
+
+impl Handler<GoOffline> for NodePool {
+    type Result = ();
+    fn handle(&mut self, m: GoOffline, _: &mut Context<Self>) {
+        if let Some(node) = self.nodes.get_mut(&m.id) {
+            node.online = false;
+            node.load = 0;
+        }
+    }
+}
+
+impl Handler<SelectMiners> for NodePool {
+    type Result = MessageResult<SelectMiners>;
+    fn handle(&mut self, m: SelectMiners, _: &mut Context<Self>) -> Self::Result {
+        let mut candidates: Vec<&String> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| n.online && n.model == m.model && !m.exclude.contains(id))
+            .map(|(id, _)| id)
+            .collect();
+        let eligible = candidates.len();
+        candidates.shuffle(&mut self.rng);
+        candidates.retain(|id| {
+            let n = &self.nodes[*id];
+            n.load < n.max_load
+        });
+        // Stable sort after the shuffle: least loaded first, then best reputation.
+        candidates.sort_by_key(|id| {
+            let n = &self.nodes[*id];
+            (n.load, -n.reputation)
+        });
+        let chosen: Vec<String> = candidates.into_iter().take(m.count).cloned().collect();
+        let miners = chosen
+            .into_iter()
+            .map(|id| {
+                let node = self.nodes.get_mut(&id).expect("chosen from the map");
+                node.load += 1;
+                (id, node.addr.clone())
+            })
+            .collect();
+        MessageResult(Selection { miners, eligible })
+    }
+}
+
+impl Handler<Release> for NodePool {
+    type Result = ();
+    fn handle(&mut self, m: Release, _: &mut Context<Self>) {
+        for id in m.miners {
+            if let Some(node) = self.nodes.get_mut(&id) {
+                node.load = node.load.saturating_sub(1);
+                node.tasks_done += 1;
+            }
+        }
+    }
+}
+
+impl Handler<AdjustReputation> for NodePool {
+    type Result = ();
+    fn handle(&mut self, m: AdjustReputation, _: &mut Context<Self>) {
+        if let Some(node) = self.nodes.get_mut(&m.miner) {
+            node.reputation = (node.reputation + m.delta).clamp(0, REPUTATION_MAX);
+            if m.delta < 0 {
+                node.misses += 1;
+                tracing::info!(miner = %m.miner, delta = m.delta, reason = m.reason, reputation = node.reputation, "reputation lowered");
+            }
+        }
+    }
+}
+
+impl Handler<ListNodes> for NodePool {
+    type Result = MessageResult<ListNodes>;
+    fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            self.nodes
+                .iter()
+                .map(|(id, n)| NodeView {
+                    id: id.clone(),
+                    model: n.model.clone(),
+                    backend: n.backend.clone(),
+                    state: Self::state_of(n),
+                    load: n.load,
+                    reputation: n.reputation,
+                    registered_at_ms: n.registered_at_ms,
+                    tasks_done: n.tasks_done,
+                    misses: n.misses,
+                })
+                .collect(),
+        )
+    }
+}

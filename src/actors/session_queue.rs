@@ -1,0 +1,857 @@
+//! The session queue: owns every task's state machine, from Queued to Completed (or Failed,
+//! Cancelled, Ended). It picks miners through the node pool, follows their acks, precommits
+//! and reveals against stage deadlines, replaces miners that miss one (a bounded number of
+//! times, lowering their reputation), checks each reveal against its precommitted hash, asks
+//! the validators for a verdict, settles payment through the chain bridge, and tells
+//! subscribers. Every transition is written to the store; the store is flushed before a task is
+//! acknowledged to its client and before its end is reported.
+//!
+//! It runs on an arbiter of its own: store flushes block.
+
+use super::chain_bridge::{ChainBridge, Settle};
+use super::messages::{MinerReport, ReportKind, TaskEvent, ToMiner, Verdict};
+use super::node_pool::{AdjustReputation, NodePool, Release, SelectMiners, Selection};
+use super::validator::{Validate, Validator};
+use crate::config::QueueConfig;
+use crate::models::engine::GenerateRequest;
+use crate::store::{Store, StoreError};
+use crate::task::{
+    now_ms, Assignment, AssignmentState, TaskKey, TaskOutcome, TaskRecord, TaskResult, TaskState,
+};
+use actix::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Reputation changes (see node_pool for the range).
+pub const REPUTATION_AGREED: i64 = 1;
+pub const REPUTATION_MISSED_DEADLINE: i64 = -5;
+pub const REPUTATION_FAILED: i64 = -3;
+pub const REPUTATION_WRONG_REVEAL: i64 = -20;
+pub const REPUTATION_DISAGREED: i64 = -10;
+
+/// Capacity of each subscriber's channel; token events beyond it are dropped for that
+/// subscriber (the final record, which carries the whole text, always arrives).
+pub const SUBSCRIBER_CAPACITY: usize = 1024;
+
+pub type Subscriber = mpsc::Sender<TaskEvent>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue holds {0} tasks, its limit; try again shortly")]
+    Full(usize),
+    #[error("task {0} does not exist")]
+    NoSuchTask(TaskKey),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Everything a new task needs; the router fills it from the session and the request.
+pub struct NewTask {
+    pub session_id: u64,
+    pub owner: String,
+    pub model: String,
+    pub request: GenerateRequest,
+    pub redundancy: u32,
+    pub validators: u32,
+    pub max_replacements: u32,
+    pub timeout: Duration,
+    pub precommit_timeout: Duration,
+    pub client_reference: Option<String>,
+    pub hold: u64,
+    /// Derive the sampling seed from (session, task), so honest miners agree exactly.
+    pub derive_seed: bool,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<TaskKey, QueueError>")]
+pub struct Enqueue {
+    pub task: NewTask,
+    pub subscriber: Option<Subscriber>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<TaskRecord, QueueError>")]
+pub struct CancelTask(pub TaskKey);
+
+#[derive(Message)]
+#[rtype(result = "Result<Option<TaskRecord>, QueueError>")]
+pub struct GetTask(pub TaskKey);
+
+/// Follow a task: its events from now on (a finished task answers with its record at once).
+#[derive(Message)]
+#[rtype(result = "Result<(), QueueError>")]
+pub struct Subscribe {
+    pub key: TaskKey,
+    pub subscriber: Subscriber,
+}
+
+#[derive(Message)]
+#[rtype(result = "QueueStats")]
+pub struct GetStats;
+
+/// Counters for /metrics and /status.
+#[derive(Clone, Debug, Default)]
+pub struct QueueStats {
+    /// Live tasks by state.
+    pub live: BTreeMap<&'static str, u64>,
+    /// Tasks that ended, by final state.
+    pub ended: BTreeMap<&'static str, u64>,
+    /// Per stage: (count, sum of seconds, histogram counts for STAGE_BUCKETS_S).
+    pub stages: BTreeMap<&'static str, StageStats>,
+    pub tokens_generated: u64,
+    pub decode_tokens_per_second: f64,
+    pub replacements: u64,
+    pub rejected_reveals: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct StageStats {
+    pub count: u64,
+    pub sum_s: f64,
+    pub buckets: Vec<u64>,
+}
+
+/// Histogram buckets for stage latencies, in seconds.
+pub const STAGE_BUCKETS_S: [f64; 12] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+
+/// How long the validators may take before the task fails (Cortensor's embedding batches
+/// time out after 60 s).
+pub const VALIDATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct LiveTask {
+    record: TaskRecord,
+    subscribers: Vec<Subscriber>,
+    miners: HashMap<String, Recipient<ToMiner>>,
+    /// Per active miner: when its next step (ack, precommit, reveal) is due.
+    deadlines: HashMap<String, Instant>,
+    /// Miners still wanted at once: the redundancy, less those lost with no replacement left.
+    wanted: u32,
+    stage_started: Instant,
+    created: Instant,
+    /// When the whole task must have ended.
+    deadline: Instant,
+    /// A pool selection is in flight.
+    selecting: bool,
+    /// No miner could be found since this moment.
+    starved_since: Option<Instant>,
+    revealed: bool,
+    validating: bool,
+    finishing: bool,
+    /// The miner whose tokens are streamed, and how many tokens went out.
+    stream_source: Option<String>,
+    streamed_tokens: usize,
+}
+
+impl LiveTask {
+    fn new(record: TaskRecord, timeout: Duration) -> Self {
+        let wanted = record.redundancy;
+        Self {
+            record,
+            subscribers: Vec::new(),
+            miners: HashMap::new(),
+            deadlines: HashMap::new(),
+            wanted,
+            stage_started: Instant::now(),
+            created: Instant::now(),
+            deadline: Instant::now() + timeout,
+            selecting: false,
+            starved_since: None,
+            revealed: false,
+            validating: false,
+            finishing: false,
+            stream_source: None,
+            streamed_tokens: 0,
+        }
+    }
+
+    fn active_count(&self) -> u32 {
+        self.record.active().count() as u32
+    }
+
+    fn publish(&mut self, event: TaskEvent) {
+        self.subscribers.retain(|s| !s.is_closed());
+        for s in &self.subscribers {
+            let _ = s.try_send(event.clone());
+        }
+    }
+}
+
+pub struct SessionQueue {
+    config: QueueConfig,
+    price_per_token: u64,
+    store: Store,
+    pool: Addr<NodePool>,
+    chain: Addr<ChainBridge>,
+    validators: Vec<Addr<Validator>>,
+    next_validator: usize,
+    live: HashMap<TaskKey, LiveTask>,
+    stats: QueueStats,
+}
+
+/// The sampling seed of a task: the same for every miner, different for every task.
+pub fn task_seed(key: TaskKey) -> u64 {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&key.session_id.to_be_bytes());
+    bytes[8..].copy_from_slice(&key.task_id.to_be_bytes());
+    let hash = ethers::utils::keccak256(bytes);
+    u64::from_be_bytes(hash[..8].try_into().expect("8 bytes"))
+}
+
+impl SessionQueue {
+    pub fn new(
+        config: QueueConfig,
+        price_per_token: u64,
+        store: Store,
+        pool: Addr<NodePool>,
+        chain: Addr<ChainBridge>,
+        validators: Vec<Addr<Validator>>,
+    ) -> Self {
+        Self {
+            config,
+            price_per_token,
+            store,
+            pool,
+            chain,
+            validators,
+            next_validator: 0,
+            live: HashMap::new(),
+            stats: QueueStats::default(),
+        }
+    }
+
+    fn persist(&self, record: &TaskRecord) {
+        if let Err(e) = self.store.put_task(record) {
+            tracing::error!(task = %record.key, error = %e, "cannot write the task");
+        }
+    }
+
+    fn record_stage(&mut self, stage: &'static str, elapsed: Duration) {
+        let s = self.stats.stages.entry(stage).or_insert_with(|| StageStats {
+            buckets: vec![0; STAGE_BUCKETS_S.len()],
+            ..Default::default()
+        });
+        let secs = elapsed.as_secs_f64();
+        s.count += 1;
+        s.sum_s += secs;
+        for (i, b) in STAGE_BUCKETS_S.iter().enumerate() {
+            if secs <= *b {
+                s.buckets[i] += 1;
+            }
+        }
+    }
+
+    /// Moves a live task to `state`: persisted, timed per stage, told to subscribers.
+    fn transition(&mut self, key: TaskKey, state: TaskState) {
+        let Some(task) = self.live.get_mut(&key) else { return };
+        let previous = task.record.state;
+        if previous == state {
+            return;
+        }
+        let elapsed = task.stage_started.elapsed();
+        task.record.state = state;
+        task.stage_started = Instant::now();
+        task.publish(TaskEvent::State(state));
+        let record = task.record.clone();
+        self.persist(&record);
+        self.record_stage(previous.name(), elapsed);
+    }
+
+    /// Asks the pool for as many miners as the task lacks.
+    fn fill(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
+        let Some(task) = self.live.get_mut(&key) else { return };
+        if task.selecting || task.revealed || task.finishing {
+            return;
+        }
+        let active = task.active_count();
+        if active >= task.wanted {
+            return;
+        }
+        task.selecting = true;
+        let exclude = task
+            .record
+            .assignments
+            .iter()
+            .filter(|a| a.state != AssignmentState::Dropped)
+            .map(|a| a.miner.clone())
+            .collect();
+        let select = SelectMiners {
+            model: task.record.model.clone(),
+            count: (task.wanted - active) as usize,
+            exclude,
+        };
+        ctx.spawn(self.pool.send(select).into_actor(self).map(move |selection, queue, ctx| {
+            match selection {
+                Ok(selection) => queue.assign(key, selection, ctx),
+                Err(e) => {
+                    tracing::error!(task = %key, error = %e, "the node pool did not answer");
+                    if let Some(t) = queue.live.get_mut(&key) {
+                        t.selecting = false;
+                    }
+                }
+            }
+        }));
+    }
+
+    fn assign(&mut self, key: TaskKey, selection: Selection, ctx: &mut Context<Self>) {
+        let ack_timeout = self.config.ack_timeout();
+        let usable = self
+            .live
+            .get(&key)
+            .is_some_and(|t| !t.finishing && !t.revealed);
+        if !usable {
+            // The task ended or moved on while we waited: give the miners back.
+            let miners = selection.miners.into_iter().map(|m| m.0).collect();
+            self.pool.do_send(Release { miners });
+            return;
+        }
+        let task = self.live.get_mut(&key).expect("checked above");
+        task.selecting = false;
+        if selection.miners.is_empty() {
+            let since = *task.starved_since.get_or_insert_with(Instant::now);
+            if task.active_count() == 0 && selection.eligible == 0 && since.elapsed() >= ack_timeout {
+                let model = task.record.model.clone();
+                let error = format!("no miner serving model {model} is available");
+                self.finish(key, TaskState::Failed, None, Some(error), ctx);
+            }
+            return;
+        }
+        task.starved_since = None;
+        let now = now_ms();
+        for (miner, addr) in selection.miners {
+            task.record.assignments.push(Assignment::new(miner.clone(), now));
+            task.deadlines.insert(miner.clone(), Instant::now() + ack_timeout);
+            addr.do_send(ToMiner::Assign { key, request: task.record.request.clone() });
+            task.miners.insert(miner, addr);
+        }
+        if task.record.state == TaskState::Queued {
+            self.transition(key, TaskState::Assigned);
+        } else {
+            let record = task.record.clone();
+            self.persist(&record);
+        }
+        self.advance(key, ctx);
+    }
+
+    /// Moves the task forward as far as its assignments allow.
+    fn advance(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
+        let Some(task) = self.live.get(&key) else { return };
+        if task.finishing || task.validating || task.selecting {
+            return;
+        }
+        let active: Vec<&Assignment> = task.record.active().collect();
+        if task.revealed {
+            if !active.is_empty() {
+                return;
+            }
+            let committed = task
+                .record
+                .assignments
+                .iter()
+                .any(|a| a.state == AssignmentState::Committed);
+            if committed {
+                self.transition(key, TaskState::Committed);
+                self.validate(key, ctx);
+            } else {
+                let error = "no miner revealed a result matching its precommit".to_string();
+                self.finish(key, TaskState::Failed, None, Some(error), ctx);
+            }
+            return;
+        }
+        if task.wanted == 0 {
+            let error = format!(
+                "every assigned miner failed or missed a deadline ({} replacements)",
+                task.record.replacements
+            );
+            self.finish(key, TaskState::Failed, None, Some(error), ctx);
+            return;
+        }
+        if (active.len() as u32) < task.wanted {
+            return; // waiting for the pool
+        }
+        let all_precommitted = active.iter().all(|a| a.state == AssignmentState::Precommitted);
+        let all_acked = active.iter().all(|a| a.state != AssignmentState::Assigned);
+        let state = task.record.state;
+        if all_precommitted {
+            if state == TaskState::Assigned {
+                self.transition(key, TaskState::Acked);
+            }
+            self.transition(key, TaskState::Precommitted);
+            self.reveal(key);
+        } else if all_acked && state == TaskState::Assigned {
+            self.transition(key, TaskState::Acked);
+        }
+    }
+
+    /// Asks every precommitted miner to reveal.
+    fn reveal(&mut self, key: TaskKey) {
+        let commit_deadline = Instant::now() + self.config.commit_timeout();
+        let Some(task) = self.live.get_mut(&key) else { return };
+        task.revealed = true;
+        let miners: Vec<String> = task.record.active().map(|a| a.miner.clone()).collect();
+        for miner in miners {
+            task.deadlines.insert(miner.clone(), commit_deadline);
+            if let Some(addr) = task.miners.get(&miner) {
+                addr.do_send(ToMiner::Reveal { key });
+            }
+        }
+    }
+
+    /// Takes a miner off a task (a missed deadline, a failure, a wrong reveal) and, while the
+    /// replacement budget lasts and the precommit stage is open, asks for another.
+    fn remove_miner(
+        &mut self,
+        key: TaskKey,
+        miner: &str,
+        state: AssignmentState,
+        note: String,
+        reputation: (i64, &'static str),
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(task) = self.live.get_mut(&key) else { return };
+        let Some(a) = task.record.assignment_mut(miner) else { return };
+        if !a.state.is_active() {
+            return;
+        }
+        tracing::info!(task = %key, %miner, %note, "miner taken off the task");
+        a.state = state;
+        a.note = Some(note);
+        task.deadlines.remove(miner);
+        if let Some(addr) = task.miners.get(miner) {
+            addr.do_send(ToMiner::Cancel { key });
+        }
+        if task.stream_source.as_deref() == Some(miner) {
+            task.stream_source = None;
+        }
+        let replaceable = !task.revealed && task.record.replacements < task.record.max_replacements;
+        if replaceable {
+            task.record.replacements += 1;
+            self.stats.replacements += 1;
+        } else {
+            task.wanted = task.wanted.saturating_sub(1);
+        }
+        let record = task.record.clone();
+        self.persist(&record);
+        self.pool.do_send(Release { miners: vec![miner.to_string()] });
+        self.pool.do_send(AdjustReputation {
+            miner: miner.to_string(),
+            delta: reputation.0,
+            reason: reputation.1,
+        });
+        self.fill(key, ctx);
+        self.advance(key, ctx);
+    }
+
+    fn validate(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
+        let Some(task) = self.live.get_mut(&key) else { return };
+        task.validating = true;
+        let results: Vec<(String, TaskResult)> = task
+            .record
+            .assignments
+            .iter()
+            .filter(|a| a.state == AssignmentState::Committed)
+            .filter_map(|a| a.result.clone().map(|r| (a.miner.clone(), r)))
+            .collect();
+        let k = (task.record.validators as usize).clamp(1, self.validators.len());
+        let mut asks = Vec::with_capacity(k);
+        for _ in 0..k {
+            let v = &self.validators[self.next_validator % self.validators.len()];
+            self.next_validator = self.next_validator.wrapping_add(1);
+            asks.push(v.send(Validate { key, results: results.clone() }).timeout(VALIDATION_TIMEOUT));
+        }
+        let all = futures_util::future::join_all(asks);
+        ctx.spawn(all.into_actor(self).map(move |answers, queue, ctx| {
+            let verdicts: Vec<Verdict> = answers.into_iter().filter_map(Result::ok).collect();
+            queue.on_verdicts(key, verdicts, ctx);
+        }));
+    }
+
+    /// Combines the validators' verdicts: the one most of them returned, if more than half did.
+    fn on_verdicts(&mut self, key: TaskKey, verdicts: Vec<Verdict>, ctx: &mut Context<Self>) {
+        let asked = verdicts.len().max(1);
+        let mut tally: Vec<(Verdict, usize)> = Vec::new();
+        for v in verdicts {
+            match tally.iter_mut().find(|(seen, _)| *seen == v) {
+                Some(entry) => entry.1 += 1,
+                None => tally.push((v, 1)),
+            }
+        }
+        let chosen = tally
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .filter(|(_, n)| n * 2 > asked)
+            .and_then(|(v, _)| v);
+        let Some(outcome) = chosen else {
+            let error = "the miners' results disagree and no majority emerged".to_string();
+            self.finish(key, TaskState::Failed, None, Some(error), ctx);
+            return;
+        };
+        for miner in &outcome.agreeing {
+            self.pool.do_send(AdjustReputation { miner: miner.clone(), delta: REPUTATION_AGREED, reason: "agreed with the majority" });
+        }
+        for miner in &outcome.disagreeing {
+            self.pool.do_send(AdjustReputation { miner: miner.clone(), delta: REPUTATION_DISAGREED, reason: "disagreed with the majority" });
+        }
+        self.transition(key, TaskState::Validated);
+        self.finish(key, TaskState::Completed, Some(outcome), None, ctx);
+    }
+
+    /// Ends a task: stops its miners, settles its hold, persists and flushes the final record,
+    /// then tells its subscribers.
+    fn finish(
+        &mut self,
+        key: TaskKey,
+        state: TaskState,
+        outcome: Option<TaskOutcome>,
+        error: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let price = self.price_per_token;
+        let Some(task) = self.live.get_mut(&key) else { return };
+        if task.finishing {
+            return;
+        }
+        task.finishing = true;
+        let mut released = Vec::new();
+        for a in task.record.assignments.iter_mut() {
+            if a.state.is_active() {
+                a.state = AssignmentState::Dropped;
+                a.note = Some(format!("the task ended ({})", state.name()));
+                if let Some(addr) = task.miners.get(&a.miner) {
+                    addr.do_send(ToMiner::Cancel { key });
+                }
+                released.push(a.miner.clone());
+            }
+        }
+        let tokens = match (&outcome, state) {
+            (Some(o), TaskState::Completed) => o.result.completion_tokens(),
+            (_, TaskState::Cancelled) => task.streamed_tokens,
+            _ => 0,
+        };
+        let charge = (tokens as u64)
+            .saturating_mul(task.record.redundancy as u64)
+            .saturating_mul(price)
+            .min(task.record.hold);
+        let payees = outcome.as_ref().map(|o| o.agreeing.clone()).unwrap_or_default();
+        task.record.outcome = outcome;
+        task.record.error = error;
+        task.record.state = state;
+        if !released.is_empty() {
+            self.pool.do_send(Release { miners: released });
+        }
+        let hold = task.record.hold;
+        let settle = Settle { task: key, hold, charge, payees };
+        ctx.spawn(self.chain.send(settle).into_actor(self).map(move |settled, queue, _| {
+            let charged = match settled {
+                Ok(Ok(_)) => charge,
+                Ok(Err(e)) => {
+                    tracing::error!(task = %key, error = %e, "settlement failed; the hold stays");
+                    0
+                }
+                Err(e) => {
+                    tracing::error!(task = %key, error = %e, "the chain bridge did not answer");
+                    0
+                }
+            };
+            queue.finished(key, charged);
+        }));
+    }
+
+    fn finished(&mut self, key: TaskKey, charged: u64) {
+        let Some(mut task) = self.live.remove(&key) else { return };
+        task.record.charged = charged;
+        task.record.finished_at_ms = Some(now_ms());
+        let state = task.record.state;
+        self.persist(&task.record);
+        if let Err(e) = self.store.flush() {
+            tracing::error!(task = %key, error = %e, "cannot flush the store");
+        }
+        self.record_stage("total", task.created.elapsed());
+        *self.stats.ended.entry(state.name()).or_default() += 1;
+        if let Some(outcome) = &task.record.outcome {
+            let tokens = outcome.result.completion_tokens();
+            self.stats.tokens_generated += tokens as u64;
+            let decode_ms: Vec<u64> = task
+                .record
+                .assignments
+                .iter()
+                .filter(|a| outcome.agreeing.contains(&a.miner))
+                .filter_map(|a| Some(a.precommitted_at_ms? - a.acked_at_ms?))
+                .collect();
+            if let Some(ms) = decode_ms.iter().min() {
+                let rate = tokens as f64 / (*ms).max(1) as f64 * 1000.0;
+                let prev = self.stats.decode_tokens_per_second;
+                self.stats.decode_tokens_per_second = if prev == 0.0 { rate } else { 0.8 * prev + 0.2 * rate };
+            }
+        }
+        let record = Box::new(task.record);
+        for s in task.subscribers.drain(..) {
+            let event = TaskEvent::Finished(record.clone());
+            // The final record must arrive even when a slow reader filled the channel.
+            if let Err(mpsc::error::TrySendError::Full(event)) = s.try_send(event) {
+                actix::spawn(async move {
+                    let _ = s.send(event).await;
+                });
+            }
+        }
+    }
+
+    fn on_report(&mut self, report: MinerReport, ctx: &mut Context<Self>) {
+        let MinerReport { key, miner, kind } = report;
+        let precommit_timeout = Duration::from_millis(
+            self.live.get(&key).map(|t| t.record.precommit_timeout_ms).unwrap_or(0),
+        );
+        let Some(task) = self.live.get_mut(&key) else {
+            tracing::debug!(task = %key, %miner, "report for a task that is not live: ignored");
+            return;
+        };
+        if task.finishing {
+            return;
+        }
+        let revealed = task.revealed;
+        let Some(a) = task.record.assignment_mut(&miner).filter(|a| a.state.is_active()) else {
+            tracing::debug!(task = %key, %miner, "report from a miner not active on the task: ignored");
+            return;
+        };
+        let now = now_ms();
+        match kind {
+            ReportKind::Ack => {
+                if a.state != AssignmentState::Assigned {
+                    return; // a duplicate
+                }
+                a.state = AssignmentState::Acked;
+                a.acked_at_ms = Some(now);
+                task.deadlines.insert(miner, Instant::now() + precommit_timeout);
+            }
+            ReportKind::Token { index, text } => {
+                if task.stream_source.is_none() {
+                    task.stream_source = Some(miner.clone());
+                }
+                // Honest miners produce the same tokens, so after a switch of source the
+                // new one continues where the stream stopped.
+                if task.stream_source.as_deref() == Some(&miner) && index >= task.streamed_tokens {
+                    task.streamed_tokens = index + 1;
+                    task.publish(TaskEvent::Token { text });
+                }
+                return;
+            }
+            ReportKind::Precommit { hash } => {
+                if revealed || a.state == AssignmentState::Precommitted {
+                    return; // late or duplicate
+                }
+                if a.acked_at_ms.is_none() {
+                    a.acked_at_ms = Some(now);
+                }
+                a.state = AssignmentState::Precommitted;
+                a.precommit_hash = Some(hash);
+                a.precommitted_at_ms = Some(now);
+                task.deadlines.remove(&miner);
+            }
+            ReportKind::Commit { result } => {
+                if !revealed || a.state != AssignmentState::Precommitted {
+                    return; // a commit before the reveal is a protocol error: ignored
+                }
+                if a.precommit_hash.as_deref() != Some(result.hash_hex().as_str()) {
+                    self.stats.rejected_reveals += 1;
+                    let note = "its reveal does not match its precommitted hash".to_string();
+                    self.remove_miner(key, &miner, AssignmentState::Rejected, note, (REPUTATION_WRONG_REVEAL, "wrong reveal"), ctx);
+                    return;
+                }
+                a.state = AssignmentState::Committed;
+                a.committed_at_ms = Some(now);
+                a.result = Some(result);
+                task.deadlines.remove(&miner);
+                self.pool.do_send(Release { miners: vec![miner] });
+            }
+            ReportKind::Failed { error } => {
+                let note = format!("failed: {error}");
+                self.remove_miner(key, &miner, AssignmentState::Replaced, note, (REPUTATION_FAILED, "failed a task"), ctx);
+                return;
+            }
+        }
+        let record = self.live[&key].record.clone();
+        self.persist(&record);
+        self.advance(key, ctx);
+    }
+
+    /// Checks every deadline: the task's own, and each active miner's next step.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let mut ended = Vec::new();
+        let mut missed = Vec::new();
+        let mut starving = Vec::new();
+        for (key, task) in &self.live {
+            if task.finishing {
+                continue;
+            }
+            if now >= task.deadline {
+                ended.push(*key);
+                continue;
+            }
+            for (miner, due) in &task.deadlines {
+                if now >= *due {
+                    let stage = task
+                        .record
+                        .assignments
+                        .iter()
+                        .rev()
+                        .find(|a| &a.miner == miner)
+                        .map(|a| match a.state {
+                            AssignmentState::Assigned => "ack",
+                            AssignmentState::Acked => "precommit",
+                            _ => "commit",
+                        })
+                        .unwrap_or("ack");
+                    missed.push((*key, miner.clone(), stage));
+                }
+            }
+            if !task.selecting && !task.revealed && task.active_count() < task.wanted {
+                starving.push(*key);
+            }
+        }
+        for key in ended {
+            let error = "the task's deadline passed".to_string();
+            self.finish(key, TaskState::Ended, None, Some(error), ctx);
+        }
+        for (key, miner, stage) in missed {
+            let note = format!("missed the {stage} deadline");
+            self.remove_miner(key, &miner, AssignmentState::Replaced, note, (REPUTATION_MISSED_DEADLINE, "missed a deadline"), ctx);
+        }
+        for key in starving {
+            self.fill(key, ctx);
+        }
+    }
+
+    /// Tasks that were live when the process stopped start again from Queued.
+    fn resume(&mut self) -> Result<(), StoreError> {
+        for mut record in self.store.unfinished_tasks()? {
+            for a in record.assignments.iter_mut().filter(|a| a.state.is_active() || a.state == AssignmentState::Committed) {
+                a.state = AssignmentState::Dropped;
+                a.note = Some("the router restarted".into());
+            }
+            record.state = TaskState::Queued;
+            record.resumed += 1;
+            let timeout = Duration::from_millis(record.deadline_ms.saturating_sub(record.created_at_ms))
+                .max(self.config.ack_timeout());
+            tracing::info!(task = %record.key, "resuming a task after a restart");
+            self.persist(&record);
+            self.live.insert(record.key, LiveTask::new(record, timeout));
+        }
+        self.store.flush()
+    }
+}
+
+impl Actor for SessionQueue {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Err(e) = self.resume() {
+            tracing::error!(error = %e, "cannot resume the stored tasks");
+        }
+        ctx.run_interval(Duration::from_millis(self.config.tick_ms), |queue, ctx| queue.tick(ctx));
+    }
+}
+
+impl Handler<Enqueue> for SessionQueue {
+    type Result = Result<TaskKey, QueueError>;
+    fn handle(&mut self, m: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
+        if self.live.len() >= self.config.max_live_tasks {
+            return Err(QueueError::Full(self.config.max_live_tasks));
+        }
+        let t = m.task;
+        let task_id = self.store.next_id(&format!("task_id/{}", t.session_id))?;
+        let key = TaskKey { session_id: t.session_id, task_id };
+        let mut request = t.request;
+        if t.derive_seed {
+            request.params.seed = task_seed(key);
+        }
+        let now = now_ms();
+        let timeout = t.timeout.min(self.config.task_timeout());
+        let record = TaskRecord {
+            key,
+            state: TaskState::Queued,
+            owner: t.owner,
+            model: t.model,
+            request,
+            redundancy: t.redundancy,
+            validators: t.validators,
+            max_replacements: t.max_replacements,
+            replacements: 0,
+            assignments: Vec::new(),
+            created_at_ms: now,
+            finished_at_ms: None,
+            deadline_ms: now + timeout.as_millis() as u64,
+            precommit_timeout_ms: t.precommit_timeout.as_millis() as u64,
+            client_reference: t.client_reference,
+            hold: t.hold,
+            charged: 0,
+            outcome: None,
+            error: None,
+            resumed: 0,
+        };
+        self.store.put_task(&record)?;
+        self.store.flush()?;
+        let mut live = LiveTask::new(record, timeout);
+        if let Some(s) = m.subscriber {
+            live.subscribers.push(s);
+        }
+        live.publish(TaskEvent::State(TaskState::Queued));
+        self.live.insert(key, live);
+        self.fill(key, ctx);
+        Ok(key)
+    }
+}
+
+impl Handler<MinerReport> for SessionQueue {
+    type Result = ();
+    fn handle(&mut self, m: MinerReport, ctx: &mut Context<Self>) {
+        self.on_report(m, ctx);
+    }
+}
+
+impl Handler<CancelTask> for SessionQueue {
+    type Result = Result<TaskRecord, QueueError>;
+    fn handle(&mut self, m: CancelTask, ctx: &mut Context<Self>) -> Self::Result {
+        if self.live.contains_key(&m.0) {
+            self.finish(m.0, TaskState::Cancelled, None, Some("cancelled by the client".into()), ctx);
+            return Ok(self.live[&m.0].record.clone());
+        }
+        self.store.task(m.0)?.ok_or(QueueError::NoSuchTask(m.0))
+    }
+}
+
+impl Handler<GetTask> for SessionQueue {
+    type Result = Result<Option<TaskRecord>, QueueError>;
+    fn handle(&mut self, m: GetTask, _: &mut Context<Self>) -> Self::Result {
+        if let Some(t) = self.live.get(&m.0) {
+            return Ok(Some(t.record.clone()));
+        }
+        Ok(self.store.task(m.0)?)
+    }
+}
+
+impl Handler<Subscribe> for SessionQueue {
+    type Result = Result<(), QueueError>;
+    fn handle(&mut self, m: Subscribe, _: &mut Context<Self>) -> Self::Result {
+        if let Some(t) = self.live.get_mut(&m.key) {
+            let _ = m.subscriber.try_send(TaskEvent::State(t.record.state));
+            t.subscribers.push(m.subscriber);
+            return Ok(());
+        }
+        let record = self.store.task(m.key)?.ok_or(QueueError::NoSuchTask(m.key))?;
+        let _ = m.subscriber.try_send(TaskEvent::Finished(Box::new(record)));
+        Ok(())
+    }
+}
+
+impl Handler<GetStats> for SessionQueue {
+    type Result = MessageResult<GetStats>;
+    fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> Self::Result {
+        let mut stats = self.stats.clone();
+        for t in self.live.values() {
+            *stats.live.entry(t.record.state.name()).or_default() += 1;
+        }
+        MessageResult(stats)
+    }
+}

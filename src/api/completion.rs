@@ -1,0 +1,269 @@
+//! What every completion endpoint shares: validating sampling fields, admitting and submitting
+//! a task, following its events to the end or streaming them as server-sent events, and
+//! cancelling the task when the client goes away before it finished.
+
+use super::admission::Permit;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::ApiState;
+use crate::actors::messages::TaskEvent;
+use crate::actors::router::{SubmitTask, Submitted};
+use crate::actors::session_queue::{CancelTask, SessionQueue, SUBSCRIBER_CAPACITY};
+use crate::models::engine::GenerateRequest;
+use crate::models::sampling::SamplingParams;
+use crate::task::{TaskKey, TaskRecord, TaskState};
+use actix::Addr;
+use actix_web::http::StatusCode;
+use actix_web::web::Bytes;
+use actix_web::HttpResponse;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Stop strings a request may give at most.
+pub const MAX_STOP_STRINGS: usize = 4;
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopField {
+    pub fn into_vec(self) -> Result<Vec<String>, ApiError> {
+        let v = match self {
+            StopField::One(s) => vec![s],
+            StopField::Many(v) => v,
+        };
+        if v.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::Invalid(format!("stop may hold at most {MAX_STOP_STRINGS} strings")));
+        }
+        Ok(v.into_iter().filter(|s| !s.is_empty()).collect())
+    }
+}
+
+/// Sampling fields as clients send them, before validation.
+#[derive(Default, Debug, Clone)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingFields {
+    /// Validated parameters, with `default_temperature` when none is given.
+    pub fn params(&self, default_temperature: f32) -> Result<SamplingParams, ApiError> {
+        let check = |name: &str, v: Option<f32>, lo: f32, hi: f32| match v {
+            Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => {
+                Err(ApiError::Invalid(format!("{name} must be between {lo} and {hi}, not {x}")))
+            }
+            _ => Ok(()),
+        };
+        check("temperature", self.temperature, 0.0, 2.0)?;
+        check("top_p", self.top_p, 0.0, 1.0)?;
+        check("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        check("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        check("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?;
+        if self.top_p == Some(0.0) {
+            return Err(ApiError::Invalid("top_p must be above 0".into()));
+        }
+        Ok(SamplingParams {
+            temperature: self.temperature.unwrap_or(default_temperature),
+            top_k: self.top_k.unwrap_or(0),
+            top_p: self.top_p.unwrap_or(1.0),
+            repeat_penalty: self.repeat_penalty.unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            seed: self.seed.unwrap_or(0),
+            ..SamplingParams::default()
+        })
+    }
+}
+
+/// Seconds as clients give them (Cortensor's `timeout`, `precommit_timeout`).
+pub fn seconds_field(name: &str, value: Option<f64>) -> Result<Option<Duration>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(ApiError::Invalid(format!("{name} must be a number of seconds in (0, 86400], not {s}"))),
+    }
+}
+
+/// One task to submit.
+pub struct TaskSpec {
+    pub session_id: u64,
+    pub request: GenerateRequest,
+    pub explicit_seed: bool,
+    pub timeout: Option<Duration>,
+    pub precommit_timeout: Option<Duration>,
+    pub client_reference: Option<String>,
+}
+
+/// Cancels its task when dropped before the task finished: a client that disconnects (the
+/// handler or the response stream is dropped) stops the miners and gets its unused budget back.
+pub struct TaskGuard {
+    queue: Addr<SessionQueue>,
+    key: TaskKey,
+    armed: bool,
+}
+
+impl TaskGuard {
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(task = %self.key, "client went away: cancelling the task");
+            self.queue.do_send(CancelTask(self.key));
+        }
+    }
+}
+
+/// A submitted task and what keeps it alive.
+pub struct Running {
+    pub submitted: Submitted,
+    pub events: mpsc::Receiver<TaskEvent>,
+    pub guard: TaskGuard,
+    _permit: Permit,
+}
+
+pub async fn start(state: &ApiState, caller: &Caller, spec: TaskSpec) -> Result<Running, ApiError> {
+    if spec.request.stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::Invalid(format!("stop may hold at most {MAX_STOP_STRINGS} strings")));
+    }
+    let permit = state.admission.try_admit(&caller.owner)?;
+    let (tx, rx) = mpsc::channel(SUBSCRIBER_CAPACITY);
+    let submit = SubmitTask {
+        owner: caller.owner.clone(),
+        session_id: spec.session_id,
+        request: spec.request,
+        explicit_seed: spec.explicit_seed,
+        timeout: spec.timeout,
+        precommit_timeout: spec.precommit_timeout,
+        client_reference: spec.client_reference,
+        subscriber: Some(tx),
+    };
+    let submitted = state.actors.router.send(submit).await??;
+    let guard = TaskGuard { queue: state.actors.queue.clone(), key: submitted.key, armed: true };
+    Ok(Running { submitted, events: rx, guard, _permit: permit })
+}
+
+/// The error a finished task that produced no accepted result stands for.
+pub fn task_error(record: &TaskRecord) -> Option<ApiError> {
+    let message = format!(
+        "task {} {}: {}",
+        record.key,
+        record.state.name(),
+        record.error.as_deref().unwrap_or("no result")
+    );
+    let (code, status) = match record.state {
+        TaskState::Completed => return None,
+        TaskState::Ended => ("task_timeout", StatusCode::GATEWAY_TIMEOUT),
+        TaskState::Cancelled => ("task_cancelled", StatusCode::CONFLICT),
+        _ => ("task_failed", StatusCode::BAD_GATEWAY),
+    };
+    Some(ApiError::TaskFailed { code, message, status })
+}
+
+/// Follows the task to its end; the accepted record, or the error it ended with.
+pub async fn finish(running: &mut Running) -> Result<TaskRecord, ApiError> {
+    while let Some(event) = running.events.recv().await {
+        if let TaskEvent::Finished(record) = event {
+            running.guard.disarm();
+            return match task_error(&record) {
+                Some(e) => Err(e),
+                None => Ok(*record),
+            };
+        }
+    }
+    Err(ApiError::Internal("the task's events stopped before it finished".into()))
+}
+
+/// What a streaming endpoint turns into `data:` lines.
+pub enum StreamEvent<'a> {
+    Token(&'a str),
+    /// The task completed; `rest` is the accepted text not streamed yet.
+    Completed { record: &'a TaskRecord, rest: &'a str },
+}
+
+/// A server-sent-event response: `first` events, then whatever `render` makes of each token
+/// and of the end, an error event if the task failed, and `data: [DONE]`.
+pub fn sse_response(
+    running: Running,
+    first: Vec<Value>,
+    render: impl FnMut(StreamEvent) -> Vec<Value> + 'static,
+) -> HttpResponse {
+    struct State<R> {
+        running: Running,
+        render: R,
+        streamed: String,
+        pending: VecDeque<Bytes>,
+        done: bool,
+    }
+    fn data(v: &Value) -> Bytes {
+        Bytes::from(format!("data: {v}\n\n"))
+    }
+    let state = State {
+        running,
+        render,
+        streamed: String::new(),
+        pending: first.iter().map(data).collect(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(bytes) = s.pending.pop_front() {
+                return Some((Ok::<_, actix_web::Error>(bytes), s));
+            }
+            if s.done {
+                return None;
+            }
+            match s.running.events.recv().await {
+                Some(TaskEvent::State(_)) => {}
+                Some(TaskEvent::Token { text }) => {
+                    s.streamed.push_str(&text);
+                    let events = (s.render)(StreamEvent::Token(&text));
+                    s.pending.extend(events.iter().map(data));
+                }
+                Some(TaskEvent::Finished(record)) => {
+                    s.running.guard.disarm();
+                    s.done = true;
+                    match task_error(&record) {
+                        Some(e) => s.pending.push_back(data(&e.body())),
+                        None => {
+                            let text = &record.outcome.as_ref().expect("completed").result.text;
+                            let rest = text.strip_prefix(s.streamed.as_str()).unwrap_or_else(|| {
+                                tracing::warn!(task = %record.key, "the accepted text differs from the streamed one");
+                                ""
+                            });
+                            let events = (s.render)(StreamEvent::Completed { record: &record, rest });
+                            s.pending.extend(events.iter().map(data));
+                        }
+                    }
+                    s.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                }
+                None => {
+                    s.done = true;
+                    let e = ApiError::Internal("the task's events stopped before it finished".into());
+                    s.pending.push_back(data(&e.body()));
+                    s.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                }
+            }
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(stream)
+}

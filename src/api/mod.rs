@@ -1,0 +1,107 @@
+//! The HTTP edge (actix-web): Cortensor's router API (`/api/v1/...`), the OpenAI-compatible API
+//! (`/v1/...`), SSE streaming, the WebSocket and Prometheus metrics.
+//! **Invariant:** only this module knows HTTP and the JSON shapes clients see; it reaches the
+//! network through actor messages only.
+
+pub mod admission;
+pub mod auth;
+pub mod completion;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod router_v1;
+pub mod views;
+pub mod ws;
+
+use crate::actors::router::RouterSettings;
+use crate::config::TestnetConfig;
+use crate::testnet::{owner_of_key, Actors};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use admission::Admission;
+use error::ApiError;
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct ApiState {
+    pub actors: Actors,
+    pub settings: RouterSettings,
+    /// API key → owner identity.
+    pub keys: HashMap<String, String>,
+    /// Owner identity → the session its OpenAI-compatible requests use.
+    pub default_sessions: HashMap<String, u64>,
+    pub admission: Arc<Admission>,
+    pub default_deposit: u64,
+    pub max_body_bytes: usize,
+    pub started: Instant,
+}
+
+impl ApiState {
+    pub fn new(
+        config: &TestnetConfig,
+        settings: RouterSettings,
+        actors: Actors,
+        keys: &[String],
+        default_sessions: HashMap<String, u64>,
+    ) -> Self {
+        let r = &config.router;
+        Self {
+            actors,
+            settings,
+            keys: keys.iter().map(|k| (k.clone(), owner_of_key(k))).collect(),
+            default_sessions,
+            admission: Admission::new(r.max_inflight_per_key, r.max_inflight_total, r.retry_after_s),
+            default_deposit: config.pricing.default_deposit,
+            max_body_bytes: r.max_body_bytes,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Builds the server on a bound listener (port 0 in tests). Signals are left to the caller.
+pub fn serve(
+    state: ApiState,
+    listener: TcpListener,
+    workers: usize,
+) -> std::io::Result<actix_web::dev::Server> {
+    let max_body = state.max_body_bytes;
+    let state = web::Data::new(state);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(max_body)
+                    .error_handler(|e, _| match e {
+                        actix_web::error::JsonPayloadError::Overflow { limit }
+                        | actix_web::error::JsonPayloadError::OverflowKnownLength { limit, .. } => {
+                            ApiError::TooLarge(format!("the request body exceeds {limit} bytes")).into()
+                        }
+                        e => json_error(e.to_string()).into(),
+                    }),
+            )
+            .app_data(web::PathConfig::default().error_handler(|e, _| json_error(e.to_string()).into()))
+            .app_data(web::QueryConfig::default().error_handler(|e, _| json_error(e.to_string()).into()))
+            .configure(router_v1::routes)
+            .configure(openai::routes)
+            .route("/metrics", web::get().to(metrics::metrics))
+            .default_service(web::to(not_found))
+    })
+    .workers(workers.max(1))
+    .disable_signals()
+    .shutdown_timeout(5)
+    .listen(listener)?
+    .run();
+    Ok(server)
+}
+
+fn json_error(message: String) -> ApiError {
+    ApiError::Invalid(format!("invalid request: {message}"))
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    use actix_web::ResponseError;
+    ApiError::NotFound("not_found", format!("no route for {} {}", req.method(), req.path()))
+        .error_response()
+}

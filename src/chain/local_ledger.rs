@@ -1,0 +1,128 @@
+//! The embedded ledger: the chain's semantics on the local store, with zero set-up. Every
+//! change is flushed before it returns.
+
+use super::{Chain, ChainError};
+use crate::session::{Session, SessionParams};
+use crate::store::Store;
+use crate::task::{now_ms, TaskKey};
+
+pub struct LocalLedger {
+    store: Store,
+}
+
+impl LocalLedger {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    fn existing(&self, id: u64) -> Result<Session, ChainError> {
+        self.store.session(id)?.ok_or(ChainError::NoSuchSession(id))
+    }
+
+    fn save(&self, session: &Session) -> Result<(), ChainError> {
+        self.store.put_session(session)?;
+        self.store.flush()?;
+        Ok(())
+    }
+}
+
+impl Chain for LocalLedger {
+    fn create_session(
+        &mut self,
+        owner: &str,
+        params: SessionParams,
+        deposit: u64,
+    ) -> Result<Session, ChainError> {
+        params.validate().map_err(ChainError::InvalidParams)?;
+        let session = Session {
+            id: self.store.next_id("session_id")?,
+            owner: owner.to_string(),
+            params,
+            created_at_ms: now_ms(),
+            deposit,
+            balance: deposit,
+            held: 0,
+            spent: 0,
+            tasks_submitted: 0,
+        };
+        self.save(&session)?;
+        Ok(session)
+    }
+
+    fn session(&self, id: u64) -> Result<Option<Session>, ChainError> {
+        Ok(self.store.session(id)?)
+    }
+
+    fn sessions(&self) -> Result<Vec<Session>, ChainError> {
+        Ok(self.store.sessions()?)
+    }
+
+    fn deposit(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
+        let mut session = self.existing(session_id)?;
+        session.deposit = session.deposit.saturating_add(amount);
+        session.balance = session.balance.saturating_add(amount);
+        self.save(&session)?;
+        Ok(session)
+    }
+
+    fn hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
+        let mut session = self.existing(session_id)?;
+        if session.balance < amount {
+            return Err(ChainError::InsufficientBalance {
+                session_id,
+                needed: amount,
+                available: session.balance,
+            });
+        }
+        session.balance -= amount;
+        session.held += amount;
+        session.tasks_submitted += 1;
+        self.save(&session)?;
+        Ok(session)
+    }
+
+    fn release_hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
+        let mut session = self.existing(session_id)?;
+        let amount = amount.min(session.held);
+        session.held -= amount;
+        session.balance += amount;
+        session.tasks_submitted = session.tasks_submitted.saturating_sub(1);
+        self.save(&session)?;
+        Ok(session)
+    }
+
+    fn settle(
+        &mut self,
+        task: TaskKey,
+        hold: u64,
+        charge: u64,
+        payees: &[String],
+    ) -> Result<Session, ChainError> {
+        let mut session = self.existing(task.session_id)?;
+        let charge = charge.min(hold);
+        let hold = hold.min(session.held);
+        session.held -= hold;
+        session.balance += hold - charge.min(hold);
+        session.spent += charge.min(hold);
+        let marker = format!("settled/{}/{}", task.session_id, task.task_id);
+        if self.store.put_session_once(&session, &marker)? && !payees.is_empty() {
+            let share = charge / payees.len() as u64;
+            let mut rest = charge % payees.len() as u64;
+            for payee in payees {
+                let extra = if rest > 0 {
+                    rest -= 1;
+                    1
+                } else {
+                    0
+                };
+                self.store.add_amount(&format!("pay/{payee}"), share + extra)?;
+            }
+        }
+        self.store.flush()?;
+        self.existing(task.session_id)
+    }
+
+    fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError> {
+        Ok(self.store.amount(&format!("pay/{node}"))?)
+    }
+}

@@ -1,0 +1,54 @@
+//! The chain: sessions, balances and node payments. [`Chain`] is the interface; the embedded
+//! [`local_ledger::LocalLedger`] implements it on the store, and the EVM client will implement
+//! the same semantics. **Invariant:** only this module knows how (and where) the chain keeps
+//! its state; callers see `Session` values and typed errors.
+
+pub mod local_ledger;
+
+use crate::session::{Session, SessionParams};
+use crate::store::StoreError;
+use crate::task::TaskKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("session {0} does not exist")]
+    NoSuchSession(u64),
+    #[error("session {session_id} has a balance of {available}; this task needs {needed}")]
+    InsufficientBalance {
+        session_id: u64,
+        needed: u64,
+        available: u64,
+    },
+    #[error("invalid session parameters: {0}")]
+    InvalidParams(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the network's contracts do for us, in one interface.
+pub trait Chain: Send {
+    fn create_session(
+        &mut self,
+        owner: &str,
+        params: SessionParams,
+        deposit: u64,
+    ) -> Result<Session, ChainError>;
+    fn session(&self, id: u64) -> Result<Option<Session>, ChainError>;
+    fn sessions(&self) -> Result<Vec<Session>, ChainError>;
+    fn deposit(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError>;
+    /// Moves `amount` from the session's balance to its held funds, or refuses.
+    fn hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError>;
+    /// Gives back a hold that never became a task (the queue refused it).
+    fn release_hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError>;
+    /// Ends a task's hold: `charge` (at most `hold`) is spent and split among `payees`, the rest
+    /// goes back to the balance. Happens at most once per task; a repeat changes nothing.
+    fn settle(
+        &mut self,
+        task: TaskKey,
+        hold: u64,
+        charge: u64,
+        payees: &[String],
+    ) -> Result<Session, ChainError>;
+    /// What a node has earned and not withdrawn.
+    fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError>;
+}

@@ -1,0 +1,149 @@
+//! `cortensor testnet`: a router, miners and validators in one process on the embedded
+//! defaults, serving until Ctrl-C (or, with `--prompt`, answering one prompt through the HTTP
+//! API as a client would, then stopping).
+
+use super::client;
+use crate::actors::miner::EngineFactory;
+use crate::config::TestnetConfig;
+use crate::models::backend::BackendChoice;
+use crate::models::engine::{EngineOptions, InferenceEngine, LlamaEngine};
+use crate::testnet::{Storage, Testnet, TestnetOptions};
+use anyhow::Context;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+pub struct TestnetArgs {
+    /// A TOML file laid over the embedded defaults (config/testnet.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub miners: Option<usize>,
+    #[arg(long)]
+    pub validators: Option<usize>,
+    /// Address of the HTTP API (default 127.0.0.1:5010; port 0 picks a free one).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// A GGUF file or Hugging Face directory (default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// auto, wgpu or cpu.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Answer this prompt through the API once the miners are ready, print the task, and stop.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Miners per task for --prompt.
+    #[arg(long, default_value_t = 3)]
+    pub redundant: u32,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+}
+
+/// The network's name for a model file: its file name without `.gguf`.
+pub fn model_name(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
+}
+
+/// Every miner loads its own copy of the model on its engine thread.
+pub fn llama_factory(model: PathBuf, backend: BackendChoice, threads: usize, max_context: usize) -> EngineFactory {
+    Arc::new(move |_miner: &str| {
+        let mut opts = EngineOptions::new(&model);
+        opts.backend = backend;
+        opts.threads = threads;
+        opts.max_context = max_context;
+        Ok(Box::new(LlamaEngine::load(&opts)?) as Box<dyn InferenceEngine>)
+    })
+}
+
+pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
+    let mut config = TestnetConfig::load(args.config.as_deref())?;
+    if let Some(n) = args.miners {
+        config.nodes.miners = n;
+    }
+    if let Some(n) = args.validators {
+        config.nodes.validators = n;
+    }
+    if let Some(a) = args.listen {
+        config.router.listen = a;
+    }
+    if let Some(d) = args.data_dir {
+        config.storage.data_dir = d;
+    }
+    if let Some(b) = args.backend {
+        config.nodes.backend = b;
+    }
+    config.validate()?;
+    if args.prompt.is_some() && args.redundant as usize > config.nodes.miners {
+        anyhow::bail!("--redundant {} needs at least that many miners (--miners {})", args.redundant, config.nodes.miners);
+    }
+    let backend: BackendChoice = config.nodes.backend.parse().map_err(|e| anyhow::anyhow!("nodes.backend: {e}"))?;
+    let model_path = match (args.model, config.nodes.model.as_str()) {
+        (Some(p), _) => super::generate::resolve_model(Some(p))?,
+        (None, "") => super::generate::resolve_model(None)?,
+        (None, p) => super::generate::resolve_model(Some(PathBuf::from(p)))?,
+    };
+    let model = model_name(&model_path);
+    let listener = TcpListener::bind(config.router.listen)
+        .with_context(|| format!("cannot listen on {} (is another testnet running? try --listen 127.0.0.1:0)", config.router.listen))?;
+    let miners = config.nodes.miners;
+    let data_dir = config.storage.data_dir.clone();
+    eprintln!("testnet: {miners} miner(s) loading {model} ({}), {} validator(s), data in {}, selection seed {}",
+        model_path.display(), config.nodes.validators, data_dir.display(), config.nodes.selection_seed);
+    let options = TestnetOptions {
+        engine: llama_factory(model_path, backend, config.nodes.threads_per_miner, config.nodes.max_context),
+        model: model.clone(),
+        storage: Storage::Dir(data_dir),
+        faults: Default::default(),
+        http_workers: 2,
+        config,
+    };
+    let testnet = Testnet::start(options, listener)?;
+    let client = client::Client::new(&testnet.url, &testnet.api_key);
+    wait_for_miners(&client, miners, Duration::from_secs(600))?;
+    println!("router:  {}", testnet.url);
+    println!("api key: {}", testnet.api_key);
+    println!("model:   {model}");
+    println!("try:     curl -s {}/api/v1/completions -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"prompt\": \"Name three primary colours.\", \"max_tokens\": 48}}'", testnet.url, testnet.api_key);
+    println!("         (OpenAI-compatible: base_url {}/v1, model {model:?})", testnet.url);
+    if let Some(prompt) = args.prompt {
+        let session = client.create_session(args.redundant, &format!("testnet --prompt (redundant {})", args.redundant))?;
+        println!("session: {session} (redundant {})", args.redundant);
+        let answer = client.complete(session, &prompt, args.max_tokens, true, &mut std::io::stdout())?;
+        println!();
+        let task = client.task(session, answer.task_id)?;
+        println!("task {}/{}: {} by {} miner(s): {}", session, answer.task_id, task["status"],
+            task["results"]["miners"].as_array().map(Vec::len).unwrap_or(0), task["results"]["miners"]);
+        testnet.shutdown();
+        return Ok(());
+    }
+    println!("Ctrl-C stops it.");
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(tokio::signal::ctrl_c())?;
+    eprintln!("testnet: shutting down");
+    testnet.shutdown();
+    Ok(())
+}
+
+fn wait_for_miners(client: &client::Client, miners: usize, limit: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut last = usize::MAX;
+    loop {
+        let online = client.online_miners().unwrap_or(0);
+        if online != last {
+            eprintln!("testnet: {online}/{miners} miners ready");
+            last = online;
+        }
+        if online >= miners {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            anyhow::bail!("only {online} of {miners} miners became ready within {limit:?}; see the log above");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

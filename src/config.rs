@@ -1,0 +1,194 @@
+//! The testnet's configuration: parsed once, at the edge, into typed structs that are passed
+//! explicitly. `config/testnet.toml` is embedded as the defaults; a file given with `--config`
+//! is laid over it key by key, so it only needs the keys it changes.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The embedded defaults.
+pub const DEFAULT_TESTNET_TOML: &str = include_str!("../config/testnet.toml");
+
+/// Cortensor's development key, accepted when no keys are configured.
+pub const DEV_API_KEY: &str = "default-dev-token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestnetConfig {
+    pub router: RouterConfig,
+    pub queue: QueueConfig,
+    pub pricing: PricingConfig,
+    pub nodes: NodesConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    pub listen: SocketAddr,
+    pub api_keys: Vec<String>,
+    pub max_inflight_per_key: usize,
+    pub max_inflight_total: usize,
+    pub retry_after_s: u64,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub ack_timeout_ms: u64,
+    pub precommit_timeout_ms: u64,
+    pub commit_timeout_ms: u64,
+    pub task_timeout_ms: u64,
+    pub max_replacements: u32,
+    pub max_live_tasks: usize,
+    pub tick_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    pub price_per_token: u64,
+    pub default_deposit: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodesConfig {
+    pub miners: usize,
+    pub validators: usize,
+    pub backend: String,
+    pub threads_per_miner: usize,
+    pub max_context: usize,
+    pub model: String,
+    pub heartbeat_interval_ms: u64,
+    pub offline_after_ms: u64,
+    pub max_tasks_per_miner: usize,
+    pub selection_seed: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+}
+
+impl QueueConfig {
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
+    pub fn precommit_timeout(&self) -> Duration {
+        Duration::from_millis(self.precommit_timeout_ms)
+    }
+    pub fn commit_timeout(&self) -> Duration {
+        Duration::from_millis(self.commit_timeout_ms)
+    }
+    pub fn task_timeout(&self) -> Duration {
+        Duration::from_millis(self.task_timeout_ms)
+    }
+}
+
+impl RouterConfig {
+    /// The keys clients may use: the configured ones, or the development key.
+    pub fn effective_api_keys(&self) -> Vec<String> {
+        if self.api_keys.is_empty() {
+            vec![DEV_API_KEY.to_string()]
+        } else {
+            self.api_keys.clone()
+        }
+    }
+}
+
+impl Default for TestnetConfig {
+    fn default() -> Self {
+        Self::from_toml_str(DEFAULT_TESTNET_TOML, "embedded config/testnet.toml")
+            .expect("the embedded configuration parses")
+    }
+}
+
+impl TestnetConfig {
+    /// The defaults with `overlay` (TOML text) laid over them.
+    pub fn from_toml_str(overlay: &str, origin: &str) -> Result<Self, ConfigError> {
+        let parse = |text: &str, origin: &str| {
+            text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })
+        };
+        let mut base = parse(DEFAULT_TESTNET_TOML, "embedded config/testnet.toml")?;
+        merge(&mut base, parse(overlay, origin)?);
+        let config: TestnetConfig =
+            toml::Value::Table(base)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: origin.to_string(),
+                    message: e.to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Ok(Self::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::from_toml_str(&text, &path.display().to_string())
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.router.max_inflight_per_key == 0 || self.router.max_inflight_total == 0 {
+            return fail("router.max_inflight_per_key and router.max_inflight_total must be at least 1");
+        }
+        if self.router.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return fail("router.api_keys may not contain an empty key");
+        }
+        if self.queue.tick_ms == 0 || self.queue.max_live_tasks == 0 {
+            return fail("queue.tick_ms and queue.max_live_tasks must be at least 1");
+        }
+        if self.nodes.max_tasks_per_miner == 0 {
+            return fail("nodes.max_tasks_per_miner must be at least 1");
+        }
+        if self.nodes.heartbeat_interval_ms == 0
+            || self.nodes.offline_after_ms <= self.nodes.heartbeat_interval_ms
+        {
+            return fail("nodes.offline_after_ms must exceed nodes.heartbeat_interval_ms (> 0)");
+        }
+        if self.nodes.validators == 0 {
+            return fail("nodes.validators must be at least 1 (the queue needs a verdict)");
+        }
+        Ok(())
+    }
+}
+
+/// Lays `overlay` over `base`, table by table.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The one place that touches sled. Records are JSON in three trees: `sessions` (owned by the
+//! ledger), `tasks` (owned by the session queue) and `meta` (counters). Writers call
+//! [`Store::flush`] before they acknowledge anything that must survive a crash.
+//!
+//! Keys are big-endian so a prefix scan returns a session's tasks in order.
+
+use crate::session::Session;
+use crate::task::{TaskKey, TaskRecord};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("a stored record does not decode ({what}): {source}")]
+    Corrupt {
+        what: String,
+        source: serde_json::Error,
+    },
+    #[error("cannot open the data directory {path}: {message}")]
+    Open { path: String, message: String },
+}
+
+/// A handle on the database; clones share it (sled keeps one `Db` per process).
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    sessions: sled::Tree,
+    tasks: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let db = sled::Config::new()
+            .path(dir.join("sled"))
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: dir.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Self::from_db(db)
+    }
+
+    /// A database that lives in memory and disappears when dropped (benchmarks).
+    pub fn temporary() -> Result<Self, StoreError> {
+        Self::from_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            sessions: db.open_tree("sessions")?,
+            tasks: db.open_tree("tasks")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The next value of a named counter (1, 2, ...), atomically.
+    pub fn next_id(&self, counter: &str) -> Result<u64, StoreError> {
+        let value = self.meta.update_and_fetch(counter.as_bytes(), |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        let bytes = value.expect("update_and_fetch returned the stored value");
+        Ok(u64::from_be_bytes(<[u8; 8]>::try_from(&bytes[..]).unwrap_or([0; 8])))
+    }
+
+    pub fn put_session(&self, session: &Session) -> Result<(), StoreError> {
+        put(&self.sessions, &session.id.to_be_bytes(), session)
+    }
+
+    pub fn session(&self, id: u64) -> Result<Option<Session>, StoreError> {
+        get(&self.sessions, &id.to_be_bytes(), "session")
+    }
+
+    pub fn sessions(&self) -> Result<Vec<Session>, StoreError> {
+        scan(self.sessions.iter(), "session")
+    }
+
+    pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        put(&self.tasks, &task_key_bytes(task.key), task)
+    }
+
+    pub fn task(&self, key: TaskKey) -> Result<Option<TaskRecord>, StoreError> {
+        get(&self.tasks, &task_key_bytes(key), "task")
+    }
+
+    /// A session's tasks in id order, at most `limit`, starting after task `after`.
+    pub fn session_tasks(
+        &self,
+        session_id: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let start = task_key_bytes(TaskKey {
+            session_id,
+            task_id: after.saturating_add(1),
+        });
+        let end = task_key_bytes(TaskKey {
+            session_id,
+            task_id: u64::MAX,
+        });
+        scan(self.tasks.range(start..=end).take(limit), "task")
+    }
+
+    /// Writes a session and a marker in one transaction, unless the marker is already there
+    /// (then nothing changes and `false` comes back). Settlements use it to happen once.
+    pub fn put_session_once(&self, session: &Session, marker: &str) -> Result<bool, StoreError> {
+        use sled::Transactional;
+        let bytes = serde_json::to_vec(session).expect("records always serialize");
+        let id = session.id.to_be_bytes();
+        let done = (&self.sessions, &self.meta)
+            .transaction(|(sessions, meta)| {
+                if meta.get(marker.as_bytes())?.is_some() {
+                    return Ok(false);
+                }
+                meta.insert(marker.as_bytes(), &[1u8][..])?;
+                sessions.insert(&id[..], bytes.clone())?;
+                Ok(true)
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    StoreError::Sled(sled::Error::Unsupported("aborted".into()))
+                }
+            })?;
+        Ok(done)
+    }
+
+    /// Adds to an amount kept under `name` in the counters tree (node payments).
+    pub fn add_amount(&self, name: &str, amount: u64) -> Result<u64, StoreError> {
+        let value = self.meta.update_and_fetch(name.as_bytes(), |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some(n.saturating_add(amount).to_be_bytes().to_vec())
+        })?;
+        Ok(value
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    pub fn amount(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .meta
+            .get(name.as_bytes())?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Tasks that had not reached a terminal state when last written.
+    pub fn unfinished_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        Ok(scan::<TaskRecord>(self.tasks.iter(), "task")?
+            .into_iter()
+            .filter(|t| !t.state.is_terminal())
+            .collect())
+    }
+}
+
+fn task_key_bytes(key: TaskKey) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&key.session_id.to_be_bytes());
+    bytes[8..].copy_from_slice(&key.task_id.to_be_bytes());
+    bytes
+}
+
+fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(value).expect("records always serialize");
+    tree.insert(key, bytes)?;
+    Ok(())
+}
+
+fn get<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                what: what.to_string(),
+                source,
+            }),
+    }
+}
+
+fn scan<T: DeserializeOwned>(
+    iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    what: &str,
+) -> Result<Vec<T>, StoreError> {
+    iter.map(|item| {
+        let (_, bytes) = item?;
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+            what: what.to_string(),
+            source,
+        })
+    })
+    .collect()
+}

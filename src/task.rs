@@ -1,0 +1,257 @@
+//! Tasks: the record the session queue keeps for each prompt, its states, and the result a miner
+//! commits to. The state machine itself lives in `actors/session_queue.rs`; this file holds the
+//! data and the pure rules (hashing, majority) that are easy to test alone.
+
+use crate::models::engine::{FinishReason, GenerateRequest};
+use serde::{Deserialize, Serialize};
+
+/// A task's address: (session, task). Task ids count from 1 within a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskKey {
+    pub session_id: u64,
+    pub task_id: u64,
+}
+
+impl std::fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.session_id, self.task_id)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskState {
+    Queued,
+    Assigned,
+    Acked,
+    Precommitted,
+    Committed,
+    Validated,
+    Completed,
+    Failed,
+    Cancelled,
+    /// Ended by force (its deadline passed).
+    Ended,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 10] = [
+        TaskState::Queued,
+        TaskState::Assigned,
+        TaskState::Acked,
+        TaskState::Precommitted,
+        TaskState::Committed,
+        TaskState::Validated,
+        TaskState::Completed,
+        TaskState::Failed,
+        TaskState::Cancelled,
+        TaskState::Ended,
+    ];
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskState::Completed | TaskState::Failed | TaskState::Cancelled | TaskState::Ended
+        )
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskState::Queued => "Queued",
+            TaskState::Assigned => "Assigned",
+            TaskState::Acked => "Acked",
+            TaskState::Precommitted => "Precommitted",
+            TaskState::Committed => "Committed",
+            TaskState::Validated => "Validated",
+            TaskState::Completed => "Completed",
+            TaskState::Failed => "Failed",
+            TaskState::Cancelled => "Cancelled",
+            TaskState::Ended => "Ended",
+        }
+    }
+}
+
+/// Where one miner is with one task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AssignmentState {
+    Assigned,
+    Acked,
+    Precommitted,
+    Committed,
+    /// Missed a deadline or failed; another miner took its place.
+    Replaced,
+    /// Its reveal did not match its precommit.
+    Rejected,
+    /// Its task ended before it finished (cancelled, restarted, or the others were enough).
+    Dropped,
+}
+
+impl AssignmentState {
+    /// Still expected to deliver.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            AssignmentState::Assigned | AssignmentState::Acked | AssignmentState::Precommitted
+        )
+    }
+}
+
+/// What a miner commits to: the result of its inference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+}
+
+impl TaskResult {
+    pub fn completion_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+    /// keccak256 over a canonical encoding: what a miner precommits and the queue verifies.
+    pub fn hash(&self) -> [u8; 32] {
+        let bytes = serde_json::to_vec(&(
+            &self.text,
+            &self.token_ids,
+            self.finish_reason,
+            self.prompt_tokens,
+        ))
+        .expect("a result always serializes");
+        ethers::utils::keccak256(bytes)
+    }
+    pub fn hash_hex(&self) -> String {
+        format!("0x{}", hex::encode(self.hash()))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub miner: String,
+    pub state: AssignmentState,
+    pub assigned_at_ms: u64,
+    pub acked_at_ms: Option<u64>,
+    pub precommitted_at_ms: Option<u64>,
+    pub committed_at_ms: Option<u64>,
+    /// `0x`-prefixed keccak256 of the result.
+    pub precommit_hash: Option<String>,
+    pub result: Option<TaskResult>,
+    /// Why it was replaced, rejected or dropped.
+    pub note: Option<String>,
+}
+
+impl Assignment {
+    pub fn new(miner: String, now_ms: u64) -> Self {
+        Self {
+            miner,
+            state: AssignmentState::Assigned,
+            assigned_at_ms: now_ms,
+            acked_at_ms: None,
+            precommitted_at_ms: None,
+            committed_at_ms: None,
+            precommit_hash: None,
+            result: None,
+            note: None,
+        }
+    }
+}
+
+/// How prompts are presented to the model (Cortensor's `prompt_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum PromptType {
+    /// The model's chat template around one user message.
+    #[default]
+    Default,
+    /// The text as it is.
+    Raw,
+    /// `prompt_template` as the system message, the prompt as the user message.
+    SystemTemplate,
+}
+
+/// The accepted outcome of a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    pub result: TaskResult,
+    /// Miners whose results matched the accepted one.
+    pub agreeing: Vec<String>,
+    /// Miners whose results differed.
+    pub disagreeing: Vec<String>,
+}
+
+/// Everything the queue knows about one task; persisted on every transition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub key: TaskKey,
+    pub state: TaskState,
+    /// The owner of the session, for authorization of reads and cancels.
+    pub owner: String,
+    pub model: String,
+    pub request: GenerateRequest,
+    /// Miners that must agree (the session's `redundant`).
+    pub redundancy: u32,
+    pub validators: u32,
+    /// Executions allowed beyond the first `redundancy` (replacements).
+    pub max_replacements: u32,
+    pub replacements: u32,
+    pub assignments: Vec<Assignment>,
+    pub created_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    /// Absolute deadline of the whole task (ms since the epoch).
+    pub deadline_ms: u64,
+    pub precommit_timeout_ms: u64,
+    pub client_reference: Option<String>,
+    /// Held from the session's balance while the task runs.
+    pub hold: u64,
+    /// Charged when it ended (the rest of `hold` went back).
+    pub charged: u64,
+    pub outcome: Option<TaskOutcome>,
+    pub error: Option<String>,
+    /// How often it was resumed after a restart.
+    pub resumed: u32,
+}
+
+impl TaskRecord {
+    pub fn active(&self) -> impl Iterator<Item = &Assignment> {
+        self.assignments.iter().filter(|a| a.state.is_active())
+    }
+    pub fn assignment_mut(&mut self, miner: &str) -> Option<&mut Assignment> {
+        // The newest assignment of that miner (a miner is never assigned the same task twice
+        // while active, but it may appear again after a restart dropped its first one).
+        self.assignments.iter_mut().rev().find(|a| a.miner == miner)
+    }
+    pub fn assigned_miners(&self) -> Vec<String> {
+        self.assignments.iter().map(|a| a.miner.clone()).collect()
+    }
+}
+
+/// The result most committed miners agree on, if more than half of `results` agree.
+/// Ties and splits give `None`.
+pub fn majority<'a>(results: &[(&'a str, &'a TaskResult)]) -> Option<TaskOutcome> {
+    let mut groups: Vec<([u8; 32], Vec<&str>, &TaskResult)> = Vec::new();
+    for (miner, result) in results {
+        let hash = result.hash();
+        match groups.iter_mut().find(|g| g.0 == hash) {
+            Some(g) => g.1.push(miner),
+            None => groups.push((hash, vec![miner], result)),
+        }
+    }
+    let best = groups.iter().max_by_key(|g| g.1.len())?;
+    if best.1.len() * 2 <= results.len() {
+        return None;
+    }
+    let agreeing: Vec<String> = best.1.iter().map(|m| m.to_string()).collect();
+    let disagreeing = results
+        .iter()
+        .map(|(m, _)| m.to_string())
+        .filter(|m| !agreeing.contains(m))
+        .collect();
+    Some(TaskOutcome {
+        result: best.2.clone(),
+        agreeing,
+        disagreeing,
+    })
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,269 @@
+//! An in-process network: router, session queue, node pool, miners, validators and the
+//! embedded ledger, served over HTTP. `cortensor testnet` runs it until Ctrl-C; tests start it
+//! on port 0 and shut it down. It runs in a thread of its own with its own actix system, so the
+//! caller (a test, the CLI) stays synchronous.
+
+use crate::actors::chain_bridge::{ChainBridge, CreateSession, ListSessions};
+use crate::actors::miner::{EngineFactory, Miner, MinerFaults, MinerSpec};
+use crate::actors::node_pool::NodePool;
+use crate::actors::router::{Router, RouterSettings};
+use crate::actors::session_queue::SessionQueue;
+use crate::actors::validator::Validator;
+use crate::api::{self, ApiState};
+use crate::chain::local_ledger::LocalLedger;
+use crate::config::TestnetConfig;
+use crate::session::SessionParams;
+use crate::store::{Store, StoreError};
+use actix::prelude::*;
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestnetError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot serve HTTP: {0}")]
+    Http(std::io::Error),
+    #[error("the testnet failed to start: {0}")]
+    Start(String),
+}
+
+/// Where the testnet keeps its data.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    Dir(PathBuf),
+    /// In memory, gone at shutdown (benchmarks).
+    Temporary,
+}
+
+pub struct TestnetOptions {
+    pub config: TestnetConfig,
+    /// Builds each miner's engine (given the miner's id).
+    pub engine: EngineFactory,
+    /// The network's name for the model the miners serve.
+    pub model: String,
+    pub storage: Storage,
+    /// Misbehaviour per miner id (fault-injection tests).
+    pub faults: HashMap<String, MinerFaults>,
+    /// HTTP worker threads.
+    pub http_workers: usize,
+}
+
+/// Addresses of the running actors, for tests that talk to them directly.
+#[derive(Clone)]
+pub struct Actors {
+    pub router: Addr<Router>,
+    pub queue: Addr<SessionQueue>,
+    pub pool: Addr<NodePool>,
+    pub chain: Addr<ChainBridge>,
+}
+
+/// A running testnet. Dropping it shuts it down.
+pub struct Testnet {
+    pub addr: SocketAddr,
+    pub url: String,
+    /// A key clients may use (the first configured one, or the development key).
+    pub api_key: String,
+    /// The session the API key's OpenAI-compatible requests use.
+    pub default_session: u64,
+    pub actors: Actors,
+    pub miner_ids: Vec<String>,
+    system: Option<actix_rt::System>,
+    server: Option<actix_web::dev::ServerHandle>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub fn miner_id(index: usize) -> String {
+    format!("miner-{}", index + 1)
+}
+
+/// An owner identity for an API key: a hash, so the key itself is never stored.
+pub fn owner_of_key(key: &str) -> String {
+    let h = ethers::utils::keccak256(key.as_bytes());
+    format!("key-{}", hex::encode(&h[..8]))
+}
+
+struct Started {
+    api_key: String,
+    default_session: u64,
+    actors: Actors,
+    system: actix_rt::System,
+    server: actix_web::dev::ServerHandle,
+}
+
+impl Testnet {
+    /// Starts everything and returns once the HTTP server accepts requests (miners may still
+    /// be loading their engines: they join the pool when ready).
+    pub fn start(options: TestnetOptions, listener: TcpListener) -> Result<Testnet, TestnetError> {
+        let addr = listener.local_addr().map_err(TestnetError::Http)?;
+        let miner_ids: Vec<String> = (0..options.config.nodes.miners).map(miner_id).collect();
+        let (tx, rx) = std::sync::mpsc::channel::<Result<Started, TestnetError>>();
+        let thread = std::thread::Builder::new()
+            .name("testnet".into())
+            .spawn(move || {
+                let system = actix_rt::System::new();
+                let mut arbiters = Vec::new();
+                let started = system.block_on(start_actors(options, listener, &mut arbiters));
+                let failed = started.is_err();
+                let _ = tx.send(started);
+                if !failed {
+                    let _ = system.run();
+                }
+                for arbiter in arbiters {
+                    arbiter.stop();
+                    let _ = arbiter.join();
+                }
+            })
+            .map_err(|e| TestnetError::Start(e.to_string()))?;
+        let started = rx
+            .recv()
+            .map_err(|_| TestnetError::Start("the testnet thread died".into()))??;
+        Ok(Testnet {
+            addr,
+            url: format!("http://{addr}"),
+            api_key: started.api_key,
+            default_session: started.default_session,
+            actors: started.actors,
+            miner_ids,
+            system: Some(started.system),
+            server: Some(started.server),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the server (finishing requests in progress for up to a few seconds), the actors
+    /// and the store, and waits for all of it.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let (Some(server), Some(system)) = (self.server.take(), self.system.take()) {
+            let stopping = server.stop(true);
+            let system2 = system.clone();
+            // Run the graceful stop on the testnet's own system, then stop the system.
+            system.arbiter().spawn(async move {
+                stopping.await;
+                system2.stop();
+            });
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Testnet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn start_actors(
+    options: TestnetOptions,
+    listener: TcpListener,
+    arbiters: &mut Vec<Arbiter>,
+) -> Result<Started, TestnetError> {
+    let config = options.config;
+    let store = match &options.storage {
+        Storage::Dir(dir) => Store::open(dir)?,
+        Storage::Temporary => Store::temporary()?,
+    };
+
+    // Actors that block (flushes) get arbiters of their own.
+    let chain_arbiter = Arbiter::new();
+    let ledger_store = store.clone();
+    let chain = ChainBridge::start_in_arbiter(&chain_arbiter.handle(), move |_| {
+        ChainBridge::new(Box::new(LocalLedger::new(ledger_store)))
+    });
+    arbiters.push(chain_arbiter);
+
+    let pool = NodePool::new(
+        Duration::from_millis(config.nodes.offline_after_ms),
+        config.nodes.selection_seed,
+    )
+    .start();
+
+    let validators: Vec<Addr<Validator>> = (0..config.nodes.validators)
+        .map(|i| Supervisor::start(move |_| Validator::new(format!("validator-{}", i + 1))))
+        .collect();
+
+    let queue_arbiter = Arbiter::new();
+    let (queue_config, price) = (config.queue.clone(), config.pricing.price_per_token);
+    let (queue_store, queue_pool, queue_chain) = (store.clone(), pool.clone(), chain.clone());
+    let queue = SessionQueue::start_in_arbiter(&queue_arbiter.handle(), move |_| {
+        SessionQueue::new(queue_config, price, queue_store, queue_pool, queue_chain, validators)
+    });
+    arbiters.push(queue_arbiter);
+
+    for index in 0..config.nodes.miners {
+        let id = miner_id(index);
+        let spec = MinerSpec {
+            faults: options.faults.get(&id).cloned().unwrap_or_default(),
+            id,
+            model: options.model.clone(),
+            max_tasks: config.nodes.max_tasks_per_miner,
+            heartbeat_interval: Duration::from_millis(config.nodes.heartbeat_interval_ms),
+        };
+        let (factory, queue, pool) = (options.engine.clone(), queue.clone(), pool.clone());
+        Supervisor::start(move |_| Miner::new(spec, factory, queue.recipient(), pool));
+    }
+
+    let settings = RouterSettings {
+        models: vec![options.model.clone()],
+        max_context: config.nodes.max_context,
+        price_per_token: config.pricing.price_per_token,
+        max_replacements: config.queue.max_replacements,
+        default_timeout: config.queue.task_timeout(),
+        default_precommit_timeout: config.queue.precommit_timeout(),
+    };
+    let router = Router::new(settings.clone(), chain.clone(), queue.clone()).start();
+
+    // Every key gets a default session (the OpenAI-compatible API has no session field).
+    let keys = config.router.effective_api_keys();
+    let existing = chain
+        .send(ListSessions)
+        .await
+        .map_err(|e| TestnetError::Start(e.to_string()))?
+        .map_err(|e| TestnetError::Start(e.to_string()))?;
+    let mut default_sessions = HashMap::new();
+    for key in &keys {
+        let owner = owner_of_key(key);
+        let found = existing.iter().find(|s| s.owner == owner && s.params.name == "default");
+        let id = match found {
+            Some(s) => s.id,
+            None => {
+                let params = SessionParams {
+                    name: "default".into(),
+                    metadata: "created by the testnet for the OpenAI-compatible API".into(),
+                    ..SessionParams::default()
+                };
+                let create = CreateSession { owner: owner.clone(), params, deposit: config.pricing.default_deposit };
+                chain
+                    .send(create)
+                    .await
+                    .map_err(|e| TestnetError::Start(e.to_string()))?
+                    .map_err(|e| TestnetError::Start(e.to_string()))?
+                    .id
+            }
+        };
+        default_sessions.insert(owner, id);
+    }
+    let api_key = keys[0].clone();
+    let default_session = default_sessions[&owner_of_key(&api_key)];
+
+    let actors = Actors { router, queue, pool, chain };
+    let state = ApiState::new(&config, settings, actors.clone(), &keys, default_sessions);
+    let server = api::serve(state, listener, options.http_workers).map_err(TestnetError::Http)?;
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    Ok(Started {
+        api_key,
+        default_session,
+        actors,
+        system: actix_rt::System::current(),
+        server: handle,
+    })
+}
