@@ -7,7 +7,7 @@ use crate::actors::chain_bridge::{ChainBridge, CreateSession, ListSessions};
 use crate::actors::miner::{EngineFactory, Miner, MinerFaults, MinerSpec};
 use crate::actors::node_pool::NodePool;
 use crate::actors::router::{Router, RouterSettings};
-use crate::actors::session_queue::SessionQueue;
+use crate::actors::session_queue::{SessionQueue, Shutdown};
 use crate::actors::validator::Validator;
 use crate::api::{self, ApiState};
 use crate::chain::local_ledger::LocalLedger;
@@ -133,19 +133,20 @@ impl Testnet {
         })
     }
 
-    /// Stops the server (finishing requests in progress for up to a few seconds), the actors
-    /// and the store, and waits for all of it.
+    /// Stops the network: first the session queue (no transition after that: tasks in
+    /// flight stay as written and resume on the next start, so clients cut off here lose
+    /// nothing but the connection), then the HTTP server, the actors and the store.
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
         if let (Some(server), Some(system)) = (self.server.take(), self.system.take()) {
-            let stopping = server.stop(true);
+            let queue = self.actors.queue.clone();
             let system2 = system.clone();
-            // Run the graceful stop on the testnet's own system, then stop the system.
             system.arbiter().spawn(async move {
-                stopping.await;
+                let _ = queue.send(Shutdown).await;
+                server.stop(false).await;
                 system2.stop();
             });
         }

@@ -35,6 +35,8 @@ pub struct MinerFaults {
     pub withhold_reveal: bool,
     /// Send every report twice.
     pub duplicate_reports: bool,
+    /// Send no heartbeats (the pool should mark it offline).
+    pub no_heartbeats: bool,
 }
 
 #[derive(Clone)]
@@ -131,7 +133,7 @@ impl Actor for Miner {
             ctx.run_later(backoff, |miner, ctx| miner.spawn_engine(ctx));
         }
         ctx.run_interval(self.spec.heartbeat_interval, |miner, _| {
-            if miner.ready {
+            if miner.ready && !miner.spec.faults.no_heartbeats {
                 miner.pool.do_send(Heartbeat {
                     id: miner.spec.id.clone(),
                 });

@@ -90,6 +90,12 @@ pub struct Subscribe {
 #[rtype(result = "QueueStats")]
 pub struct GetStats;
 
+/// Stop: flush the store and make no transition after this (live tasks stay as they are
+/// written and resume on the next start).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
 /// Counters for /metrics and /status.
 #[derive(Clone, Debug, Default)]
 pub struct QueueStats {
@@ -310,7 +316,12 @@ impl SessionQueue {
         task.selecting = false;
         if selection.miners.is_empty() {
             let since = *task.starved_since.get_or_insert_with(Instant::now);
-            if task.active_count() == 0 && selection.eligible == 0 && since.elapsed() >= ack_timeout {
+            let active = task.active_count();
+            if selection.eligible == 0 && active > 0 {
+                // Nobody else could take the place: go on with the miners it has.
+                task.wanted = active;
+                self.advance(key, ctx);
+            } else if selection.eligible == 0 && since.elapsed() >= ack_timeout {
                 let model = task.record.model.clone();
                 let error = format!("no miner serving model {model} is available");
                 self.finish(key, TaskState::Failed, None, Some(error), ctx);
@@ -842,6 +853,17 @@ impl Handler<Subscribe> for SessionQueue {
         let record = self.store.task(m.key)?.ok_or(QueueError::NoSuchTask(m.key))?;
         let _ = m.subscriber.try_send(TaskEvent::Finished(Box::new(record)));
         Ok(())
+    }
+}
+
+impl Handler<Shutdown> for SessionQueue {
+    type Result = ();
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %e, "cannot flush the store at shutdown");
+        }
+        tracing::info!(live = self.live.len(), "session queue stopped; live tasks resume on the next start");
+        ctx.stop();
     }
 }
 

@@ -88,6 +88,7 @@ pub fn task(t: &TaskRecord) -> Value {
         "model": t.model,
         "redundancy": t.redundancy,
         "replacements": t.replacements,
+        "resumed": t.resumed,
         "assignments": assignments,
         "client_reference": t.client_reference,
         "usage": usage(t),
