@@ -1,0 +1,137 @@
+//! The testnet with real SmolLM2 miners, over real HTTP, SSE and WebSocket: three miners run
+//! the same prompt with the seed derived from (session, task), agree bit for bit, and the task
+//! shows three results; the text is what the model itself produces for that seed.
+
+mod common;
+
+use common::Net;
+use cortensor::actors::session_queue::task_seed;
+use cortensor::commands::testnet::{llama_factory, model_name};
+use cortensor::config::TestnetConfig;
+use cortensor::models::backend::BackendChoice;
+use cortensor::models::chat::ChatMessage;
+use cortensor::models::engine::{CancelToken, EngineOptions, GenerateRequest, InferenceEngine, LlamaEngine, Prompt};
+use cortensor::models::fetch;
+use cortensor::models::sampling::SamplingParams;
+use cortensor::task::TaskKey;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+
+fn real_net(miners: usize) -> (Net, tempfile::TempDir, std::path::PathBuf) {
+    let model = fetch::ensure(&fetch::SMOLLM2_135M_Q4_1, &fetch::cache_dir(), &mut |_| {}).unwrap();
+    let mut config = TestnetConfig::default();
+    config.nodes.miners = miners;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = llama_factory(model.clone(), BackendChoice::Cpu, 1, 1024);
+    let net = common::start(config, engine, &model_name(&model), Default::default(), dir.path());
+    (net, dir, model)
+}
+
+#[test]
+fn three_real_miners_agree_and_the_task_shows_three_results() {
+    let (net, _dir, model) = real_net(3);
+    let sid = net.session(3, 1_000_000);
+    let prompt = "What is the capital of France?";
+    let (status, v) = net.post(
+        &format!("/api/v1/completions/{sid}"),
+        &json!({"prompt": prompt, "max_tokens": 24, "temperature": 0.8, "top_p": 0.95, "client_reference": "ref-1"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(!text.trim().is_empty());
+    let tid = v["task_id"].as_u64().unwrap();
+
+    let task = net.task(sid, tid);
+    assert_eq!(task["status"], "Completed");
+    assert_eq!(task["client_reference"], "ref-1");
+    let data = task["results"]["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3, "{task}");
+    assert!(data.iter().all(|d| d == text), "the miners disagree: {data:?}");
+    assert_eq!(task["results"]["miners"].as_array().unwrap().len(), 3);
+
+    // The same model, run here with the task's seed, says the same thing.
+    let mut engine = LlamaEngine::load(&EngineOptions { backend: BackendChoice::Cpu, threads: 1, max_context: 1024, ..EngineOptions::new(&model) }).unwrap();
+    let request = GenerateRequest {
+        prompt: Prompt::Chat(vec![ChatMessage::new("user", prompt)]),
+        params: SamplingParams { temperature: 0.8, top_p: 0.95, seed: task_seed(TaskKey { session_id: sid, task_id: tid }), ..SamplingParams::default() },
+        max_tokens: 24,
+        stop: vec![],
+    };
+    let local = engine.generate(&request, &CancelToken::new(), &mut |_| {}).unwrap();
+    assert_eq!(local.text, text);
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap() as usize, local.prompt_tokens);
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() as usize, local.token_ids.len());
+    assert!(net.metric("cortensor_decode_tokens_per_second") > 0.0);
+}
+
+#[test]
+fn tokens_stream_over_sse_and_websocket() {
+    let (net, _dir, _) = real_net(2);
+    let sid = net.session(2, 1_000_000);
+
+    // SSE on the router API.
+    let response = net
+        .http
+        .post(net.url("/api/v1/completions"))
+        .bearer_auth(&net.testnet.api_key)
+        .json(&json!({"session_id": sid, "prompt": "Write a haiku about the sea.", "max_tokens": 20, "stream": true}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut streamed = String::new();
+    let mut chunks = 0;
+    let mut last = Value::Null;
+    let mut done = false;
+    for line in BufReader::new(response).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        streamed.push_str(chunk["choices"][0]["text"].as_str().unwrap());
+        chunks += 1;
+        last = chunk;
+    }
+    assert!(done, "the stream ends with data: [DONE]");
+    assert!(chunks >= 3);
+    assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+    let tid = last["task_id"].as_u64().unwrap();
+    let task = net.task(sid, tid);
+    assert_eq!(task["accepted"]["text"], streamed.as_str());
+    assert_eq!(last["usage"]["completion_tokens"], task["usage"]["completion_tokens"]);
+
+    // The WebSocket: submit, then states, tokens and the end arrive as events.
+    let url = format!("ws://{}/api/v1/ws?token={}", net.testnet.addr, net.testnet.api_key);
+    let (mut ws, _) = tungstenite::connect(url).unwrap();
+    let send = |ws: &mut tungstenite::WebSocket<_>, v: Value| ws.send(tungstenite::Message::Text(v.to_string())).unwrap();
+    send(&mut ws, json!({"type": "ping"}));
+    send(&mut ws, json!({"type": "nonsense"}));
+    send(&mut ws, json!({"type": "submit", "id": "q1", "session_id": sid, "prompt": "Say hello.", "max_tokens": 12}));
+    let mut events = Vec::new();
+    loop {
+        let message = ws.read().unwrap();
+        let tungstenite::Message::Text(text) = message else { continue };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let end = v["type"] == "completed" || v["type"] == "failed";
+        events.push(v);
+        if end {
+            break;
+        }
+    }
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds[0], "pong");
+    assert_eq!(kinds[1], "error");
+    assert_eq!(events[1]["error"]["code"], "invalid_request");
+    assert_eq!(kinds[2], "accepted");
+    assert_eq!(events[2]["id"], "q1");
+    assert!(kinds.contains(&"state") && kinds.contains(&"token"), "{kinds:?}");
+    let completed = events.last().unwrap();
+    assert_eq!(completed["type"], "completed", "{completed}");
+    let tokens: String = events.iter().filter(|e| e["type"] == "token").map(|e| e["text"].as_str().unwrap()).collect();
+    assert_eq!(completed["text"], tokens.as_str());
+    assert_eq!(completed["miners"].as_array().unwrap().len(), 2);
+    let _ = ws.close(None);
+}
