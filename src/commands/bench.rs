@@ -19,6 +19,9 @@ pub enum BenchCommand {
     /// Tokens per second (decode after a 16-token prompt, prefill of a long prompt) and peak
     /// RSS, per backend and thread count, against llama.cpp.
     Generate(BenchArgs),
+    /// Completions per second and p50/p99 latency through the whole network (scripted
+    /// zero-latency miners, redundancy 1 and 3) against a bare actix-web handler.
+    Orchestrate(super::bench_orchestrate::OrchestrateArgs),
     /// One configuration, printed as one JSON line (what `generate` runs in each child).
     #[command(hide = true)]
     GenerateOne(OneArgs),
@@ -93,6 +96,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Generate(args) => run_all(args),
+        BenchCommand::Orchestrate(args) => super::bench_orchestrate::run(args),
     }
 }
 
