@@ -104,16 +104,11 @@ impl Testnet {
             .name("testnet".into())
             .spawn(move || {
                 let system = actix_rt::System::new();
-                let mut arbiters = Vec::new();
-                let started = system.block_on(start_actors(options, listener, &mut arbiters));
+                let started = system.block_on(start_actors(options, listener));
                 let failed = started.is_err();
                 let _ = tx.send(started);
                 if !failed {
                     let _ = system.run();
-                }
-                for arbiter in arbiters {
-                    arbiter.stop();
-                    let _ = arbiter.join();
                 }
             })
             .map_err(|e| TestnetError::Start(e.to_string()))?;
@@ -162,24 +157,17 @@ impl Drop for Testnet {
     }
 }
 
-async fn start_actors(
-    options: TestnetOptions,
-    listener: TcpListener,
-    arbiters: &mut Vec<Arbiter>,
-) -> Result<Started, TestnetError> {
+async fn start_actors(options: TestnetOptions, listener: TcpListener) -> Result<Started, TestnetError> {
     let config = options.config;
     let store = match &options.storage {
         Storage::Dir(dir) => Store::open(dir)?,
         Storage::Temporary => Store::temporary()?,
     };
 
-    // Actors that block (flushes) get arbiters of their own.
-    let chain_arbiter = Arbiter::new();
-    let ledger_store = store.clone();
-    let chain = ChainBridge::start_in_arbiter(&chain_arbiter.handle(), move |_| {
-        ChainBridge::new(Box::new(LocalLedger::new(ledger_store)))
-    });
-    arbiters.push(chain_arbiter);
+    // Router, queue, pool, validators and ledger share this arbiter: none of them blocks (the
+    // store flushes on its own thread), and messages between them cost no thread hand-off.
+    // Engines run on threads of their own.
+    let chain = ChainBridge::new(Box::new(LocalLedger::new(store.clone()))).start();
 
     let pool = NodePool::new(
         Duration::from_millis(config.nodes.offline_after_ms),
@@ -191,13 +179,15 @@ async fn start_actors(
         .map(|i| Supervisor::start(move |_| Validator::new(format!("validator-{}", i + 1))))
         .collect();
 
-    let queue_arbiter = Arbiter::new();
-    let (queue_config, price) = (config.queue.clone(), config.pricing.price_per_token);
-    let (queue_store, queue_pool, queue_chain) = (store.clone(), pool.clone(), chain.clone());
-    let queue = SessionQueue::start_in_arbiter(&queue_arbiter.handle(), move |_| {
-        SessionQueue::new(queue_config, price, queue_store, queue_pool, queue_chain, validators)
-    });
-    arbiters.push(queue_arbiter);
+    let queue = SessionQueue::new(
+        config.queue.clone(),
+        config.pricing.price_per_token,
+        store.clone(),
+        pool.clone(),
+        chain.clone(),
+        validators,
+    )
+    .start();
 
     for index in 0..config.nodes.miners {
         let id = miner_id(index);

@@ -1,6 +1,7 @@
 //! The bridge to the chain: one actor owns the [`Chain`] implementation, so every session and
-//! balance change is serialized through it. It runs on an arbiter of its own because chain calls
-//! block (a flush on the embedded ledger, an RPC round trip on an EVM node).
+//! balance change is serialized through it. The embedded ledger answers in microseconds (its
+//! only flushes are for session creation and deposits); a chain that blocks on RPC round trips
+//! must run this actor on an arbiter of its own.
 
 use crate::chain::{Chain, ChainError};
 use crate::session::{Session, SessionParams};

@@ -15,6 +15,8 @@ pub enum ToMiner {
     Assign {
         key: TaskKey,
         request: GenerateRequest,
+        /// Report tokens as they are made (somebody follows the task live).
+        stream_tokens: bool,
     },
     /// All precommits are in (or their deadline passed): reveal the result.
     Reveal { key: TaskKey },

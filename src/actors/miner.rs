@@ -53,6 +53,7 @@ struct Job {
     key: TaskKey,
     request: GenerateRequest,
     cancel: CancelToken,
+    stream_tokens: bool,
 }
 
 struct Held {
@@ -165,7 +166,7 @@ impl Handler<ToMiner> for Miner {
     type Result = ();
     fn handle(&mut self, m: ToMiner, _: &mut Context<Self>) {
         match m {
-            ToMiner::Assign { key, request } => {
+            ToMiner::Assign { key, request, stream_tokens } => {
                 if self.spec.faults.ignore_assignments {
                     return;
                 }
@@ -179,6 +180,7 @@ impl Handler<ToMiner> for Miner {
                     key,
                     request,
                     cancel: cancel.clone(),
+                    stream_tokens,
                 };
                 let sent = match &self.jobs {
                     Some(jobs) => jobs.try_send(job),
@@ -332,9 +334,10 @@ fn engine_thread(
             continue;
         }
         let key = job.key;
+        let stream = job.stream_tokens;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             engine.generate(&job.request, &job.cancel, &mut |t| {
-                if !t.text.is_empty() {
+                if stream && !t.text.is_empty() {
                     addr.do_send(EngineEvent::Token { generation, key, index: t.index, text: t.text.to_string() });
                 }
             })

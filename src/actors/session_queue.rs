@@ -6,7 +6,9 @@
 //! subscribers. Every transition is written to the store; the store is flushed before a task is
 //! acknowledged to its client and before its end is reported.
 //!
-//! It runs on an arbiter of its own: store flushes block.
+//! Writes are coalesced: a transition marks its task dirty, and dirty tasks are written at every
+//! tick and before every flush, which is what a crash could observe either way. Flushes go to the
+//! store's flusher thread (group commit), so the queue never blocks on the disk.
 
 use super::chain_bridge::{ChainBridge, Settle};
 use super::messages::{MinerReport, ReportKind, TaskEvent, ToMiner, Verdict};
@@ -34,7 +36,12 @@ pub const REPUTATION_DISAGREED: i64 = -10;
 /// subscriber (the final record, which carries the whole text, always arrives).
 pub const SUBSCRIBER_CAPACITY: usize = 1024;
 
-pub type Subscriber = mpsc::Sender<TaskEvent>;
+/// Someone following a task: gets its end, and with `live` also its states and tokens.
+#[derive(Clone, Debug)]
+pub struct Subscriber {
+    pub events: mpsc::Sender<TaskEvent>,
+    pub live: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -177,9 +184,9 @@ impl LiveTask {
     }
 
     fn publish(&mut self, event: TaskEvent) {
-        self.subscribers.retain(|s| !s.is_closed());
-        for s in &self.subscribers {
-            let _ = s.try_send(event.clone());
+        self.subscribers.retain(|s| !s.events.is_closed());
+        for s in self.subscribers.iter().filter(|s| s.live) {
+            let _ = s.events.try_send(event.clone());
         }
     }
 }
@@ -193,6 +200,8 @@ pub struct SessionQueue {
     validators: Vec<Addr<Validator>>,
     next_validator: usize,
     live: HashMap<TaskKey, LiveTask>,
+    /// Live tasks changed since they were last written.
+    dirty: std::collections::HashSet<TaskKey>,
     stats: QueueStats,
 }
 
@@ -223,13 +232,23 @@ impl SessionQueue {
             validators,
             next_validator: 0,
             live: HashMap::new(),
+            dirty: Default::default(),
             stats: QueueStats::default(),
         }
     }
 
-    fn persist(&self, record: &TaskRecord) {
+    fn write(&self, record: &TaskRecord) {
         if let Err(e) = self.store.put_task(record) {
             tracing::error!(task = %record.key, error = %e, "cannot write the task");
+        }
+    }
+
+    /// Writes every live task changed since its last write.
+    fn write_dirty(&mut self) {
+        for key in std::mem::take(&mut self.dirty) {
+            if let Some(task) = self.live.get(&key) {
+                self.write(&task.record);
+            }
         }
     }
 
@@ -259,8 +278,7 @@ impl SessionQueue {
         task.record.state = state;
         task.stage_started = Instant::now();
         task.publish(TaskEvent::State(state));
-        let record = task.record.clone();
-        self.persist(&record);
+        self.dirty.insert(key);
         self.record_stage(previous.name(), elapsed);
     }
 
@@ -330,17 +348,18 @@ impl SessionQueue {
         }
         task.starved_since = None;
         let now = now_ms();
+        // Miners send their tokens only when somebody follows the task live.
+        let stream_tokens = task.subscribers.iter().any(|s| s.live);
         for (miner, addr) in selection.miners {
             task.record.assignments.push(Assignment::new(miner.clone(), now));
             task.deadlines.insert(miner.clone(), Instant::now() + ack_timeout);
-            addr.do_send(ToMiner::Assign { key, request: task.record.request.clone() });
+            addr.do_send(ToMiner::Assign { key, request: task.record.request.clone(), stream_tokens });
             task.miners.insert(miner, addr);
         }
         if task.record.state == TaskState::Queued {
             self.transition(key, TaskState::Assigned);
         } else {
-            let record = task.record.clone();
-            self.persist(&record);
+            self.dirty.insert(key);
         }
         self.advance(key, ctx);
     }
@@ -442,8 +461,7 @@ impl SessionQueue {
         } else {
             task.wanted = task.wanted.saturating_sub(1);
         }
-        let record = task.record.clone();
-        self.persist(&record);
+        self.dirty.insert(key);
         self.pool.do_send(Release { miners: vec![miner.to_string()] });
         self.pool.do_send(AdjustReputation {
             miner: miner.to_string(),
@@ -571,13 +589,11 @@ impl SessionQueue {
 
     fn finished(&mut self, key: TaskKey, charged: u64) {
         let Some(mut task) = self.live.remove(&key) else { return };
+        self.dirty.remove(&key);
         task.record.charged = charged;
         task.record.finished_at_ms = Some(now_ms());
         let state = task.record.state;
-        self.persist(&task.record);
-        if let Err(e) = self.store.flush() {
-            tracing::error!(task = %key, error = %e, "cannot flush the store");
-        }
+        self.write(&task.record);
         self.record_stage("total", task.created.elapsed());
         *self.stats.ended.entry(state.name()).or_default() += 1;
         if let Some(outcome) = &task.record.outcome {
@@ -596,16 +612,19 @@ impl SessionQueue {
                 self.stats.decode_tokens_per_second = if prev == 0.0 { rate } else { 0.8 * prev + 0.2 * rate };
             }
         }
+        // Tell the subscribers once the end (and the settlement before it) is on disk.
+        let durable = self.store.durable();
         let record = Box::new(task.record);
-        for s in task.subscribers.drain(..) {
-            let event = TaskEvent::Finished(record.clone());
-            // The final record must arrive even when a slow reader filled the channel.
-            if let Err(mpsc::error::TrySendError::Full(event)) = s.try_send(event) {
-                actix::spawn(async move {
-                    let _ = s.send(event).await;
-                });
+        let subscribers = task.subscribers;
+        actix::spawn(async move {
+            if let Err(e) = durable.await {
+                tracing::error!(task = %key, error = %e, "cannot flush the store");
             }
-        }
+            for s in subscribers {
+                // The final record must arrive even when a slow reader filled the channel.
+                let _ = s.events.send(TaskEvent::Finished(record.clone())).await;
+            }
+        });
     }
 
     fn on_report(&mut self, report: MinerReport, ctx: &mut Context<Self>) {
@@ -681,8 +700,7 @@ impl SessionQueue {
                 return;
             }
         }
-        let record = self.live[&key].record.clone();
-        self.persist(&record);
+        self.dirty.insert(key);
         self.advance(key, ctx);
     }
 
@@ -746,7 +764,7 @@ impl SessionQueue {
             let timeout = Duration::from_millis(record.deadline_ms.saturating_sub(record.created_at_ms))
                 .max(self.config.ack_timeout());
             tracing::info!(task = %record.key, "resuming a task after a restart");
-            self.persist(&record);
+            self.write(&record);
             self.live.insert(record.key, LiveTask::new(record, timeout));
         }
         self.store.flush()
@@ -760,13 +778,33 @@ impl Actor for SessionQueue {
         if let Err(e) = self.resume() {
             tracing::error!(error = %e, "cannot resume the stored tasks");
         }
-        ctx.run_interval(Duration::from_millis(self.config.tick_ms), |queue, ctx| queue.tick(ctx));
+        ctx.run_interval(Duration::from_millis(self.config.tick_ms), |queue, ctx| {
+            queue.tick(ctx);
+            queue.write_dirty();
+        });
     }
 }
 
 impl Handler<Enqueue> for SessionQueue {
-    type Result = Result<TaskKey, QueueError>;
+    type Result = ResponseActFuture<Self, Result<TaskKey, QueueError>>;
     fn handle(&mut self, m: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
+        // A client that only waits for the end hears nothing before it, and the end is flushed
+        // (with this write before it): only a live follower is acknowledged now.
+        let acknowledged_now = m.subscriber.as_ref().map_or(true, |s| s.live);
+        match self.enqueue(m, ctx) {
+            Ok(key) if !acknowledged_now => Box::pin(actix::fut::ready(Ok(key))),
+            // Acknowledged only once the task is on disk.
+            Ok(key) => {
+                let durable = self.store.durable();
+                Box::pin(async move { durable.await.map(|_| key).map_err(QueueError::from) }.into_actor(self))
+            }
+            Err(e) => Box::pin(actix::fut::ready(Err(e))),
+        }
+    }
+}
+
+impl SessionQueue {
+    fn enqueue(&mut self, m: Enqueue, ctx: &mut Context<Self>) -> Result<TaskKey, QueueError> {
         if self.live.len() >= self.config.max_live_tasks {
             return Err(QueueError::Full(self.config.max_live_tasks));
         }
@@ -802,7 +840,6 @@ impl Handler<Enqueue> for SessionQueue {
             resumed: 0,
         };
         self.store.put_task(&record)?;
-        self.store.flush()?;
         let mut live = LiveTask::new(record, timeout);
         if let Some(s) = m.subscriber {
             live.subscribers.push(s);
@@ -846,12 +883,14 @@ impl Handler<Subscribe> for SessionQueue {
     type Result = Result<(), QueueError>;
     fn handle(&mut self, m: Subscribe, _: &mut Context<Self>) -> Self::Result {
         if let Some(t) = self.live.get_mut(&m.key) {
-            let _ = m.subscriber.try_send(TaskEvent::State(t.record.state));
+            if m.subscriber.live {
+                let _ = m.subscriber.events.try_send(TaskEvent::State(t.record.state));
+            }
             t.subscribers.push(m.subscriber);
             return Ok(());
         }
         let record = self.store.task(m.key)?.ok_or(QueueError::NoSuchTask(m.key))?;
-        let _ = m.subscriber.try_send(TaskEvent::Finished(Box::new(record)));
+        let _ = m.subscriber.events.try_send(TaskEvent::Finished(Box::new(record)));
         Ok(())
     }
 }
@@ -859,6 +898,7 @@ impl Handler<Subscribe> for SessionQueue {
 impl Handler<Shutdown> for SessionQueue {
     type Result = ();
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
+        self.write_dirty();
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "cannot flush the store at shutdown");
         }

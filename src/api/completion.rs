@@ -8,7 +8,7 @@ use super::error::ApiError;
 use super::ApiState;
 use crate::actors::messages::TaskEvent;
 use crate::actors::router::{SubmitTask, Submitted};
-use crate::actors::session_queue::{CancelTask, SessionQueue, SUBSCRIBER_CAPACITY};
+use crate::actors::session_queue::{CancelTask, SessionQueue, Subscriber, SUBSCRIBER_CAPACITY};
 use crate::models::engine::GenerateRequest;
 use crate::models::sampling::SamplingParams;
 use crate::task::{TaskKey, TaskRecord, TaskState};
@@ -137,7 +137,8 @@ pub struct Running {
     _permit: Permit,
 }
 
-pub async fn start(state: &ApiState, caller: &Caller, spec: TaskSpec) -> Result<Running, ApiError> {
+/// Submits a task; with `live`, its states and tokens arrive as they happen, else only its end.
+pub async fn start(state: &ApiState, caller: &Caller, spec: TaskSpec, live: bool) -> Result<Running, ApiError> {
     if spec.request.stop.len() > MAX_STOP_STRINGS {
         return Err(ApiError::Invalid(format!("stop may hold at most {MAX_STOP_STRINGS} strings")));
     }
@@ -151,7 +152,7 @@ pub async fn start(state: &ApiState, caller: &Caller, spec: TaskSpec) -> Result<
         timeout: spec.timeout,
         precommit_timeout: spec.precommit_timeout,
         client_reference: spec.client_reference,
-        subscriber: Some(tx),
+        subscriber: Some(Subscriber { events: tx, live }),
     };
     let submitted = state.actors.router.send(submit).await??;
     let guard = TaskGuard { queue: state.actors.queue.clone(), key: submitted.key, armed: true };

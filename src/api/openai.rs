@@ -204,7 +204,7 @@ async fn chat_completions(
     let session_id = session_of(&state, &caller, &req)?;
     let prompt = chat_prompt(body.messages)?;
     let spec = body.common.spec(session_id, prompt, CHAT_DEFAULT_MAX_TOKENS, state.settings.max_context)?;
-    let mut running = completion::start(&state, &caller, spec).await?;
+    let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;
     let key = running.submitted.key;
     let id = format!("chatcmpl-{}-{}", key.session_id, key.task_id);
     let model = body.common.model.clone();
@@ -272,7 +272,7 @@ async fn completions(
         return Err(ApiError::Invalid("prompt must not be empty".into()));
     }
     let spec = body.common.spec(session_id, Prompt::Text(text), COMPLETIONS_DEFAULT_MAX_TOKENS, state.settings.max_context)?;
-    let mut running = completion::start(&state, &caller, spec).await?;
+    let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;
     let key = running.submitted.key;
     let id = format!("cmpl-{}-{}", key.session_id, key.task_id);
     let model = body.common.model.clone();

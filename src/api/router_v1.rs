@@ -319,7 +319,7 @@ fn completion_json(record: &TaskRecord, model: &str) -> Value {
 async fn run_completion(state: web::Data<ApiState>, caller: Caller, sid: u64, body: CompletionBody) -> Result<HttpResponse, ApiError> {
     let stream = body.stream;
     let spec = body.spec(sid)?;
-    let mut running = completion::start(&state, &caller, spec).await?;
+    let mut running = completion::start(&state, &caller, spec, stream).await?;
     let key = running.submitted.key;
     let model = running.submitted.model.clone();
     if !stream {

@@ -124,7 +124,7 @@ async fn submit(state: &ApiState, caller: &Caller, request: Value) -> Result<com
         Some(id) => id,
         None => *state.default_sessions.get(&caller.owner).ok_or_else(|| ApiError::Invalid("session_id is required".into()))?,
     };
-    completion::start(state, caller, body.spec(sid)?).await
+    completion::start(state, caller, body.spec(sid)?, true).await
 }
 
 async fn cancel(state: &ApiState, caller: &Caller, request: &Value) -> Result<String, ApiError> {

@@ -1,26 +1,45 @@
-//! The embedded ledger: the chain's semantics on the local store, with zero set-up. Every
-//! change is flushed before it returns.
+//! The embedded ledger: the chain's semantics on the local store, with zero set-up.
+//!
+//! Durability: sessions and deposits are flushed before they return. Holds and settlements are
+//! written without a flush: they share the store with the session queue, whose flush before it
+//! acknowledges the task (or its end) makes them durable too (sled's log is ordered). A crash
+//! before that flush loses the task and its hold together, or the end and its settlement
+//! together, and the task is resumed and settled once.
 
 use super::{Chain, ChainError};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
 use crate::task::{now_ms, TaskKey};
+use std::collections::HashMap;
 
 pub struct LocalLedger {
     store: Store,
+    /// Sessions read so far; every change is written through to the store.
+    cache: HashMap<u64, Session>,
 }
 
 impl LocalLedger {
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self { store, cache: HashMap::new() }
     }
 
-    fn existing(&self, id: u64) -> Result<Session, ChainError> {
-        self.store.session(id)?.ok_or(ChainError::NoSuchSession(id))
+    fn existing(&mut self, id: u64) -> Result<Session, ChainError> {
+        if let Some(s) = self.cache.get(&id) {
+            return Ok(s.clone());
+        }
+        let session = self.store.session(id)?.ok_or(ChainError::NoSuchSession(id))?;
+        self.cache.insert(id, session.clone());
+        Ok(session)
     }
 
-    fn save(&self, session: &Session) -> Result<(), ChainError> {
+    fn write(&mut self, session: &Session) -> Result<(), ChainError> {
         self.store.put_session(session)?;
+        self.cache.insert(session.id, session.clone());
+        Ok(())
+    }
+
+    fn save_durably(&mut self, session: &Session) -> Result<(), ChainError> {
+        self.write(session)?;
         self.store.flush()?;
         Ok(())
     }
@@ -45,12 +64,16 @@ impl Chain for LocalLedger {
             spent: 0,
             tasks_submitted: 0,
         };
-        self.save(&session)?;
+        self.save_durably(&session)?;
         Ok(session)
     }
 
-    fn session(&self, id: u64) -> Result<Option<Session>, ChainError> {
-        Ok(self.store.session(id)?)
+    fn session(&mut self, id: u64) -> Result<Option<Session>, ChainError> {
+        match self.existing(id) {
+            Ok(s) => Ok(Some(s)),
+            Err(ChainError::NoSuchSession(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn sessions(&self) -> Result<Vec<Session>, ChainError> {
@@ -61,7 +84,7 @@ impl Chain for LocalLedger {
         let mut session = self.existing(session_id)?;
         session.deposit = session.deposit.saturating_add(amount);
         session.balance = session.balance.saturating_add(amount);
-        self.save(&session)?;
+        self.save_durably(&session)?;
         Ok(session)
     }
 
@@ -77,7 +100,7 @@ impl Chain for LocalLedger {
         session.balance -= amount;
         session.held += amount;
         session.tasks_submitted += 1;
-        self.save(&session)?;
+        self.write(&session)?;
         Ok(session)
     }
 
@@ -87,7 +110,7 @@ impl Chain for LocalLedger {
         session.held -= amount;
         session.balance += amount;
         session.tasks_submitted = session.tasks_submitted.saturating_sub(1);
-        self.save(&session)?;
+        self.write(&session)?;
         Ok(session)
     }
 
@@ -105,7 +128,9 @@ impl Chain for LocalLedger {
         session.balance += hold - charge.min(hold);
         session.spent += charge.min(hold);
         let marker = format!("settled/{}/{}", task.session_id, task.task_id);
-        if self.store.put_session_once(&session, &marker)? && !payees.is_empty() {
+        let first_time = self.store.put_session_once(&session, &marker)?;
+        self.cache.remove(&task.session_id); // re-read: a repeat left the stored one as it was
+        if first_time && !payees.is_empty() {
             let share = charge / payees.len() as u64;
             let mut rest = charge % payees.len() as u64;
             for payee in payees {
@@ -118,7 +143,6 @@ impl Chain for LocalLedger {
                 self.store.add_amount(&format!("pay/{payee}"), share + extra)?;
             }
         }
-        self.store.flush()?;
         self.existing(task.session_id)
     }
 

@@ -33,7 +33,7 @@ pub trait Chain: Send {
         params: SessionParams,
         deposit: u64,
     ) -> Result<Session, ChainError>;
-    fn session(&self, id: u64) -> Result<Option<Session>, ChainError>;
+    fn session(&mut self, id: u64) -> Result<Option<Session>, ChainError>;
     fn sessions(&self) -> Result<Vec<Session>, ChainError>;
     fn deposit(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError>;
     /// Moves `amount` from the session's balance to its held funds, or refuses.

@@ -1,6 +1,11 @@
 //! The one place that touches sled. Records are JSON in three trees: `sessions` (owned by the
-//! ledger), `tasks` (owned by the session queue) and `meta` (counters). Writers call
-//! [`Store::flush`] before they acknowledge anything that must survive a crash.
+//! ledger), `tasks` (owned by the session queue) and `meta` (counters). Writers make their
+//! writes durable ([`Store::flush`], or [`Store::durable`] without blocking) before they
+//! acknowledge anything that must survive a crash.
+//!
+//! Group commit: [`Store::durable`] hands a waiter to one flusher thread, which flushes once for
+//! every waiter that queued up meanwhile. sled's log is ordered, so one flush makes every write
+//! made before any of those calls durable.
 //!
 //! Keys are big-endian so a prefix scan returns a session's tasks in order.
 
@@ -21,6 +26,8 @@ pub enum StoreError {
     },
     #[error("cannot open the data directory {path}: {message}")]
     Open { path: String, message: String },
+    #[error("cannot make writes durable: {0}")]
+    Flush(String),
 }
 
 /// A handle on the database; clones share it (sled keeps one `Db` per process).
@@ -30,6 +37,21 @@ pub struct Store {
     sessions: sled::Tree,
     tasks: sled::Tree,
     meta: sled::Tree,
+    flusher: std::sync::mpsc::Sender<FlushWaiter>,
+}
+
+type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Flushes once per batch of waiters; ends when every `Store` clone is gone.
+fn flusher_thread(db: sled::Db, waiters: std::sync::mpsc::Receiver<FlushWaiter>) {
+    while let Ok(first) = waiters.recv() {
+        let mut batch = vec![first];
+        batch.extend(waiters.try_iter());
+        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        for w in batch {
+            let _ = w.send(result.clone());
+        }
+    }
 }
 
 impl Store {
@@ -54,12 +76,33 @@ impl Store {
     }
 
     fn from_db(db: sled::Db) -> Result<Self, StoreError> {
+        let (flusher, waiters) = std::sync::mpsc::channel();
+        let flusher_db = db.clone();
+        std::thread::Builder::new()
+            .name("store-flusher".into())
+            .spawn(move || flusher_thread(flusher_db, waiters))
+            .map_err(|e| StoreError::Open { path: "flusher thread".into(), message: e.to_string() })?;
         Ok(Self {
             sessions: db.open_tree("sessions")?,
             tasks: db.open_tree("tasks")?,
             meta: db.open_tree("meta")?,
             db,
+            flusher,
         })
+    }
+
+    /// Resolves once every write made before this call is on disk, without blocking the
+    /// caller's thread; concurrent callers share one flush.
+    pub fn durable(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + 'static {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.flusher.send(tx);
+        async move {
+            sent.map_err(|_| StoreError::Flush("the flusher thread stopped".into()))?;
+            match rx.await {
+                Ok(result) => result.map_err(StoreError::Flush),
+                Err(_) => Err(StoreError::Flush("the flusher thread stopped".into())),
+            }
+        }
     }
 
     /// Makes every write so far durable.
