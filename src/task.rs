@@ -3,6 +3,7 @@
 //! data and the pure rules (hashing, majority) that are easy to test alone.
 
 use crate::models::engine::{FinishReason, GenerateRequest};
+use crate::session::SessionMode;
 use serde::{Deserialize, Serialize};
 
 /// A task's address: (session, task). Task ids count from 1 within a session.
@@ -165,6 +166,18 @@ pub enum PromptType {
     SystemTemplate,
 }
 
+/// How a session's tasks find miners: ephemeral sessions share the pool; hybrid sessions reserve
+/// up to `max_nodes` miners for `reserve_period_s` and prefer them; dedicated sessions reserve
+/// them exclusively and use nothing else.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    pub session_id: u64,
+    pub mode: SessionMode,
+    pub min_nodes: u32,
+    pub max_nodes: u32,
+    pub reserve_period_s: u64,
+}
+
 /// The accepted outcome of a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskOutcome {
@@ -183,6 +196,8 @@ pub struct TaskRecord {
     /// The owner of the session, for authorization of reads and cancels.
     pub owner: String,
     pub model: String,
+    /// Where its miners come from (the session's mode and node bounds).
+    pub placement: Placement,
     pub request: GenerateRequest,
     /// Miners that must agree (the session's `redundant`).
     pub redundancy: u32,

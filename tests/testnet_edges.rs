@@ -480,3 +480,37 @@ fn the_router_endpoints_answer_in_cortensor_shapes() {
         assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
     }
 }
+
+#[test]
+fn a_dedicated_session_holds_its_miners_until_its_reserve_period_ends() {
+    let (net, _dir) = net("nodes.miners = 4", HashMap::new(), HashMap::new());
+    let body = json!({"name": "dedicated", "mode": 2, "redundant": 2, "min_num_of_nodes": 2, "max_num_of_nodes": 2, "reserve_period": 2, "deposit": 100_000});
+    let (status, v) = net.post("/api/v1/sessions", &body);
+    assert_eq!(status, 201, "{v}");
+    let dedicated = v["session_id"].as_u64().unwrap();
+    let mut held = std::collections::BTreeSet::new();
+    for i in 0..3 {
+        let v = complete(&net, dedicated, &format!("d{i}"), 2);
+        let task = net.task(dedicated, v["task_id"].as_u64().unwrap());
+        held.extend(task["assigned_miners"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()));
+    }
+    assert_eq!(held.len(), 2, "a dedicated session uses only its reserved miners: {held:?}");
+    let (_, pool) = net.get("/api/v1/miners");
+    for m in &held {
+        assert_eq!(pool["nodes"][m]["state"], "dedicated", "{pool}");
+        assert_eq!(pool["nodes"][m]["reserved_for"], dedicated);
+    }
+    // An ephemeral session never gets them.
+    let shared = net.session(2, 100_000);
+    for i in 0..4 {
+        let v = complete(&net, shared, &format!("e{i}"), 2);
+        let task = net.task(shared, v["task_id"].as_u64().unwrap());
+        for m in task["assigned_miners"].as_array().unwrap() {
+            assert!(!held.contains(m.as_str().unwrap()), "{m} is dedicated to another session");
+        }
+    }
+    // When the reserve period ends they are released, then rejoin the pool.
+    let first = held.iter().next().unwrap().clone();
+    net.wait_for(Duration::from_secs(10), "released", |n| n.get("/api/v1/miners").1["nodes"][&first]["state"] == "released");
+    net.wait_for(Duration::from_secs(10), "back in the pool", |n| n.get("/api/v1/miners").1["nodes"][&first]["state"] == "ephemeral");
+}

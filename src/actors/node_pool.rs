@@ -1,8 +1,16 @@
 //! The node pool: which miners exist, what they serve, whether they are alive, how loaded and
-//! how reputable they are. Selection prefers online miners of the right model with the least
-//! load and the best reputation; remaining ties are broken by a seeded random order.
+//! how reputable they are, and which sessions hold them. Selection prefers online miners of the
+//! right model with the least load and the best reputation; remaining ties are broken by a
+//! seeded random order.
+//!
+//! Node states: **ephemeral** (in the shared pool), **reserved** (held by a hybrid session for
+//! its reserve period, still shared), **dedicated** (held exclusively by a dedicated session),
+//! **released** (its reservation ended; it rejoins the pool after a cool-down in which it must
+//! keep sending heartbeats), **offline** (silent past its heartbeat deadline, or restarting).
 
 use super::messages::ToMiner;
+use crate::session::SessionMode;
+use crate::task::Placement;
 use actix::prelude::*;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -18,12 +26,14 @@ pub const REPUTATION_MAX: i64 = 1000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
-    /// Idle in the pool, available to any session.
+    /// In the shared pool, available to any session.
     Ephemeral,
-    /// Working on at least one task.
+    /// Held by a hybrid session, which prefers it; still shared.
     Reserved,
-    /// Pinned to a session.
+    /// Held exclusively by a dedicated session.
     Dedicated,
+    /// Its reservation ended; back in the pool after a cool-down.
+    Released,
     /// Silent past its heartbeat deadline, or restarting.
     Offline,
 }
@@ -37,6 +47,9 @@ struct Node {
     reputation: i64,
     online: bool,
     dedicated: bool,
+    reserved_for: Option<u64>,
+    reserved_until: Option<Instant>,
+    released_until: Option<Instant>,
     last_heartbeat: Instant,
     registered_at_ms: u64,
     tasks_done: u64,
@@ -50,6 +63,8 @@ pub struct NodeView {
     pub model: String,
     pub backend: String,
     pub state: NodeState,
+    /// The session holding it (reserved or dedicated).
+    pub reserved_for: Option<u64>,
     pub load: usize,
     pub reputation: i64,
     pub registered_at_ms: u64,
@@ -75,12 +90,42 @@ impl NodePool {
     fn state_of(node: &Node) -> NodeState {
         if !node.online {
             NodeState::Offline
-        } else if node.dedicated {
+        } else if node.released_until.is_some_and(|t| t > Instant::now()) {
+            NodeState::Released
+        } else if node.reserved_for.is_some() && node.dedicated {
             NodeState::Dedicated
-        } else if node.load > 0 {
+        } else if node.reserved_for.is_some() {
             NodeState::Reserved
         } else {
             NodeState::Ephemeral
+        }
+    }
+
+    /// A hybrid or dedicated session without miners reserves up to `max_nodes` free ones.
+    fn ensure_reservation(&mut self, placement: &Placement, model: &str) {
+        if placement.mode == SessionMode::Ephemeral
+            || self.nodes.values().any(|n| n.reserved_for == Some(placement.session_id))
+        {
+            return;
+        }
+        let now = Instant::now();
+        let mut free: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.online && n.model == model && n.reserved_for.is_none())
+            .filter(|(_, n)| !n.released_until.is_some_and(|t| t > now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        free.shuffle(&mut self.rng);
+        free.sort_by_key(|id| (self.nodes[id].load, -self.nodes[id].reputation));
+        let until = now + Duration::from_secs(placement.reserve_period_s);
+        let dedicated = placement.mode == SessionMode::Dedicated;
+        for id in free.into_iter().take(placement.max_nodes as usize) {
+            tracing::info!(miner = %id, session = placement.session_id, dedicated, "miner reserved");
+            let node = self.nodes.get_mut(&id).expect("listed above");
+            node.reserved_for = Some(placement.session_id);
+            node.reserved_until = Some(until);
+            node.dedicated = dedicated;
         }
     }
 }
@@ -92,10 +137,18 @@ impl Actor for NodePool {
         let every = (self.offline_after / 4).max(Duration::from_millis(10));
         ctx.run_interval(every, |pool, _| {
             let now = Instant::now();
+            let cooldown = pool.offline_after;
             for (id, node) in pool.nodes.iter_mut() {
                 if node.online && now.duration_since(node.last_heartbeat) > pool.offline_after {
                     tracing::warn!(miner = %id, "no heartbeat: marked offline");
                     node.online = false;
+                }
+                if node.reserved_until.is_some_and(|t| t <= now) {
+                    tracing::info!(miner = %id, session = ?node.reserved_for, "reservation ended: miner released");
+                    node.reserved_for = None;
+                    node.reserved_until = None;
+                    node.dedicated = false;
+                    node.released_until = Some(now + cooldown);
                 }
             }
         });
@@ -126,11 +179,13 @@ pub struct GoOffline {
     pub id: String,
 }
 
-/// Picks up to `count` miners for `model`, none of `exclude`, and counts them as loaded.
+/// Picks up to `count` miners for `model` and the session's placement, none of `exclude`, and
+/// counts them as loaded.
 #[derive(Message)]
 #[rtype(result = "Selection")]
 pub struct SelectMiners {
     pub model: String,
+    pub placement: Placement,
     pub count: usize,
     pub exclude: Vec<String>,
 }
@@ -188,6 +243,9 @@ impl Handler<Register> for NodePool {
                         reputation: INITIAL_REPUTATION,
                         online: true,
                         dedicated: false,
+                        reserved_for: None,
+                        reserved_until: None,
+                        released_until: None,
                         last_heartbeat: now,
                         registered_at_ms: crate::task::now_ms(),
                         tasks_done: 0,
@@ -225,24 +283,38 @@ impl Handler<GoOffline> for NodePool {
 impl Handler<SelectMiners> for NodePool {
     type Result = MessageResult<SelectMiners>;
     fn handle(&mut self, m: SelectMiners, _: &mut Context<Self>) -> Self::Result {
-        let mut candidates: Vec<&String> = self
+        self.ensure_reservation(&m.placement, &m.model);
+        let now = Instant::now();
+        let session = m.placement.session_id;
+        let usable = |id: &String, n: &Node| n.online && n.model == m.model && !m.exclude.contains(id);
+        // The session's own reservation first, then (unless dedicated) the shared pool.
+        let mut groups: Vec<Vec<String>> = vec![self
             .nodes
             .iter()
-            .filter(|(id, n)| n.online && n.model == m.model && !m.exclude.contains(id))
-            .map(|(id, _)| id)
-            .collect();
-        let eligible = candidates.len();
-        candidates.shuffle(&mut self.rng);
-        candidates.retain(|id| {
-            let n = &self.nodes[*id];
-            n.load < n.max_load
-        });
-        // Stable sort after the shuffle: least loaded first, then best reputation.
-        candidates.sort_by_key(|id| {
-            let n = &self.nodes[*id];
-            (n.load, -n.reputation)
-        });
-        let chosen: Vec<String> = candidates.into_iter().take(m.count).cloned().collect();
+            .filter(|(id, n)| usable(id, n) && n.reserved_for == Some(session))
+            .map(|(id, _)| id.clone())
+            .collect()];
+        if m.placement.mode != SessionMode::Dedicated {
+            groups.push(
+                self.nodes
+                    .iter()
+                    .filter(|(id, n)| usable(id, n) && n.reserved_for != Some(session))
+                    .filter(|(_, n)| !(n.dedicated && n.reserved_for.is_some()))
+                    .filter(|(_, n)| !n.released_until.is_some_and(|t| t > now))
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+            );
+        }
+        let eligible = groups.iter().map(Vec::len).sum();
+        let mut chosen = Vec::new();
+        for mut group in groups {
+            group.shuffle(&mut self.rng);
+            group.retain(|id| self.nodes[id].load < self.nodes[id].max_load);
+            // Stable sort after the shuffle: least loaded first, then best reputation.
+            group.sort_by_key(|id| (self.nodes[id].load, -self.nodes[id].reputation));
+            chosen.extend(group.into_iter().take(m.count - chosen.len().min(m.count)));
+        }
+        chosen.truncate(m.count);
         let miners = chosen
             .into_iter()
             .map(|id| {
@@ -291,6 +363,7 @@ impl Handler<ListNodes> for NodePool {
                     model: n.model.clone(),
                     backend: n.backend.clone(),
                     state: Self::state_of(n),
+                    reserved_for: n.reserved_for,
                     load: n.load,
                     reputation: n.reputation,
                     registered_at_ms: n.registered_at_ms,

@@ -155,6 +155,13 @@ impl Handler<SubmitTask> for Router {
                 session_id: session.id,
                 owner: m.owner,
                 model: model.clone(),
+                placement: crate::task::Placement {
+                    session_id: session.id,
+                    mode: params.mode,
+                    min_nodes: params.min_num_of_nodes,
+                    max_nodes: params.max_num_of_nodes,
+                    reserve_period_s: params.reserve_period,
+                },
                 request: m.request,
                 redundancy: params.redundant,
                 validators: params.num_of_validator_nodes,

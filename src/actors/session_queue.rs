@@ -58,6 +58,7 @@ pub struct NewTask {
     pub session_id: u64,
     pub owner: String,
     pub model: String,
+    pub placement: crate::task::Placement,
     pub request: GenerateRequest,
     pub redundancy: u32,
     pub validators: u32,
@@ -302,6 +303,7 @@ impl SessionQueue {
             .collect();
         let select = SelectMiners {
             model: task.record.model.clone(),
+            placement: task.record.placement.clone(),
             count: (task.wanted - active) as usize,
             exclude,
         };
@@ -822,6 +824,7 @@ impl SessionQueue {
             state: TaskState::Queued,
             owner: t.owner,
             model: t.model,
+            placement: t.placement,
             request,
             redundancy: t.redundancy,
             validators: t.validators,

@@ -35,7 +35,7 @@ pub async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     let _ = writeln!(out, "# HELP cortensor_replacements_total Miners replaced on tasks.\n# TYPE cortensor_replacements_total counter\ncortensor_replacements_total {}", stats.replacements);
     let _ = writeln!(out, "# HELP cortensor_rejected_reveals_total Reveals that did not match their precommit.\n# TYPE cortensor_rejected_reveals_total counter\ncortensor_rejected_reveals_total {}", stats.rejected_reveals);
     let _ = writeln!(out, "# HELP cortensor_miners Miners by state.\n# TYPE cortensor_miners gauge");
-    for name in ["ephemeral", "reserved", "dedicated", "offline"] {
+    for name in ["ephemeral", "reserved", "dedicated", "released", "offline"] {
         let n = nodes
             .iter()
             .filter(|n| serde_json::to_value(n.state).ok().and_then(|v| v.as_str().map(|s| s == name)).unwrap_or(false))

@@ -37,10 +37,26 @@ pub struct Store {
     sessions: sled::Tree,
     tasks: sled::Tree,
     meta: sled::Tree,
-    flusher: std::sync::mpsc::Sender<FlushWaiter>,
+    flusher: std::sync::Arc<Flusher>,
 }
 
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// The flusher thread; the last `Store` clone to go joins it, so the database is closed (and
+/// its lock released) when the last handle is dropped.
+struct Flusher {
+    waiters: Option<std::sync::mpsc::Sender<FlushWaiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.waiters.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// Flushes once per batch of waiters; ends when every `Store` clone is gone.
 fn flusher_thread(db: sled::Db, waiters: std::sync::mpsc::Receiver<FlushWaiter>) {
@@ -76,12 +92,13 @@ impl Store {
     }
 
     fn from_db(db: sled::Db) -> Result<Self, StoreError> {
-        let (flusher, waiters) = std::sync::mpsc::channel();
+        let (sender, waiters) = std::sync::mpsc::channel();
         let flusher_db = db.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("store-flusher".into())
             .spawn(move || flusher_thread(flusher_db, waiters))
             .map_err(|e| StoreError::Open { path: "flusher thread".into(), message: e.to_string() })?;
+        let flusher = std::sync::Arc::new(Flusher { waiters: Some(sender), thread: Some(thread) });
         Ok(Self {
             sessions: db.open_tree("sessions")?,
             tasks: db.open_tree("tasks")?,
@@ -95,7 +112,10 @@ impl Store {
     /// caller's thread; concurrent callers share one flush.
     pub fn durable(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + 'static {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self.flusher.send(tx);
+        let sent = match &self.flusher.waiters {
+            Some(waiters) => waiters.send(tx).map_err(|_| ()),
+            None => Err(()),
+        };
         async move {
             sent.map_err(|_| StoreError::Flush("the flusher thread stopped".into()))?;
             match rx.await {
