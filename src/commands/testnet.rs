@@ -82,7 +82,13 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     if args.prompt.is_some() && args.redundant as usize > config.nodes.miners {
         anyhow::bail!("--redundant {} needs at least that many miners (--miners {})", args.redundant, config.nodes.miners);
     }
-    let backend: BackendChoice = config.nodes.backend.parse().map_err(|e| anyhow::anyhow!("nodes.backend: {e}"))?;
+    let mut backend: BackendChoice = config.nodes.backend.parse().map_err(|e| anyhow::anyhow!("nodes.backend: {e}"))?;
+    if backend == BackendChoice::Auto {
+        // Probe once here rather than once per miner.
+        let gpu = crate::models::backend::wgpu_adapters().into_iter().find(|a| a.is_gpu);
+        backend = if gpu.is_some() { BackendChoice::Wgpu } else { BackendChoice::Cpu };
+        eprintln!("testnet: backend auto → {}", match gpu { Some(g) => format!("wgpu on {}", g.name), None => "cpu (no GPU adapter)".into() });
+    }
     let model_path = match (args.model, config.nodes.model.as_str()) {
         (Some(p), _) => super::generate::resolve_model(Some(p))?,
         (None, "") => super::generate::resolve_model(None)?,
