@@ -250,6 +250,8 @@ fn a_client_that_disconnects_cancels_its_task_and_is_refunded() {
     let task = net.wait_task(sid, task_id, "Cancelled");
     let charged = task["charged"].as_u64().unwrap();
     assert!(charged >= 3 && charged < 200, "charged {charged}");
+    // The state shows at once; the settlement follows it.
+    net.wait_for(Duration::from_secs(5), "the hold is settled", |n| n.session_view(sid)["held"] == 0);
     let s = net.session_view(sid);
     assert_eq!(s["held"], 0);
     assert_eq!(s["balance"].as_u64().unwrap(), 1_000 - charged);
@@ -513,4 +515,46 @@ fn a_dedicated_session_holds_its_miners_until_its_reserve_period_ends() {
     let first = held.iter().next().unwrap().clone();
     net.wait_for(Duration::from_secs(10), "released", |n| n.get("/api/v1/miners").1["nodes"][&first]["state"] == "released");
     net.wait_for(Duration::from_secs(10), "back in the pool", |n| n.get("/api/v1/miners").1["nodes"][&first]["state"] == "ephemeral");
+}
+
+#[test]
+fn a_task_past_its_timeout_is_ended_by_force_and_refunded() {
+    let slow = Script { length: 100, token_delay: Duration::from_millis(50), ..Default::default() };
+    let (net, _dir) = net("nodes.miners = 1", scripts(&[("miner-1", slow)]), HashMap::new());
+    let sid = net.session(1, 1_000);
+    let (status, v) = net.post("/api/v1/completions", &json!({"session_id": sid, "prompt": "slow", "max_tokens": 100, "timeout": 0.5}));
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["error"]["code"], "task_timeout");
+    let task = net.task(sid, 1);
+    assert_eq!(task["status"], "Ended");
+    assert_eq!(task["charged"], 0);
+    let s = net.session_view(sid);
+    assert_eq!((s["balance"].as_u64(), s["held"].as_u64()), (Some(1_000), Some(0)));
+    assert!(net.metrics().contains("cortensor_tasks_ended_total{state=\"Ended\"} 1"));
+}
+
+#[test]
+fn several_validators_reach_one_verdict() {
+    let liar = Script { dishonest: true, ..Default::default() };
+    let (net, _dir) = net("nodes.miners = 3\nnodes.validators = 3", scripts(&[("miner-1", liar)]), HashMap::new());
+    let body = json!({"name": "validated", "redundant": 3, "num_of_validator_nodes": 3, "deposit": 100_000});
+    let (_, v) = net.post("/api/v1/sessions", &body);
+    let sid = v["session_id"].as_u64().unwrap();
+    let v = complete(&net, sid, "three validators", 4);
+    let task = net.task(sid, v["task_id"].as_u64().unwrap());
+    assert_eq!(task["status"], "Completed");
+    assert_eq!(task["accepted"]["disagreeing"], json!(["miner-1"]));
+}
+
+#[test]
+fn miners_that_all_disagree_fail_the_task_and_cost_nothing() {
+    let liar = Script { dishonest: true, ..Default::default() };
+    // Two miners, one honest and one not: no majority.
+    let (net, _dir) = net("nodes.miners = 2", scripts(&[("miner-2", liar)]), HashMap::new());
+    let sid = net.session(2, 1_000);
+    let (status, v) = net.post("/api/v1/completions", &json!({"session_id": sid, "prompt": "split", "max_tokens": 4}));
+    assert_eq!(status, 502, "{v}");
+    assert_eq!(v["error"]["code"], "task_failed");
+    assert!(v["error"]["message"].as_str().unwrap().contains("disagree"));
+    assert_eq!(net.session_view(sid)["balance"], 1_000);
 }

@@ -102,7 +102,14 @@ fn acknowledged_tasks_survive_sigkill_and_complete() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let session = get(&format!("{}/api/v1/sessions/{sid}", node.url));
+    // A task shows Completed as soon as it ends; its settlement follows.
+    let session = loop {
+        let session = get(&format!("{}/api/v1/sessions/{sid}", node.url));
+        if session["held"] == 0 || Instant::now() > deadline {
+            break session;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(session["held"], 0, "seed {seed}: {session}");
     assert_eq!(session["balance"].as_u64().unwrap() + session["spent"].as_u64().unwrap(), 1_000_000, "seed {seed}: {session}");
     node.child.kill().unwrap();

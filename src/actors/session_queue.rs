@@ -568,6 +568,9 @@ impl SessionQueue {
         task.record.outcome = outcome;
         task.record.error = error;
         task.record.state = state;
+        // Readers see the end at once; `finished` confirms the charge once it is settled.
+        task.record.charged = charge;
+        task.record.finished_at_ms = Some(now_ms());
         if !released.is_empty() {
             self.pool.do_send(Release { miners: released });
         }
@@ -593,7 +596,6 @@ impl SessionQueue {
         let Some(mut task) = self.live.remove(&key) else { return };
         self.dirty.remove(&key);
         task.record.charged = charged;
-        task.record.finished_at_ms = Some(now_ms());
         let state = task.record.state;
         self.write(&task.record);
         self.record_stage("total", task.created.elapsed());
