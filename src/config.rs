@@ -158,7 +158,9 @@ impl TestnetConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.router.max_inflight_per_key == 0 || self.router.max_inflight_total == 0 {
-            return fail("router.max_inflight_per_key and router.max_inflight_total must be at least 1");
+            return fail(
+                "router.max_inflight_per_key and router.max_inflight_total must be at least 1",
+            );
         }
         if self.router.api_keys.iter().any(|k| k.trim().is_empty()) {
             return fail("router.api_keys may not contain an empty key");

@@ -4,12 +4,12 @@
 //!   templates, sampling, and the [`models::engine::InferenceEngine`] that miners and validators use.
 //!
 //! See ARCHITECTURE.md for the code map, the message flow and the invariants.
-pub mod commands;
-pub mod models;
 pub mod actors;
 pub mod api;
 pub mod chain;
+pub mod commands;
 pub mod config;
+pub mod models;
 pub mod session;
 pub mod store;
 pub mod task;

@@ -112,13 +112,17 @@ impl SessionParams {
             return Err("max_num_of_nodes must be at least min_num_of_nodes".into());
         }
         if self.max_num_of_nodes > MAX_NODES_PER_SESSION {
-            return Err(format!("max_num_of_nodes may be at most {MAX_NODES_PER_SESSION}"));
+            return Err(format!(
+                "max_num_of_nodes may be at most {MAX_NODES_PER_SESSION}"
+            ));
         }
         if self.redundant == 0 || self.redundant > self.max_num_of_nodes {
             return Err("redundant must be between 1 and max_num_of_nodes".into());
         }
         if self.num_of_validator_nodes > MAX_NODES_PER_SESSION {
-            return Err(format!("num_of_validator_nodes may be at most {MAX_NODES_PER_SESSION}"));
+            return Err(format!(
+                "num_of_validator_nodes may be at most {MAX_NODES_PER_SESSION}"
+            ));
         }
         if self.max_task_execution_count == 0 {
             return Err("max_task_execution_count must be at least 1".into());

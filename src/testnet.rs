@@ -157,7 +157,10 @@ impl Drop for Testnet {
     }
 }
 
-async fn start_actors(options: TestnetOptions, listener: TcpListener) -> Result<Started, TestnetError> {
+async fn start_actors(
+    options: TestnetOptions,
+    listener: TcpListener,
+) -> Result<Started, TestnetError> {
     let config = options.config;
     let store = match &options.storage {
         Storage::Dir(dir) => Store::open(dir)?,
@@ -222,7 +225,9 @@ async fn start_actors(options: TestnetOptions, listener: TcpListener) -> Result<
     let mut default_sessions = HashMap::new();
     for key in &keys {
         let owner = owner_of_key(key);
-        let found = existing.iter().find(|s| s.owner == owner && s.params.name == "default");
+        let found = existing
+            .iter()
+            .find(|s| s.owner == owner && s.params.name == "default");
         let id = match found {
             Some(s) => s.id,
             None => {
@@ -231,7 +236,11 @@ async fn start_actors(options: TestnetOptions, listener: TcpListener) -> Result<
                     metadata: "created by the testnet for the OpenAI-compatible API".into(),
                     ..SessionParams::default()
                 };
-                let create = CreateSession { owner: owner.clone(), params, deposit: config.pricing.default_deposit };
+                let create = CreateSession {
+                    owner: owner.clone(),
+                    params,
+                    deposit: config.pricing.default_deposit,
+                };
                 chain
                     .send(create)
                     .await
@@ -245,7 +254,12 @@ async fn start_actors(options: TestnetOptions, listener: TcpListener) -> Result<
     let api_key = keys[0].clone();
     let default_session = default_sessions[&owner_of_key(&api_key)];
 
-    let actors = Actors { router, queue, pool, chain };
+    let actors = Actors {
+        router,
+        queue,
+        pool,
+        chain,
+    };
     let state = ApiState::new(&config, settings, actors.clone(), &keys, default_sessions);
     let server = api::serve(state, listener, options.http_workers).map_err(TestnetError::Http)?;
     let handle = server.handle();

@@ -6,40 +6,83 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn cortensor(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cortensor")).args(args).env("RUST_LOG", "warn").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_cortensor"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
 }
 
 fn fails_naming(args: &[&str], needle: &str) {
     let out = cortensor(args);
     assert!(!out.status.success(), "{args:?} succeeded");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(needle), "{args:?}: stderr does not name {needle:?}:\n{stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: stderr does not name {needle:?}:\n{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
 fn bad_configuration_is_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();
-    fails_naming(&["testnet", "--config", "/no/such/testnet.toml"], "/no/such/testnet.toml");
+    fails_naming(
+        &["testnet", "--config", "/no/such/testnet.toml"],
+        "/no/such/testnet.toml",
+    );
     let bogus = dir.path().join("bogus.toml");
     std::fs::write(&bogus, "[router]\nbogus_key = 1\n").unwrap();
-    fails_naming(&["testnet", "--config", bogus.to_str().unwrap()], "bogus_key");
+    fails_naming(
+        &["testnet", "--config", bogus.to_str().unwrap()],
+        "bogus_key",
+    );
     let broken = dir.path().join("broken.toml");
     std::fs::write(&broken, "[queue\n").unwrap();
-    fails_naming(&["testnet", "--config", broken.to_str().unwrap()], "broken.toml");
+    fails_naming(
+        &["testnet", "--config", broken.to_str().unwrap()],
+        "broken.toml",
+    );
     let invalid = dir.path().join("invalid.toml");
     std::fs::write(&invalid, "[nodes]\nvalidators = 0\n").unwrap();
-    fails_naming(&["testnet", "--config", invalid.to_str().unwrap()], "nodes.validators");
-    fails_naming(&["testnet", "--backend", "quantum", "--listen", "127.0.0.1:0"], "quantum");
-    fails_naming(&["testnet", "--model", "/no/such/model.gguf", "--listen", "127.0.0.1:0"], "/no/such/model.gguf");
-    fails_naming(&["prompt", "--url", "http://127.0.0.1:1", "hello"], "cannot reach the router");
+    fails_naming(
+        &["testnet", "--config", invalid.to_str().unwrap()],
+        "nodes.validators",
+    );
+    fails_naming(
+        &["testnet", "--backend", "quantum", "--listen", "127.0.0.1:0"],
+        "quantum",
+    );
+    fails_naming(
+        &[
+            "testnet",
+            "--model",
+            "/no/such/model.gguf",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "/no/such/model.gguf",
+    );
+    fails_naming(
+        &["prompt", "--url", "http://127.0.0.1:1", "hello"],
+        "cannot reach the router",
+    );
 }
 
 #[test]
 fn an_operator_runs_a_testnet_talks_to_it_and_stops_it_with_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cortensor"))
-        .args(["testnet", "--listen", "127.0.0.1:0", "--miners", "2", "--backend", "cpu", "--data-dir"])
+        .args([
+            "testnet",
+            "--listen",
+            "127.0.0.1:0",
+            "--miners",
+            "2",
+            "--backend",
+            "cpu",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -62,12 +105,41 @@ fn an_operator_runs_a_testnet_talks_to_it_and_stops_it_with_ctrl_c() {
     assert!(printed.contains("default-dev-token"), "{printed}");
     assert!(printed.contains("curl"), "{printed}");
 
-    let out = cortensor(&["session", "create", "--url", &url, "--redundant", "2", "--name", "cli"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cortensor(&[
+        "session",
+        "create",
+        "--url",
+        &url,
+        "--redundant",
+        "2",
+        "--name",
+        "cli",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sid = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(sid.parse::<u64>().is_ok(), "session create prints an id: {sid}");
-    let out = cortensor(&["prompt", "--url", &url, "--session", &sid, "--max-tokens", "12", "What is 2 + 2?"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        sid.parse::<u64>().is_ok(),
+        "session create prints an id: {sid}"
+    );
+    let out = cortensor(&[
+        "prompt",
+        "--url",
+        &url,
+        "--session",
+        &sid,
+        "--max-tokens",
+        "12",
+        "What is 2 + 2?",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("session {sid}, task 1")));
     let out = cortensor(&["session", "show", "--url", &url, &sid]);
@@ -82,13 +154,25 @@ fn an_operator_runs_a_testnet_talks_to_it_and_stops_it_with_ctrl_c() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "the testnet did not stop on Ctrl-C");
+        assert!(
+            Instant::now() < deadline,
+            "the testnet did not stop on Ctrl-C"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status:?}");
     // The data survived: the same directory serves the finished task.
     let restarted = Command::new(env!("CARGO_BIN_EXE_cortensor"))
-        .args(["testnet", "--listen", "127.0.0.1:0", "--miners", "1", "--backend", "cpu", "--data-dir"])
+        .args([
+            "testnet",
+            "--listen",
+            "127.0.0.1:0",
+            "--miners",
+            "1",
+            "--backend",
+            "cpu",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

@@ -13,9 +13,15 @@ use std::process::Command;
 fn client_python() -> std::path::PathBuf {
     let home = std::env::var_os("CORTENSOR_HOME")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortensor"));
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortensor")
+        });
     let python = home.join("venv-clients/bin/python");
-    assert!(python.exists(), "{} is missing: run scripts/setup (it installs the openai client)", python.display());
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup (it installs the openai client)",
+        python.display()
+    );
     python
 }
 
@@ -36,26 +42,42 @@ fn the_official_openai_client_works_unchanged() {
     let net = common::start(config, engine, &name, Default::default(), dir.path());
 
     let out = Command::new(client_python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client_check.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_client_check.py"
+        ))
         .arg(net.url("/v1"))
         .arg(&net.testnet.api_key)
         .arg(&name)
         .output()
         .unwrap();
-    assert!(out.status.success(), "the openai client failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the openai client failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
 
     assert_eq!(v["models"], serde_json::json!([name]));
     let chat = &v["chat"];
     assert_eq!(chat["object"], "chat.completion");
     assert_eq!(chat["role"], "assistant");
-    assert!(!chat["content"].as_str().unwrap().trim().is_empty(), "{chat}");
+    assert!(
+        !chat["content"].as_str().unwrap().trim().is_empty(),
+        "{chat}"
+    );
     assert!(["stop", "length"].contains(&chat["finish_reason"].as_str().unwrap()));
     let usage = &chat["usage"];
-    assert!(usage["prompt_tokens"].as_u64().unwrap() > 10, "system + user messages: {usage}");
+    assert!(
+        usage["prompt_tokens"].as_u64().unwrap() > 10,
+        "system + user messages: {usage}"
+    );
     let completion_tokens = usage["completion_tokens"].as_u64().unwrap();
     assert!(completion_tokens >= 1 && completion_tokens <= 24);
-    assert_eq!(usage["total_tokens"].as_u64().unwrap(), usage["prompt_tokens"].as_u64().unwrap() + completion_tokens);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + completion_tokens
+    );
     // The answer is the network's validated result.
     let (sid, tid) = task_of(chat["id"].as_str().unwrap());
     let task = net.task(sid, tid);
@@ -63,17 +85,32 @@ fn the_official_openai_client_works_unchanged() {
     assert_eq!(task["accepted"]["text"], chat["content"]);
 
     let stream = &v["stream"];
-    assert_eq!(stream["ids"].as_array().unwrap().len(), 1, "one id across chunks: {stream}");
+    assert_eq!(
+        stream["ids"].as_array().unwrap().len(),
+        1,
+        "one id across chunks: {stream}"
+    );
     assert_eq!(stream["roles"], serde_json::json!(["assistant"]));
-    assert!(stream["chunks"].as_u64().unwrap() >= 2, "tokens arrive in several chunks: {stream}");
+    assert!(
+        stream["chunks"].as_u64().unwrap() >= 2,
+        "tokens arrive in several chunks: {stream}"
+    );
     let (sid, tid) = task_of(stream["ids"][0].as_str().unwrap());
     let streamed_task = net.task(sid, tid);
     assert_eq!(streamed_task["accepted"]["text"], stream["content"]);
-    assert_eq!(stream["usage"]["completion_tokens"], streamed_task["usage"]["completion_tokens"]);
+    assert_eq!(
+        stream["usage"]["completion_tokens"],
+        streamed_task["usage"]["completion_tokens"]
+    );
     assert!(["stop", "length"].contains(&stream["finish_reason"].as_str().unwrap()));
 
     assert!(!v["completion"]["text"].as_str().unwrap().is_empty());
-    assert!(v["completion"]["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    assert!(
+        v["completion"]["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
     assert!(!v["completion_stream"].as_str().unwrap().is_empty());
     assert_eq!(v["unknown_model"]["status"], 404);
     assert_eq!(v["unknown_model"]["code"], "model_not_found");

@@ -16,7 +16,16 @@ struct Node {
 
 fn start(data: &std::path::Path) -> Node {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cortensor"))
-        .args(["testnet", "--listen", "127.0.0.1:0", "--miners", "1", "--backend", "cpu", "--data-dir"])
+        .args([
+            "testnet",
+            "--listen",
+            "127.0.0.1:0",
+            "--miners",
+            "1",
+            "--backend",
+            "cpu",
+            "--data-dir",
+        ])
         .arg(data)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -36,19 +45,30 @@ fn start(data: &std::path::Path) -> Node {
 }
 
 fn get(url: &str) -> Value {
-    reqwest::blocking::Client::new().get(url).bearer_auth("default-dev-token").send().unwrap().json().unwrap()
+    reqwest::blocking::Client::new()
+        .get(url)
+        .bearer_auth("default-dev-token")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
 }
 
 /// Submits over the WebSocket; returns the task ids the router acknowledged.
 fn submit(node: &Node, sid: u64, prompts: &[&str]) -> Vec<u64> {
-    let ws_url = format!("{}/api/v1/ws?token=default-dev-token", node.url.replace("http://", "ws://"));
+    let ws_url = format!(
+        "{}/api/v1/ws?token=default-dev-token",
+        node.url.replace("http://", "ws://")
+    );
     let (mut ws, _) = tungstenite::connect(ws_url).unwrap();
     let mut ids = Vec::new();
     for p in prompts {
         let m = json!({"type": "submit", "session_id": sid, "prompt": p, "max_tokens": 48, "temperature": 0.9});
         ws.send(tungstenite::Message::Text(m.to_string())).unwrap();
         loop {
-            let tungstenite::Message::Text(t) = ws.read().unwrap() else { continue };
+            let tungstenite::Message::Text(t) = ws.read().unwrap() else {
+                continue;
+            };
             let v: Value = serde_json::from_str(&t).unwrap();
             if v["type"] == "accepted" {
                 ids.push(v["task_id"].as_u64().unwrap());
@@ -64,7 +84,10 @@ fn submit(node: &Node, sid: u64, prompts: &[&str]) -> Vec<u64> {
 
 #[test]
 fn acknowledged_tasks_survive_sigkill_and_complete() {
-    let seed: u64 = std::env::var("CORTENSOR_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 = std::env::var("CORTENSOR_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     eprintln!("kill test seed: {seed} (set CORTENSOR_TEST_SEED to repeat)");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -81,11 +104,22 @@ fn acknowledged_tasks_survive_sigkill_and_complete() {
     let mut acknowledged = Vec::new();
     let mut node = node;
     for round in 0..3 {
-        acknowledged.extend(submit(&node, sid, &["Tell me about rivers.", "Describe a city at night.", "Why is the sky blue?"]));
+        acknowledged.extend(submit(
+            &node,
+            sid,
+            &[
+                "Tell me about rivers.",
+                "Describe a city at night.",
+                "Why is the sky blue?",
+            ],
+        ));
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
         node.child.kill().unwrap(); // SIGKILL
         node.child.wait().unwrap();
-        eprintln!("round {round}: killed with {} tasks acknowledged", acknowledged.len());
+        eprintln!(
+            "round {round}: killed with {} tasks acknowledged",
+            acknowledged.len()
+        );
         node = start(dir.path());
     }
     // Every acknowledged task is there and completes.
@@ -93,12 +127,18 @@ fn acknowledged_tasks_survive_sigkill_and_complete() {
     for &tid in &acknowledged {
         loop {
             let task = get(&format!("{}/api/v1/tasks/{sid}/{tid}", node.url));
-            assert!(task.get("error").is_none() || task["status"].is_string(), "task {tid} lost (seed {seed}): {task}");
+            assert!(
+                task.get("error").is_none() || task["status"].is_string(),
+                "task {tid} lost (seed {seed}): {task}"
+            );
             if task["status"] == "Completed" {
                 assert!(!task["results"]["data"][0].as_str().unwrap().is_empty());
                 break;
             }
-            assert!(Instant::now() < deadline, "task {tid} did not complete (seed {seed}): {task}");
+            assert!(
+                Instant::now() < deadline,
+                "task {tid} did not complete (seed {seed}): {task}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -111,7 +151,11 @@ fn acknowledged_tasks_survive_sigkill_and_complete() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(session["held"], 0, "seed {seed}: {session}");
-    assert_eq!(session["balance"].as_u64().unwrap() + session["spent"].as_u64().unwrap(), 1_000_000, "seed {seed}: {session}");
+    assert_eq!(
+        session["balance"].as_u64().unwrap() + session["spent"].as_u64().unwrap(),
+        1_000_000,
+        "seed {seed}: {session}"
+    );
     node.child.kill().unwrap();
     node.child.wait().unwrap();
 }

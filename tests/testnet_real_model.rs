@@ -10,7 +10,9 @@ use cortensor::commands::testnet::{llama_factory, model_name};
 use cortensor::config::TestnetConfig;
 use cortensor::models::backend::BackendChoice;
 use cortensor::models::chat::ChatMessage;
-use cortensor::models::engine::{CancelToken, EngineOptions, GenerateRequest, InferenceEngine, LlamaEngine, Prompt};
+use cortensor::models::engine::{
+    CancelToken, EngineOptions, GenerateRequest, InferenceEngine, LlamaEngine, Prompt,
+};
 use cortensor::models::fetch;
 use cortensor::models::sampling::SamplingParams;
 use cortensor::task::TaskKey;
@@ -23,7 +25,13 @@ fn real_net(miners: usize) -> (Net, tempfile::TempDir, std::path::PathBuf) {
     config.nodes.miners = miners;
     let dir = tempfile::tempdir().unwrap();
     let engine = llama_factory(model.clone(), BackendChoice::Cpu, 1, 1024);
-    let net = common::start(config, engine, &model_name(&model), Default::default(), dir.path());
+    let net = common::start(
+        config,
+        engine,
+        &model_name(&model),
+        Default::default(),
+        dir.path(),
+    );
     (net, dir, model)
 }
 
@@ -46,21 +54,46 @@ fn three_real_miners_agree_and_the_task_shows_three_results() {
     assert_eq!(task["client_reference"], "ref-1");
     let data = task["results"]["data"].as_array().unwrap();
     assert_eq!(data.len(), 3, "{task}");
-    assert!(data.iter().all(|d| d == text), "the miners disagree: {data:?}");
+    assert!(
+        data.iter().all(|d| d == text),
+        "the miners disagree: {data:?}"
+    );
     assert_eq!(task["results"]["miners"].as_array().unwrap().len(), 3);
 
     // The same model, run here with the task's seed, says the same thing.
-    let mut engine = LlamaEngine::load(&EngineOptions { backend: BackendChoice::Cpu, threads: 1, max_context: 1024, ..EngineOptions::new(&model) }).unwrap();
+    let mut engine = LlamaEngine::load(&EngineOptions {
+        backend: BackendChoice::Cpu,
+        threads: 1,
+        max_context: 1024,
+        ..EngineOptions::new(&model)
+    })
+    .unwrap();
     let request = GenerateRequest {
         prompt: Prompt::Chat(vec![ChatMessage::new("user", prompt)]),
-        params: SamplingParams { temperature: 0.8, top_p: 0.95, seed: task_seed(TaskKey { session_id: sid, task_id: tid }), ..SamplingParams::default() },
+        params: SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            seed: task_seed(TaskKey {
+                session_id: sid,
+                task_id: tid,
+            }),
+            ..SamplingParams::default()
+        },
         max_tokens: 24,
         stop: vec![],
     };
-    let local = engine.generate(&request, &CancelToken::new(), &mut |_| {}).unwrap();
+    let local = engine
+        .generate(&request, &CancelToken::new(), &mut |_| {})
+        .unwrap();
     assert_eq!(local.text, text);
-    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap() as usize, local.prompt_tokens);
-    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() as usize, local.token_ids.len());
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        local.prompt_tokens
+    );
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        local.token_ids.len()
+    );
     assert!(net.metric("cortensor_decode_tokens_per_second") > 0.0);
 }
 
@@ -78,14 +111,19 @@ fn tokens_stream_over_sse_and_websocket() {
         .send()
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut streamed = String::new();
     let mut chunks = 0;
     let mut last = Value::Null;
     let mut done = false;
     for line in BufReader::new(response).lines() {
         let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else { continue };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
         if data == "[DONE]" {
             done = true;
             break;
@@ -101,19 +139,32 @@ fn tokens_stream_over_sse_and_websocket() {
     let tid = last["task_id"].as_u64().unwrap();
     let task = net.task(sid, tid);
     assert_eq!(task["accepted"]["text"], streamed.as_str());
-    assert_eq!(last["usage"]["completion_tokens"], task["usage"]["completion_tokens"]);
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        task["usage"]["completion_tokens"]
+    );
 
     // The WebSocket: submit, then states, tokens and the end arrive as events.
-    let url = format!("ws://{}/api/v1/ws?token={}", net.testnet.addr, net.testnet.api_key);
+    let url = format!(
+        "ws://{}/api/v1/ws?token={}",
+        net.testnet.addr, net.testnet.api_key
+    );
     let (mut ws, _) = tungstenite::connect(url).unwrap();
-    let send = |ws: &mut tungstenite::WebSocket<_>, v: Value| ws.send(tungstenite::Message::Text(v.to_string())).unwrap();
+    let send = |ws: &mut tungstenite::WebSocket<_>, v: Value| {
+        ws.send(tungstenite::Message::Text(v.to_string())).unwrap()
+    };
     send(&mut ws, json!({"type": "ping"}));
     send(&mut ws, json!({"type": "nonsense"}));
-    send(&mut ws, json!({"type": "submit", "id": "q1", "session_id": sid, "prompt": "Say hello.", "max_tokens": 12}));
+    send(
+        &mut ws,
+        json!({"type": "submit", "id": "q1", "session_id": sid, "prompt": "Say hello.", "max_tokens": 12}),
+    );
     let mut events = Vec::new();
     loop {
         let message = ws.read().unwrap();
-        let tungstenite::Message::Text(text) = message else { continue };
+        let tungstenite::Message::Text(text) = message else {
+            continue;
+        };
         let v: Value = serde_json::from_str(&text).unwrap();
         let end = v["type"] == "completed" || v["type"] == "failed";
         events.push(v);
@@ -127,10 +178,17 @@ fn tokens_stream_over_sse_and_websocket() {
     assert_eq!(events[1]["error"]["code"], "invalid_request");
     assert_eq!(kinds[2], "accepted");
     assert_eq!(events[2]["id"], "q1");
-    assert!(kinds.contains(&"state") && kinds.contains(&"token"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"state") && kinds.contains(&"token"),
+        "{kinds:?}"
+    );
     let completed = events.last().unwrap();
     assert_eq!(completed["type"], "completed", "{completed}");
-    let tokens: String = events.iter().filter(|e| e["type"] == "token").map(|e| e["text"].as_str().unwrap()).collect();
+    let tokens: String = events
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
     assert_eq!(completed["text"], tokens.as_str());
     assert_eq!(completed["miners"].as_array().unwrap().len(), 2);
     let _ = ws.close(None);

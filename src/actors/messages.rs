@@ -37,12 +37,21 @@ pub struct MinerReport {
 pub enum ReportKind {
     Ack,
     /// A piece of generated text, in order (`index` counts tokens from 0).
-    Token { index: usize, text: String },
+    Token {
+        index: usize,
+        text: String,
+    },
     /// `0x`-prefixed keccak256 of the result it will reveal.
-    Precommit { hash: String },
-    Commit { result: TaskResult },
+    Precommit {
+        hash: String,
+    },
+    Commit {
+        result: TaskResult,
+    },
     /// It cannot do the task (its engine failed, it is busy, it is restarting).
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 /// What a client following a task receives, in order; the last one is `Finished`.
@@ -50,7 +59,9 @@ pub enum ReportKind {
 pub enum TaskEvent {
     State(TaskState),
     /// Text from the miner whose output is streamed (the first one to produce tokens).
-    Token { text: String },
+    Token {
+        text: String,
+    },
     Finished(Box<TaskRecord>),
 }
 

@@ -95,7 +95,11 @@ impl Miner {
     }
 
     fn report(&self, key: TaskKey, kind: ReportKind) {
-        let times = if self.spec.faults.duplicate_reports { 2 } else { 1 };
+        let times = if self.spec.faults.duplicate_reports {
+            2
+        } else {
+            1
+        };
         for _ in 0..times {
             self.queue.do_send(MinerReport {
                 key,
@@ -129,7 +133,8 @@ impl Actor for Miner {
         if self.restarts == 0 {
             self.spawn_engine(ctx);
         } else {
-            let backoff = Duration::from_millis(100u64 << self.restarts.min(6)).min(MAX_RESTART_BACKOFF);
+            let backoff =
+                Duration::from_millis(100u64 << self.restarts.min(6)).min(MAX_RESTART_BACKOFF);
             tracing::warn!(miner = %self.spec.id, restarts = self.restarts, ?backoff, "restarting the engine");
             ctx.run_later(backoff, |miner, ctx| miner.spawn_engine(ctx));
         }
@@ -166,12 +171,20 @@ impl Handler<ToMiner> for Miner {
     type Result = ();
     fn handle(&mut self, m: ToMiner, _: &mut Context<Self>) {
         match m {
-            ToMiner::Assign { key, request, stream_tokens } => {
+            ToMiner::Assign {
+                key,
+                request,
+                stream_tokens,
+            } => {
                 if self.spec.faults.ignore_assignments {
                     return;
                 }
                 if !self.ready || self.held.contains_key(&key) {
-                    let why = if self.ready { "already has this task" } else { "engine not ready" };
+                    let why = if self.ready {
+                        "already has this task"
+                    } else {
+                        "engine not ready"
+                    };
                     self.report(key, ReportKind::Failed { error: why.into() });
                     return;
                 }
@@ -188,15 +201,27 @@ impl Handler<ToMiner> for Miner {
                 };
                 match sent {
                     Ok(()) => {
-                        self.held.insert(key, Held { cancel, result: None });
+                        self.held.insert(
+                            key,
+                            Held {
+                                cancel,
+                                result: None,
+                            },
+                        );
                         self.report(key, ReportKind::Ack);
                     }
-                    Err(TrySendError::Full(_)) => {
-                        self.report(key, ReportKind::Failed { error: "miner is at capacity".into() })
-                    }
-                    Err(TrySendError::Disconnected(_)) => {
-                        self.report(key, ReportKind::Failed { error: "engine is down".into() })
-                    }
+                    Err(TrySendError::Full(_)) => self.report(
+                        key,
+                        ReportKind::Failed {
+                            error: "miner is at capacity".into(),
+                        },
+                    ),
+                    Err(TrySendError::Disconnected(_)) => self.report(
+                        key,
+                        ReportKind::Failed {
+                            error: "engine is down".into(),
+                        },
+                    ),
                 }
             }
             ToMiner::Reveal { key } => {
@@ -226,10 +251,26 @@ impl Handler<ToMiner> for Miner {
 #[derive(Message)]
 #[rtype(result = "()")]
 enum EngineEvent {
-    Ready { generation: u64, model: String, backend: String },
-    Token { generation: u64, key: TaskKey, index: usize, text: String },
-    Done { generation: u64, key: TaskKey, result: Result<TaskResult, String> },
-    Crashed { generation: u64, message: String },
+    Ready {
+        generation: u64,
+        model: String,
+        backend: String,
+    },
+    Token {
+        generation: u64,
+        key: TaskKey,
+        index: usize,
+        text: String,
+    },
+    Done {
+        generation: u64,
+        key: TaskKey,
+        result: Result<TaskResult, String>,
+    },
+    Crashed {
+        generation: u64,
+        message: String,
+    },
 }
 
 impl EngineEvent {
@@ -261,7 +302,9 @@ impl Handler<EngineEvent> for Miner {
                     addr: ctx.address().recipient(),
                 });
             }
-            EngineEvent::Token { key, index, text, .. } => {
+            EngineEvent::Token {
+                key, index, text, ..
+            } => {
                 if self.held.contains_key(&key) {
                     self.report(key, ReportKind::Token { index, text });
                 }
@@ -286,7 +329,12 @@ impl Handler<EngineEvent> for Miner {
                 tracing::error!(miner = %self.spec.id, %message, "engine crashed");
                 let keys: Vec<TaskKey> = self.held.keys().copied().collect();
                 for key in keys {
-                    self.report(key, ReportKind::Failed { error: format!("engine crashed: {message}") });
+                    self.report(
+                        key,
+                        ReportKind::Failed {
+                            error: format!("engine crashed: {message}"),
+                        },
+                    );
                 }
                 self.pool.do_send(GoOffline {
                     id: self.spec.id.clone(),
@@ -315,11 +363,17 @@ fn engine_thread(
     let mut engine = match catch_unwind(AssertUnwindSafe(|| factory(&id))) {
         Ok(Ok(engine)) => engine,
         Ok(Err(e)) => {
-            addr.do_send(EngineEvent::Crashed { generation, message: format!("cannot load the engine: {e}") });
+            addr.do_send(EngineEvent::Crashed {
+                generation,
+                message: format!("cannot load the engine: {e}"),
+            });
             return;
         }
         Err(p) => {
-            addr.do_send(EngineEvent::Crashed { generation, message: panic_message(p) });
+            addr.do_send(EngineEvent::Crashed {
+                generation,
+                message: panic_message(p),
+            });
             return;
         }
     };
@@ -338,7 +392,12 @@ fn engine_thread(
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             engine.generate(&job.request, &job.cancel, &mut |t| {
                 if stream && !t.text.is_empty() {
-                    addr.do_send(EngineEvent::Token { generation, key, index: t.index, text: t.text.to_string() });
+                    addr.do_send(EngineEvent::Token {
+                        generation,
+                        key,
+                        index: t.index,
+                        text: t.text.to_string(),
+                    });
                 }
             })
         }));
@@ -353,10 +412,17 @@ fn engine_thread(
                     prompt_tokens: g.prompt_tokens,
                 }),
             }),
-            Ok(Err(e)) => addr.do_send(EngineEvent::Done { generation, key, result: Err(e.to_string()) }),
+            Ok(Err(e)) => addr.do_send(EngineEvent::Done {
+                generation,
+                key,
+                result: Err(e.to_string()),
+            }),
             Err(p) => {
                 // The engine may be half-updated: give it up and let the supervisor restart us.
-                addr.do_send(EngineEvent::Crashed { generation, message: panic_message(p) });
+                addr.do_send(EngineEvent::Crashed {
+                    generation,
+                    message: panic_message(p),
+                });
                 return;
             }
         }

@@ -104,7 +104,10 @@ impl NodePool {
     /// A hybrid or dedicated session without miners reserves up to `max_nodes` free ones.
     fn ensure_reservation(&mut self, placement: &Placement, model: &str) {
         if placement.mode == SessionMode::Ephemeral
-            || self.nodes.values().any(|n| n.reserved_for == Some(placement.session_id))
+            || self
+                .nodes
+                .values()
+                .any(|n| n.reserved_for == Some(placement.session_id))
         {
             return;
         }
@@ -286,7 +289,8 @@ impl Handler<SelectMiners> for NodePool {
         self.ensure_reservation(&m.placement, &m.model);
         let now = Instant::now();
         let session = m.placement.session_id;
-        let usable = |id: &String, n: &Node| n.online && n.model == m.model && !m.exclude.contains(id);
+        let usable =
+            |id: &String, n: &Node| n.online && n.model == m.model && !m.exclude.contains(id);
         // The session's own reservation first, then (unless dedicated) the shared pool.
         let mut groups: Vec<Vec<String>> = vec![self
             .nodes

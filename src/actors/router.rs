@@ -31,7 +31,9 @@ impl From<ChainError> for SubmitError {
     fn from(e: ChainError) -> Self {
         match e {
             ChainError::NoSuchSession(id) => SubmitError::NoSuchSession(id),
-            ChainError::InsufficientBalance { .. } => SubmitError::InsufficientBalance(e.to_string()),
+            ChainError::InsufficientBalance { .. } => {
+                SubmitError::InsufficientBalance(e.to_string())
+            }
             ChainError::InvalidParams(m) => SubmitError::Invalid(m),
             ChainError::Store(_) => SubmitError::Internal(e.to_string()),
         }
@@ -63,8 +65,16 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(settings: RouterSettings, chain: Addr<ChainBridge>, queue: Addr<SessionQueue>) -> Self {
-        Self { settings, chain, queue }
+    pub fn new(
+        settings: RouterSettings,
+        chain: Addr<ChainBridge>,
+        queue: Addr<SessionQueue>,
+    ) -> Self {
+        Self {
+            settings,
+            chain,
+            queue,
+        }
     }
 }
 
@@ -114,7 +124,11 @@ impl Handler<OpenSession> for Router {
                     m.params.model_identifier, models
                 )));
             }
-            let create = CreateSession { owner: m.owner, params: m.params, deposit: m.deposit };
+            let create = CreateSession {
+                owner: m.owner,
+                params: m.params,
+                deposit: m.deposit,
+            };
             Ok(chain.send(create).await??)
         })
     }
@@ -150,7 +164,12 @@ impl Handler<SubmitTask> for Router {
             let hold = (max_tokens as u64)
                 .saturating_mul(params.redundant as u64)
                 .saturating_mul(settings.price_per_token);
-            chain.send(Hold { session_id: session.id, amount: hold }).await??;
+            chain
+                .send(Hold {
+                    session_id: session.id,
+                    amount: hold,
+                })
+                .await??;
             let task = NewTask {
                 session_id: session.id,
                 owner: m.owner,
@@ -169,17 +188,29 @@ impl Handler<SubmitTask> for Router {
                     .max_replacements
                     .min(params.max_task_execution_count.saturating_sub(1)),
                 timeout: m.timeout.unwrap_or(settings.default_timeout),
-                precommit_timeout: m.precommit_timeout.unwrap_or(settings.default_precommit_timeout),
+                precommit_timeout: m
+                    .precommit_timeout
+                    .unwrap_or(settings.default_precommit_timeout),
                 client_reference: m.client_reference,
                 hold,
                 derive_seed: !m.explicit_seed,
             };
-            let enqueued = queue.send(Enqueue { task, subscriber: m.subscriber }).await;
+            let enqueued = queue
+                .send(Enqueue {
+                    task,
+                    subscriber: m.subscriber,
+                })
+                .await;
             match enqueued {
                 Ok(Ok(key)) => Ok(Submitted { key, model, hold }),
                 other => {
                     // Not accepted: give the hold back.
-                    let _ = chain.send(ReleaseHold { session_id: session.id, amount: hold }).await;
+                    let _ = chain
+                        .send(ReleaseHold {
+                            session_id: session.id,
+                            amount: hold,
+                        })
+                        .await;
                     Err(match other {
                         Ok(Err(QueueError::Full(n))) => {
                             SubmitError::Busy(format!("the queue holds {n} tasks, its limit"))

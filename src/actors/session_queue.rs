@@ -127,8 +127,9 @@ pub struct StageStats {
 }
 
 /// Histogram buckets for stage latencies, in seconds.
-pub const STAGE_BUCKETS_S: [f64; 12] =
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+pub const STAGE_BUCKETS_S: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
 
 /// How long the validators may take before the task fails (Cortensor's embedding batches
 /// time out after 60 s).
@@ -254,10 +255,14 @@ impl SessionQueue {
     }
 
     fn record_stage(&mut self, stage: &'static str, elapsed: Duration) {
-        let s = self.stats.stages.entry(stage).or_insert_with(|| StageStats {
-            buckets: vec![0; STAGE_BUCKETS_S.len()],
-            ..Default::default()
-        });
+        let s = self
+            .stats
+            .stages
+            .entry(stage)
+            .or_insert_with(|| StageStats {
+                buckets: vec![0; STAGE_BUCKETS_S.len()],
+                ..Default::default()
+            });
         let secs = elapsed.as_secs_f64();
         s.count += 1;
         s.sum_s += secs;
@@ -270,7 +275,9 @@ impl SessionQueue {
 
     /// Moves a live task to `state`: persisted, timed per stage, told to subscribers.
     fn transition(&mut self, key: TaskKey, state: TaskState) {
-        let Some(task) = self.live.get_mut(&key) else { return };
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
         let previous = task.record.state;
         if previous == state {
             return;
@@ -285,7 +292,9 @@ impl SessionQueue {
 
     /// Asks the pool for as many miners as the task lacks.
     fn fill(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
-        let Some(task) = self.live.get_mut(&key) else { return };
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
         if task.selecting || task.revealed || task.finishing {
             return;
         }
@@ -307,17 +316,19 @@ impl SessionQueue {
             count: (task.wanted - active) as usize,
             exclude,
         };
-        ctx.spawn(self.pool.send(select).into_actor(self).map(move |selection, queue, ctx| {
-            match selection {
-                Ok(selection) => queue.assign(key, selection, ctx),
-                Err(e) => {
-                    tracing::error!(task = %key, error = %e, "the node pool did not answer");
-                    if let Some(t) = queue.live.get_mut(&key) {
-                        t.selecting = false;
+        ctx.spawn(
+            self.pool.send(select).into_actor(self).map(
+                move |selection, queue, ctx| match selection {
+                    Ok(selection) => queue.assign(key, selection, ctx),
+                    Err(e) => {
+                        tracing::error!(task = %key, error = %e, "the node pool did not answer");
+                        if let Some(t) = queue.live.get_mut(&key) {
+                            t.selecting = false;
+                        }
                     }
-                }
-            }
-        }));
+                },
+            ),
+        );
     }
 
     fn assign(&mut self, key: TaskKey, selection: Selection, ctx: &mut Context<Self>) {
@@ -353,9 +364,16 @@ impl SessionQueue {
         // Miners send their tokens only when somebody follows the task live.
         let stream_tokens = task.subscribers.iter().any(|s| s.live);
         for (miner, addr) in selection.miners {
-            task.record.assignments.push(Assignment::new(miner.clone(), now));
-            task.deadlines.insert(miner.clone(), Instant::now() + ack_timeout);
-            addr.do_send(ToMiner::Assign { key, request: task.record.request.clone(), stream_tokens });
+            task.record
+                .assignments
+                .push(Assignment::new(miner.clone(), now));
+            task.deadlines
+                .insert(miner.clone(), Instant::now() + ack_timeout);
+            addr.do_send(ToMiner::Assign {
+                key,
+                request: task.record.request.clone(),
+                stream_tokens,
+            });
             task.miners.insert(miner, addr);
         }
         if task.record.state == TaskState::Queued {
@@ -368,7 +386,9 @@ impl SessionQueue {
 
     /// Moves the task forward as far as its assignments allow.
     fn advance(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
-        let Some(task) = self.live.get(&key) else { return };
+        let Some(task) = self.live.get(&key) else {
+            return;
+        };
         if task.finishing || task.validating || task.selecting {
             return;
         }
@@ -402,7 +422,9 @@ impl SessionQueue {
         if (active.len() as u32) < task.wanted {
             return; // waiting for the pool
         }
-        let all_precommitted = active.iter().all(|a| a.state == AssignmentState::Precommitted);
+        let all_precommitted = active
+            .iter()
+            .all(|a| a.state == AssignmentState::Precommitted);
         let all_acked = active.iter().all(|a| a.state != AssignmentState::Assigned);
         let state = task.record.state;
         if all_precommitted {
@@ -419,7 +441,9 @@ impl SessionQueue {
     /// Asks every precommitted miner to reveal.
     fn reveal(&mut self, key: TaskKey) {
         let commit_deadline = Instant::now() + self.config.commit_timeout();
-        let Some(task) = self.live.get_mut(&key) else { return };
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
         task.revealed = true;
         let miners: Vec<String> = task.record.active().map(|a| a.miner.clone()).collect();
         for miner in miners {
@@ -441,8 +465,12 @@ impl SessionQueue {
         reputation: (i64, &'static str),
         ctx: &mut Context<Self>,
     ) {
-        let Some(task) = self.live.get_mut(&key) else { return };
-        let Some(a) = task.record.assignment_mut(miner) else { return };
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
+        let Some(a) = task.record.assignment_mut(miner) else {
+            return;
+        };
         if !a.state.is_active() {
             return;
         }
@@ -464,7 +492,9 @@ impl SessionQueue {
             task.wanted = task.wanted.saturating_sub(1);
         }
         self.dirty.insert(key);
-        self.pool.do_send(Release { miners: vec![miner.to_string()] });
+        self.pool.do_send(Release {
+            miners: vec![miner.to_string()],
+        });
         self.pool.do_send(AdjustReputation {
             miner: miner.to_string(),
             delta: reputation.0,
@@ -475,7 +505,9 @@ impl SessionQueue {
     }
 
     fn validate(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
-        let Some(task) = self.live.get_mut(&key) else { return };
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
         task.validating = true;
         let results: Vec<(String, TaskResult)> = task
             .record
@@ -489,7 +521,13 @@ impl SessionQueue {
         for _ in 0..k {
             let v = &self.validators[self.next_validator % self.validators.len()];
             self.next_validator = self.next_validator.wrapping_add(1);
-            asks.push(v.send(Validate { key, results: results.clone() }).timeout(VALIDATION_TIMEOUT));
+            asks.push(
+                v.send(Validate {
+                    key,
+                    results: results.clone(),
+                })
+                .timeout(VALIDATION_TIMEOUT),
+            );
         }
         let all = futures_util::future::join_all(asks);
         ctx.spawn(all.into_actor(self).map(move |answers, queue, ctx| {
@@ -519,10 +557,18 @@ impl SessionQueue {
             return;
         };
         for miner in &outcome.agreeing {
-            self.pool.do_send(AdjustReputation { miner: miner.clone(), delta: REPUTATION_AGREED, reason: "agreed with the majority" });
+            self.pool.do_send(AdjustReputation {
+                miner: miner.clone(),
+                delta: REPUTATION_AGREED,
+                reason: "agreed with the majority",
+            });
         }
         for miner in &outcome.disagreeing {
-            self.pool.do_send(AdjustReputation { miner: miner.clone(), delta: REPUTATION_DISAGREED, reason: "disagreed with the majority" });
+            self.pool.do_send(AdjustReputation {
+                miner: miner.clone(),
+                delta: REPUTATION_DISAGREED,
+                reason: "disagreed with the majority",
+            });
         }
         self.transition(key, TaskState::Validated);
         self.finish(key, TaskState::Completed, Some(outcome), None, ctx);
@@ -539,7 +585,9 @@ impl SessionQueue {
         ctx: &mut Context<Self>,
     ) {
         let price = self.price_per_token;
-        let Some(task) = self.live.get_mut(&key) else { return };
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
         if task.finishing {
             return;
         }
@@ -564,7 +612,10 @@ impl SessionQueue {
             .saturating_mul(task.record.redundancy as u64)
             .saturating_mul(price)
             .min(task.record.hold);
-        let payees = outcome.as_ref().map(|o| o.agreeing.clone()).unwrap_or_default();
+        let payees = outcome
+            .as_ref()
+            .map(|o| o.agreeing.clone())
+            .unwrap_or_default();
         task.record.outcome = outcome;
         task.record.error = error;
         task.record.state = state;
@@ -575,7 +626,12 @@ impl SessionQueue {
             self.pool.do_send(Release { miners: released });
         }
         let hold = task.record.hold;
-        let settle = Settle { task: key, hold, charge, payees };
+        let settle = Settle {
+            task: key,
+            hold,
+            charge,
+            payees,
+        };
         ctx.spawn(self.chain.send(settle).into_actor(self).map(move |settled, queue, _| {
             let charged = match settled {
                 Ok(Ok(_)) => charge,
@@ -593,7 +649,9 @@ impl SessionQueue {
     }
 
     fn finished(&mut self, key: TaskKey, charged: u64) {
-        let Some(mut task) = self.live.remove(&key) else { return };
+        let Some(mut task) = self.live.remove(&key) else {
+            return;
+        };
         self.dirty.remove(&key);
         task.record.charged = charged;
         let state = task.record.state;
@@ -613,7 +671,11 @@ impl SessionQueue {
             if let Some(ms) = decode_ms.iter().min() {
                 let rate = tokens as f64 / (*ms).max(1) as f64 * 1000.0;
                 let prev = self.stats.decode_tokens_per_second;
-                self.stats.decode_tokens_per_second = if prev == 0.0 { rate } else { 0.8 * prev + 0.2 * rate };
+                self.stats.decode_tokens_per_second = if prev == 0.0 {
+                    rate
+                } else {
+                    0.8 * prev + 0.2 * rate
+                };
             }
         }
         // Tell the subscribers once the end (and the settlement before it) is on disk.
@@ -634,7 +696,10 @@ impl SessionQueue {
     fn on_report(&mut self, report: MinerReport, ctx: &mut Context<Self>) {
         let MinerReport { key, miner, kind } = report;
         let precommit_timeout = Duration::from_millis(
-            self.live.get(&key).map(|t| t.record.precommit_timeout_ms).unwrap_or(0),
+            self.live
+                .get(&key)
+                .map(|t| t.record.precommit_timeout_ms)
+                .unwrap_or(0),
         );
         let Some(task) = self.live.get_mut(&key) else {
             tracing::debug!(task = %key, %miner, "report for a task that is not live: ignored");
@@ -644,7 +709,11 @@ impl SessionQueue {
             return;
         }
         let revealed = task.revealed;
-        let Some(a) = task.record.assignment_mut(&miner).filter(|a| a.state.is_active()) else {
+        let Some(a) = task
+            .record
+            .assignment_mut(&miner)
+            .filter(|a| a.state.is_active())
+        else {
             tracing::debug!(task = %key, %miner, "report from a miner not active on the task: ignored");
             return;
         };
@@ -656,7 +725,8 @@ impl SessionQueue {
                 }
                 a.state = AssignmentState::Acked;
                 a.acked_at_ms = Some(now);
-                task.deadlines.insert(miner, Instant::now() + precommit_timeout);
+                task.deadlines
+                    .insert(miner, Instant::now() + precommit_timeout);
             }
             ReportKind::Token { index, text } => {
                 if task.stream_source.is_none() {
@@ -689,18 +759,34 @@ impl SessionQueue {
                 if a.precommit_hash.as_deref() != Some(result.hash_hex().as_str()) {
                     self.stats.rejected_reveals += 1;
                     let note = "its reveal does not match its precommitted hash".to_string();
-                    self.remove_miner(key, &miner, AssignmentState::Rejected, note, (REPUTATION_WRONG_REVEAL, "wrong reveal"), ctx);
+                    self.remove_miner(
+                        key,
+                        &miner,
+                        AssignmentState::Rejected,
+                        note,
+                        (REPUTATION_WRONG_REVEAL, "wrong reveal"),
+                        ctx,
+                    );
                     return;
                 }
                 a.state = AssignmentState::Committed;
                 a.committed_at_ms = Some(now);
                 a.result = Some(result);
                 task.deadlines.remove(&miner);
-                self.pool.do_send(Release { miners: vec![miner] });
+                self.pool.do_send(Release {
+                    miners: vec![miner],
+                });
             }
             ReportKind::Failed { error } => {
                 let note = format!("failed: {error}");
-                self.remove_miner(key, &miner, AssignmentState::Replaced, note, (REPUTATION_FAILED, "failed a task"), ctx);
+                self.remove_miner(
+                    key,
+                    &miner,
+                    AssignmentState::Replaced,
+                    note,
+                    (REPUTATION_FAILED, "failed a task"),
+                    ctx,
+                );
                 return;
             }
         }
@@ -749,7 +835,14 @@ impl SessionQueue {
         }
         for (key, miner, stage) in missed {
             let note = format!("missed the {stage} deadline");
-            self.remove_miner(key, &miner, AssignmentState::Replaced, note, (REPUTATION_MISSED_DEADLINE, "missed a deadline"), ctx);
+            self.remove_miner(
+                key,
+                &miner,
+                AssignmentState::Replaced,
+                note,
+                (REPUTATION_MISSED_DEADLINE, "missed a deadline"),
+                ctx,
+            );
         }
         for key in starving {
             self.fill(key, ctx);
@@ -759,14 +852,19 @@ impl SessionQueue {
     /// Tasks that were live when the process stopped start again from Queued.
     fn resume(&mut self) -> Result<(), StoreError> {
         for mut record in self.store.unfinished_tasks()? {
-            for a in record.assignments.iter_mut().filter(|a| a.state.is_active() || a.state == AssignmentState::Committed) {
+            for a in record
+                .assignments
+                .iter_mut()
+                .filter(|a| a.state.is_active() || a.state == AssignmentState::Committed)
+            {
                 a.state = AssignmentState::Dropped;
                 a.note = Some("the router restarted".into());
             }
             record.state = TaskState::Queued;
             record.resumed += 1;
-            let timeout = Duration::from_millis(record.deadline_ms.saturating_sub(record.created_at_ms))
-                .max(self.config.ack_timeout());
+            let timeout =
+                Duration::from_millis(record.deadline_ms.saturating_sub(record.created_at_ms))
+                    .max(self.config.ack_timeout());
             tracing::info!(task = %record.key, "resuming a task after a restart");
             self.write(&record);
             self.live.insert(record.key, LiveTask::new(record, timeout));
@@ -800,7 +898,10 @@ impl Handler<Enqueue> for SessionQueue {
             // Acknowledged only once the task is on disk.
             Ok(key) => {
                 let durable = self.store.durable();
-                Box::pin(async move { durable.await.map(|_| key).map_err(QueueError::from) }.into_actor(self))
+                Box::pin(
+                    async move { durable.await.map(|_| key).map_err(QueueError::from) }
+                        .into_actor(self),
+                )
             }
             Err(e) => Box::pin(actix::fut::ready(Err(e))),
         }
@@ -814,7 +915,10 @@ impl SessionQueue {
         }
         let t = m.task;
         let task_id = self.store.next_id(&format!("task_id/{}", t.session_id))?;
-        let key = TaskKey { session_id: t.session_id, task_id };
+        let key = TaskKey {
+            session_id: t.session_id,
+            task_id,
+        };
         let mut request = t.request;
         if t.derive_seed {
             request.params.seed = task_seed(key);
@@ -867,7 +971,13 @@ impl Handler<CancelTask> for SessionQueue {
     type Result = Result<TaskRecord, QueueError>;
     fn handle(&mut self, m: CancelTask, ctx: &mut Context<Self>) -> Self::Result {
         if self.live.contains_key(&m.0) {
-            self.finish(m.0, TaskState::Cancelled, None, Some("cancelled by the client".into()), ctx);
+            self.finish(
+                m.0,
+                TaskState::Cancelled,
+                None,
+                Some("cancelled by the client".into()),
+                ctx,
+            );
             return Ok(self.live[&m.0].record.clone());
         }
         self.store.task(m.0)?.ok_or(QueueError::NoSuchTask(m.0))
@@ -889,13 +999,22 @@ impl Handler<Subscribe> for SessionQueue {
     fn handle(&mut self, m: Subscribe, _: &mut Context<Self>) -> Self::Result {
         if let Some(t) = self.live.get_mut(&m.key) {
             if m.subscriber.live {
-                let _ = m.subscriber.events.try_send(TaskEvent::State(t.record.state));
+                let _ = m
+                    .subscriber
+                    .events
+                    .try_send(TaskEvent::State(t.record.state));
             }
             t.subscribers.push(m.subscriber);
             return Ok(());
         }
-        let record = self.store.task(m.key)?.ok_or(QueueError::NoSuchTask(m.key))?;
-        let _ = m.subscriber.events.try_send(TaskEvent::Finished(Box::new(record)));
+        let record = self
+            .store
+            .task(m.key)?
+            .ok_or(QueueError::NoSuchTask(m.key))?;
+        let _ = m
+            .subscriber
+            .events
+            .try_send(TaskEvent::Finished(Box::new(record)));
         Ok(())
     }
 }
@@ -907,7 +1026,10 @@ impl Handler<Shutdown> for SessionQueue {
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "cannot flush the store at shutdown");
         }
-        tracing::info!(live = self.live.len(), "session queue stopped; live tasks resume on the next start");
+        tracing::info!(
+            live = self.live.len(),
+            "session queue stopped; live tasks resume on the next start"
+        );
         ctx.stop();
     }
 }

@@ -34,8 +34,11 @@ impl Handler<Validate> for Validator {
     type Result = MessageResult<Validate>;
     fn handle(&mut self, m: Validate, _: &mut Context<Self>) -> Self::Result {
         self.verdicts += 1;
-        let pairs: Vec<(&str, &TaskResult)> =
-            m.results.iter().map(|(miner, r)| (miner.as_str(), r)).collect();
+        let pairs: Vec<(&str, &TaskResult)> = m
+            .results
+            .iter()
+            .map(|(miner, r)| (miner.as_str(), r))
+            .collect();
         MessageResult(majority(&pairs))
     }
 }

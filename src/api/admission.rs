@@ -21,7 +21,12 @@ pub struct Permit {
 
 impl Admission {
     pub fn new(max_per_key: usize, max_total: usize, retry_after_s: u64) -> Arc<Self> {
-        Arc::new(Self { max_per_key, max_total, retry_after_s, in_flight: Mutex::new((0, HashMap::new())) })
+        Arc::new(Self {
+            max_per_key,
+            max_total,
+            retry_after_s,
+            in_flight: Mutex::new((0, HashMap::new())),
+        })
     }
 
     pub fn try_admit(self: &Arc<Self>, owner: &str) -> Result<Permit, ApiError> {
@@ -29,14 +34,23 @@ impl Admission {
         let (total, per_key) = &mut *guard;
         let mine = per_key.get(owner).copied().unwrap_or(0);
         if *total >= self.max_total {
-            return Err(ApiError::RateLimited(format!("{} in total", self.max_total), self.retry_after_s));
+            return Err(ApiError::RateLimited(
+                format!("{} in total", self.max_total),
+                self.retry_after_s,
+            ));
         }
         if mine >= self.max_per_key {
-            return Err(ApiError::RateLimited(format!("{} for this key", self.max_per_key), self.retry_after_s));
+            return Err(ApiError::RateLimited(
+                format!("{} for this key", self.max_per_key),
+                self.retry_after_s,
+            ));
         }
         *total += 1;
         per_key.insert(owner.to_string(), mine + 1);
-        Ok(Permit { admission: self.clone(), owner: owner.to_string() })
+        Ok(Permit {
+            admission: self.clone(),
+            owner: owner.to_string(),
+        })
     }
 
     pub fn in_flight(&self) -> usize {
@@ -46,7 +60,11 @@ impl Admission {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut guard = self.admission.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self
+            .admission
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let (total, per_key) = &mut *guard;
         *total = total.saturating_sub(1);
         if let Some(n) = per_key.get_mut(&self.owner) {

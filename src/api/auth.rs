@@ -28,14 +28,21 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(|v| v.trim().to_string());
     let from_query = || {
         web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
             .ok()
             .and_then(|q| q.get("token").cloned())
     };
-    let key = from_header.or_else(from_query).ok_or(ApiError::Unauthorized)?;
+    let key = from_header
+        .or_else(from_query)
+        .ok_or(ApiError::Unauthorized)?;
     let owner = state.keys.get(&key).ok_or(ApiError::Unauthorized)?;
-    Ok(Caller { owner: owner.clone() })
+    Ok(Caller {
+        owner: owner.clone(),
+    })
 }

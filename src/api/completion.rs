@@ -39,7 +39,9 @@ impl StopField {
             StopField::Many(v) => v,
         };
         if v.len() > MAX_STOP_STRINGS {
-            return Err(ApiError::Invalid(format!("stop may hold at most {MAX_STOP_STRINGS} strings")));
+            return Err(ApiError::Invalid(format!(
+                "stop may hold at most {MAX_STOP_STRINGS} strings"
+            )));
         }
         Ok(v.into_iter().filter(|s| !s.is_empty()).collect())
     }
@@ -61,9 +63,9 @@ impl SamplingFields {
     /// Validated parameters, with `default_temperature` when none is given.
     pub fn params(&self, default_temperature: f32) -> Result<SamplingParams, ApiError> {
         let check = |name: &str, v: Option<f32>, lo: f32, hi: f32| match v {
-            Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => {
-                Err(ApiError::Invalid(format!("{name} must be between {lo} and {hi}, not {x}")))
-            }
+            Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::Invalid(format!(
+                "{name} must be between {lo} and {hi}, not {x}"
+            ))),
             _ => Ok(()),
         };
         check("temperature", self.temperature, 0.0, 2.0)?;
@@ -91,8 +93,12 @@ impl SamplingFields {
 pub fn seconds_field(name: &str, value: Option<f64>) -> Result<Option<Duration>, ApiError> {
     match value {
         None => Ok(None),
-        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Some(Duration::from_secs_f64(s))),
-        Some(s) => Err(ApiError::Invalid(format!("{name} must be a number of seconds in (0, 86400], not {s}"))),
+        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
+            Ok(Some(Duration::from_secs_f64(s)))
+        }
+        Some(s) => Err(ApiError::Invalid(format!(
+            "{name} must be a number of seconds in (0, 86400], not {s}"
+        ))),
     }
 }
 
@@ -138,9 +144,16 @@ pub struct Running {
 }
 
 /// Submits a task; with `live`, its states and tokens arrive as they happen, else only its end.
-pub async fn start(state: &ApiState, caller: &Caller, spec: TaskSpec, live: bool) -> Result<Running, ApiError> {
+pub async fn start(
+    state: &ApiState,
+    caller: &Caller,
+    spec: TaskSpec,
+    live: bool,
+) -> Result<Running, ApiError> {
     if spec.request.stop.len() > MAX_STOP_STRINGS {
-        return Err(ApiError::Invalid(format!("stop may hold at most {MAX_STOP_STRINGS} strings")));
+        return Err(ApiError::Invalid(format!(
+            "stop may hold at most {MAX_STOP_STRINGS} strings"
+        )));
     }
     let permit = state.admission.try_admit(&caller.owner)?;
     let (tx, rx) = mpsc::channel(SUBSCRIBER_CAPACITY);
@@ -155,8 +168,17 @@ pub async fn start(state: &ApiState, caller: &Caller, spec: TaskSpec, live: bool
         subscriber: Some(Subscriber { events: tx, live }),
     };
     let submitted = state.actors.router.send(submit).await??;
-    let guard = TaskGuard { queue: state.actors.queue.clone(), key: submitted.key, armed: true };
-    Ok(Running { submitted, events: rx, guard, _permit: permit })
+    let guard = TaskGuard {
+        queue: state.actors.queue.clone(),
+        key: submitted.key,
+        armed: true,
+    };
+    Ok(Running {
+        submitted,
+        events: rx,
+        guard,
+        _permit: permit,
+    })
 }
 
 /// The error a finished task that produced no accepted result stands for.
@@ -173,7 +195,11 @@ pub fn task_error(record: &TaskRecord) -> Option<ApiError> {
         TaskState::Cancelled => ("task_cancelled", StatusCode::CONFLICT),
         _ => ("task_failed", StatusCode::BAD_GATEWAY),
     };
-    Some(ApiError::TaskFailed { code, message, status })
+    Some(ApiError::TaskFailed {
+        code,
+        message,
+        status,
+    })
 }
 
 /// Follows the task to its end; the accepted record, or the error it ended with.
@@ -187,14 +213,19 @@ pub async fn finish(running: &mut Running) -> Result<TaskRecord, ApiError> {
             };
         }
     }
-    Err(ApiError::Internal("the task's events stopped before it finished".into()))
+    Err(ApiError::Internal(
+        "the task's events stopped before it finished".into(),
+    ))
 }
 
 /// What a streaming endpoint turns into `data:` lines.
 pub enum StreamEvent<'a> {
     Token(&'a str),
     /// The task completed; `rest` is the accepted text not streamed yet.
-    Completed { record: &'a TaskRecord, rest: &'a str },
+    Completed {
+        record: &'a TaskRecord,
+        rest: &'a str,
+    },
 }
 
 /// A server-sent-event response: `first` events, then whatever `render` makes of each token
@@ -247,7 +278,10 @@ pub fn sse_response(
                                 tracing::warn!(task = %record.key, "the accepted text differs from the streamed one");
                                 ""
                             });
-                            let events = (s.render)(StreamEvent::Completed { record: &record, rest });
+                            let events = (s.render)(StreamEvent::Completed {
+                                record: &record,
+                                rest,
+                            });
                             s.pending.extend(events.iter().map(data));
                         }
                     }
@@ -255,7 +289,8 @@ pub fn sse_response(
                 }
                 None => {
                     s.done = true;
-                    let e = ApiError::Internal("the task's events stopped before it finished".into());
+                    let e =
+                        ApiError::Internal("the task's events stopped before it finished".into());
                     s.pending.push_back(data(&e.body()));
                     s.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                 }

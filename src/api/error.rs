@@ -25,7 +25,11 @@ pub enum ApiError {
     #[error("{0}")]
     Busy(String, u64),
     #[error("{message}")]
-    TaskFailed { code: &'static str, message: String, status: StatusCode },
+    TaskFailed {
+        code: &'static str,
+        message: String,
+        status: StatusCode,
+    },
     #[error("{0}")]
     Internal(String),
 }

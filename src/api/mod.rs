@@ -51,7 +51,11 @@ impl ApiState {
             settings,
             keys: keys.iter().map(|k| (k.clone(), owner_of_key(k))).collect(),
             default_sessions,
-            admission: Admission::new(r.max_inflight_per_key, r.max_inflight_total, r.retry_after_s),
+            admission: Admission::new(
+                r.max_inflight_per_key,
+                r.max_inflight_total,
+                r.retry_after_s,
+            ),
             default_deposit: config.pricing.default_deposit,
             max_body_bytes: r.max_body_bytes,
             started: Instant::now(),
@@ -75,14 +79,19 @@ pub fn serve(
                     .limit(max_body)
                     .error_handler(|e, _| match e {
                         actix_web::error::JsonPayloadError::Overflow { limit }
-                        | actix_web::error::JsonPayloadError::OverflowKnownLength { limit, .. } => {
-                            ApiError::TooLarge(format!("the request body exceeds {limit} bytes")).into()
-                        }
+                        | actix_web::error::JsonPayloadError::OverflowKnownLength {
+                            limit, ..
+                        } => ApiError::TooLarge(format!("the request body exceeds {limit} bytes"))
+                            .into(),
                         e => json_error(e.to_string()).into(),
                     }),
             )
-            .app_data(web::PathConfig::default().error_handler(|e, _| json_error(e.to_string()).into()))
-            .app_data(web::QueryConfig::default().error_handler(|e, _| json_error(e.to_string()).into()))
+            .app_data(
+                web::PathConfig::default().error_handler(|e, _| json_error(e.to_string()).into()),
+            )
+            .app_data(
+                web::QueryConfig::default().error_handler(|e, _| json_error(e.to_string()).into()),
+            )
             .configure(router_v1::routes)
             .configure(openai::routes)
             .route("/metrics", web::get().to(metrics::metrics))
@@ -102,6 +111,9 @@ fn json_error(message: String) -> ApiError {
 
 async fn not_found(req: HttpRequest) -> HttpResponse {
     use actix_web::ResponseError;
-    ApiError::NotFound("not_found", format!("no route for {} {}", req.method(), req.path()))
-        .error_response()
+    ApiError::NotFound(
+        "not_found",
+        format!("no route for {} {}", req.method(), req.path()),
+    )
+    .error_response()
 }

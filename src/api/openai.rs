@@ -28,11 +28,20 @@ fn model_json(id: &str) -> Value {
 }
 
 async fn models(state: web::Data<ApiState>, _: Caller) -> HttpResponse {
-    let data: Vec<Value> = state.settings.models.iter().map(|m| model_json(m)).collect();
+    let data: Vec<Value> = state
+        .settings
+        .models
+        .iter()
+        .map(|m| model_json(m))
+        .collect();
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
 
-async fn model(state: web::Data<ApiState>, _: Caller, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn model(
+    state: web::Data<ApiState>,
+    _: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     check_model(&state, &id)?;
     Ok(HttpResponse::Ok().json(model_json(&id)))
 }
@@ -43,23 +52,29 @@ fn check_model(state: &ApiState, model: &str) -> Result<(), ApiError> {
     }
     Err(ApiError::NotFound(
         "model_not_found",
-        format!("the model {model:?} does not exist; this network serves {:?}", state.settings.models),
+        format!(
+            "the model {model:?} does not exist; this network serves {:?}",
+            state.settings.models
+        ),
     ))
 }
 
 fn session_of(state: &ApiState, caller: &Caller, req: &HttpRequest) -> Result<u64, ApiError> {
     if let Some(v) = req.headers().get("x-cortensor-session") {
         let text = v.to_str().unwrap_or("");
-        return text
-            .trim()
-            .parse()
-            .map_err(|_| ApiError::Invalid(format!("X-Cortensor-Session must be a session id, not {text:?}")));
+        return text.trim().parse().map_err(|_| {
+            ApiError::Invalid(format!(
+                "X-Cortensor-Session must be a session id, not {text:?}"
+            ))
+        });
     }
     state
         .default_sessions
         .get(&caller.owner)
         .copied()
-        .ok_or_else(|| ApiError::Invalid("this key has no default session; send X-Cortensor-Session".into()))
+        .ok_or_else(|| {
+            ApiError::Invalid("this key has no default session; send X-Cortensor-Session".into())
+        })
 }
 
 #[derive(Deserialize)]
@@ -129,9 +144,17 @@ const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 const CHAT_DEFAULT_MAX_TOKENS: usize = 512;
 
 impl Common {
-    fn spec(&self, session_id: u64, prompt: Prompt, default_max: usize, context: usize) -> Result<TaskSpec, ApiError> {
+    fn spec(
+        &self,
+        session_id: u64,
+        prompt: Prompt,
+        default_max: usize,
+        context: usize,
+    ) -> Result<TaskSpec, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::Invalid("n must be 1: each task returns one validated choice".into()));
+            return Err(ApiError::Invalid(
+                "n must be 1: each task returns one validated choice".into(),
+            ));
         }
         let sampling = SamplingFields {
             temperature: self.temperature,
@@ -147,8 +170,16 @@ impl Common {
             request: GenerateRequest {
                 prompt,
                 params: sampling.params(OPENAI_DEFAULT_TEMPERATURE)?,
-                max_tokens: self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max.min(context)),
-                stop: self.stop.clone().map(StopField::into_vec).transpose()?.unwrap_or_default(),
+                max_tokens: self
+                    .max_completion_tokens
+                    .or(self.max_tokens)
+                    .unwrap_or(default_max.min(context)),
+                stop: self
+                    .stop
+                    .clone()
+                    .map(StopField::into_vec)
+                    .transpose()?
+                    .unwrap_or_default(),
             },
             explicit_seed: self.seed.is_some(),
             timeout: None,
@@ -176,9 +207,16 @@ fn chat_prompt(messages: Vec<MessageIn>) -> Result<Prompt, ApiError> {
             Some(Content::Parts(parts)) => {
                 let mut text = String::new();
                 for p in parts {
-                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
                         (Some("text"), Some(t)) => text.push_str(t),
-                        _ => return Err(ApiError::Invalid(format!("messages[{i}]: only text content parts are supported"))),
+                        _ => {
+                            return Err(ApiError::Invalid(format!(
+                                "messages[{i}]: only text content parts are supported"
+                            )))
+                        }
                     }
                 }
                 text
@@ -203,7 +241,12 @@ async fn chat_completions(
     check_model(&state, &body.common.model)?;
     let session_id = session_of(&state, &caller, &req)?;
     let prompt = chat_prompt(body.messages)?;
-    let spec = body.common.spec(session_id, prompt, CHAT_DEFAULT_MAX_TOKENS, state.settings.max_context)?;
+    let spec = body.common.spec(
+        session_id,
+        prompt,
+        CHAT_DEFAULT_MAX_TOKENS,
+        state.settings.max_context,
+    )?;
     let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;
     let key = running.submitted.key;
     let id = format!("chatcmpl-{}-{}", key.session_id, key.task_id);
@@ -225,7 +268,11 @@ async fn chat_completions(
             "session_id": key.session_id, "task_id": key.task_id,
         })));
     }
-    let include_usage = body.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let include_usage = body
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
     let chunk = move |delta: Value, finish: Value| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -233,25 +280,32 @@ async fn chat_completions(
             "system_fingerprint": null,
         })
     };
-    let first = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
-    Ok(completion::sse_response(running, first, move |event| match event {
-        StreamEvent::Token(text) => vec![chunk(json!({"content": text}), Value::Null)],
-        StreamEvent::Completed { record, rest } => {
-            let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
-            let mut out = Vec::new();
-            if !rest.is_empty() {
-                out.push(chunk(json!({"content": rest}), Value::Null));
+    let first = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    Ok(completion::sse_response(
+        running,
+        first,
+        move |event| match event {
+            StreamEvent::Token(text) => vec![chunk(json!({"content": text}), Value::Null)],
+            StreamEvent::Completed { record, rest } => {
+                let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
+                let mut out = Vec::new();
+                if !rest.is_empty() {
+                    out.push(chunk(json!({"content": rest}), Value::Null));
+                }
+                out.push(chunk(json!({}), finish));
+                if include_usage {
+                    let mut u = chunk(json!({}), Value::Null);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage_or_zero(record);
+                    out.push(u);
+                }
+                out
             }
-            out.push(chunk(json!({}), finish));
-            if include_usage {
-                let mut u = chunk(json!({}), Value::Null);
-                u["choices"] = json!([]);
-                u["usage"] = usage_or_zero(record);
-                out.push(u);
-            }
-            out
-        }
-    }))
+        },
+    ))
 }
 
 async fn completions(
@@ -266,12 +320,21 @@ async fn completions(
     let text = match body.prompt {
         PromptIn::One(s) => s,
         PromptIn::Many(mut v) if v.len() == 1 => v.remove(0),
-        PromptIn::Many(_) => return Err(ApiError::Invalid("prompt must be one string (batches are not supported)".into())),
+        PromptIn::Many(_) => {
+            return Err(ApiError::Invalid(
+                "prompt must be one string (batches are not supported)".into(),
+            ))
+        }
     };
     if text.is_empty() {
         return Err(ApiError::Invalid("prompt must not be empty".into()));
     }
-    let spec = body.common.spec(session_id, Prompt::Text(text), COMPLETIONS_DEFAULT_MAX_TOKENS, state.settings.max_context)?;
+    let spec = body.common.spec(
+        session_id,
+        Prompt::Text(text),
+        COMPLETIONS_DEFAULT_MAX_TOKENS,
+        state.settings.max_context,
+    )?;
     let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;
     let key = running.submitted.key;
     let id = format!("cmpl-{}-{}", key.session_id, key.task_id);
@@ -287,25 +350,33 @@ async fn completions(
             "session_id": key.session_id, "task_id": key.task_id,
         })));
     }
-    let include_usage = body.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let include_usage = body
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
     let chunk = move |text: &str, finish: Value| {
         json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": null}],
         })
     };
-    Ok(completion::sse_response(running, vec![], move |event| match event {
-        StreamEvent::Token(text) => vec![chunk(text, Value::Null)],
-        StreamEvent::Completed { record, rest } => {
-            let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
-            let mut out = vec![chunk(rest, finish)];
-            if include_usage {
-                let mut u = chunk("", Value::Null);
-                u["choices"] = json!([]);
-                u["usage"] = usage_or_zero(record);
-                out.push(u);
+    Ok(completion::sse_response(
+        running,
+        vec![],
+        move |event| match event {
+            StreamEvent::Token(text) => vec![chunk(text, Value::Null)],
+            StreamEvent::Completed { record, rest } => {
+                let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
+                let mut out = vec![chunk(rest, finish)];
+                if include_usage {
+                    let mut u = chunk("", Value::Null);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage_or_zero(record);
+                    out.push(u);
+                }
+                out
             }
-            out
-        }
-    }))
+        },
+    ))
 }

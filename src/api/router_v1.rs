@@ -40,8 +40,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 pub fn id_from_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     match Option::<Value>::deserialize(d)? {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| serde::de::Error::custom("an id must be a non-negative integer")),
-        Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| serde::de::Error::custom(format!("{s:?} is not an id"))),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom("an id must be a non-negative integer")),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an id"))),
         Some(other) => Err(serde::de::Error::custom(format!("{other} is not an id"))),
     }
 }
@@ -66,7 +73,10 @@ async fn ping() -> HttpResponse {
 async fn status(state: web::Data<ApiState>, _: Caller) -> Result<HttpResponse, ApiError> {
     let stats = state.actors.queue.send(GetStats).await?;
     let nodes = state.actors.pool.send(ListNodes).await?;
-    let online = nodes.iter().filter(|n| n.state != crate::actors::node_pool::NodeState::Offline).count();
+    let online = nodes
+        .iter()
+        .filter(|n| n.state != crate::actors::node_pool::NodeState::Offline)
+        .count();
     Ok(HttpResponse::Ok().json(json!({
         "status": if online > 0 { "ok" } else { "degraded" },
         "miners": {"total": nodes.len(), "online": online},
@@ -81,47 +91,83 @@ async fn miners(state: web::Data<ApiState>, _: Caller) -> Result<HttpResponse, A
     let mut by_id = serde_json::Map::new();
     let mut by_state = serde_json::Map::new();
     for n in &nodes {
-        let pending = state.actors.chain.send(NodePendingPayment(n.id.clone())).await?.unwrap_or(0);
+        let pending = state
+            .actors
+            .chain
+            .send(NodePendingPayment(n.id.clone()))
+            .await?
+            .unwrap_or(0);
         let mut view = serde_json::to_value(n).expect("node views serialize");
         view["pending_payment"] = json!(pending);
         by_id.insert(n.id.clone(), view);
         let key = serde_json::to_value(n.state).expect("states serialize");
-        let entry = by_state.entry(key.as_str().unwrap_or("unknown").to_string()).or_insert(json!(0));
+        let entry = by_state
+            .entry(key.as_str().unwrap_or("unknown").to_string())
+            .or_insert(json!(0));
         *entry = json!(entry.as_u64().unwrap_or(0) + 1);
     }
-    let stats = if nodes.is_empty() { json!({}) } else { json!({"total": nodes.len(), "by_state": by_state}) };
+    let stats = if nodes.is_empty() {
+        json!({})
+    } else {
+        json!({"total": nodes.len(), "by_state": by_state})
+    };
     Ok(HttpResponse::Ok().json(json!({"nodes": by_id, "stats": stats})))
 }
 
 async fn sessions(state: web::Data<ApiState>, caller: Caller) -> Result<HttpResponse, ApiError> {
-    let all = state.actors.chain.send(ListSessions).await?.map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mine: Vec<Value> = all.iter().filter(|s| s.owner == caller.owner).map(views::session).collect();
+    let all = state
+        .actors
+        .chain
+        .send(ListSessions)
+        .await?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mine: Vec<Value> = all
+        .iter()
+        .filter(|s| s.owner == caller.owner)
+        .map(views::session)
+        .collect();
     Ok(HttpResponse::Ok().json(json!({"count": mine.len(), "sessions": mine})))
 }
 
 /// The caller's session, or 404 / 403.
-pub async fn owned_session(state: &ApiState, caller: &Caller, id: u64) -> Result<Session, ApiError> {
+pub async fn owned_session(
+    state: &ApiState,
+    caller: &Caller,
+    id: u64,
+) -> Result<Session, ApiError> {
     let session = state
         .actors
         .chain
         .send(GetSession(id))
         .await?
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(|| ApiError::NotFound("session_not_found", format!("session {id} does not exist")))?;
+        .ok_or_else(|| {
+            ApiError::NotFound("session_not_found", format!("session {id} does not exist"))
+        })?;
     if session.owner != caller.owner {
-        return Err(ApiError::Forbidden(format!("session {id} belongs to another key")));
+        return Err(ApiError::Forbidden(format!(
+            "session {id} belongs to another key"
+        )));
     }
     Ok(session)
 }
 
-async fn session(state: web::Data<ApiState>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn session(
+    state: web::Data<ApiState>,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let id = parse_id("session id", &id)?;
     let s = owned_session(&state, &caller, id).await?;
     Ok(HttpResponse::Ok().json(views::session(&s)))
 }
 
 fn parse_id(what: &str, text: &str) -> Result<u64, ApiError> {
-    text.parse().map_err(|_| ApiError::Invalid(format!("{what} must be a non-negative integer, not {text:?}")))
+    text.parse().map_err(|_| {
+        ApiError::Invalid(format!(
+            "{what} must be a non-negative integer, not {text:?}"
+        ))
+    })
 }
 
 #[derive(Deserialize)]
@@ -141,9 +187,14 @@ async fn create_session(
         .map_err(|e| ApiError::Invalid(format!("invalid session parameters: {e}")))?;
     params.validate().map_err(ApiError::Invalid)?;
     let deposit = body.deposit.unwrap_or(state.default_deposit);
-    let open = OpenSession { owner: caller.owner.clone(), params, deposit };
+    let open = OpenSession {
+        owner: caller.owner.clone(),
+        params,
+        deposit,
+    };
     let session = state.actors.router.send(open).await??;
-    Ok(HttpResponse::Created().json(json!({"session_id": session.id, "session": views::session(&session)})))
+    Ok(HttpResponse::Created()
+        .json(json!({"session_id": session.id, "session": views::session(&session)})))
 }
 
 #[derive(Deserialize)]
@@ -169,8 +220,17 @@ async fn tasks(
     let mut out = Vec::new();
     let mut next = after + 1;
     while out.len() < limit {
-        let key = TaskKey { session_id: sid, task_id: next };
-        match state.actors.queue.send(GetTask(key)).await?.map_err(|e| ApiError::Internal(e.to_string()))? {
+        let key = TaskKey {
+            session_id: sid,
+            task_id: next,
+        };
+        match state
+            .actors
+            .queue
+            .send(GetTask(key))
+            .await?
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+        {
             Some(t) => out.push(views::task(&t)),
             None => break,
         }
@@ -179,29 +239,54 @@ async fn tasks(
     Ok(HttpResponse::Ok().json(json!({"session_id": sid, "count": out.len(), "tasks": out})))
 }
 
-async fn owned_task(state: &ApiState, caller: &Caller, sid: &str, tid: &str) -> Result<TaskRecord, ApiError> {
-    let key = TaskKey { session_id: parse_id("session id", sid)?, task_id: parse_id("task id", tid)? };
+async fn owned_task(
+    state: &ApiState,
+    caller: &Caller,
+    sid: &str,
+    tid: &str,
+) -> Result<TaskRecord, ApiError> {
+    let key = TaskKey {
+        session_id: parse_id("session id", sid)?,
+        task_id: parse_id("task id", tid)?,
+    };
     let task = state
         .actors
         .queue
         .send(GetTask(key))
         .await?
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(|| ApiError::NotFound("task_not_found", format!("task {key} does not exist")))?;
+        .ok_or_else(|| {
+            ApiError::NotFound("task_not_found", format!("task {key} does not exist"))
+        })?;
     if task.owner != caller.owner {
-        return Err(ApiError::Forbidden(format!("task {key} belongs to another key")));
+        return Err(ApiError::Forbidden(format!(
+            "task {key} belongs to another key"
+        )));
     }
     Ok(task)
 }
 
-async fn task(state: web::Data<ApiState>, caller: Caller, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+async fn task(
+    state: web::Data<ApiState>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let t = owned_task(&state, &caller, &path.0, &path.1).await?;
     Ok(HttpResponse::Ok().json(views::task(&t)))
 }
 
-async fn cancel(state: web::Data<ApiState>, caller: Caller, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+async fn cancel(
+    state: web::Data<ApiState>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let t = owned_task(&state, &caller, &path.0, &path.1).await?;
-    let t = state.actors.queue.send(CancelTask(t.key)).await?.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let t = state
+        .actors
+        .queue
+        .send(CancelTask(t.key))
+        .await?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(HttpResponse::Ok().json(views::task(&t)))
 }
 
@@ -246,9 +331,16 @@ impl CompletionBody {
             1 => Prompt::Text(self.prompt.clone()),
             2 => {
                 let system = self.prompt_template.clone().unwrap_or_default();
-                Prompt::Chat(vec![ChatMessage::new("system", system), ChatMessage::new("user", self.prompt.clone())])
+                Prompt::Chat(vec![
+                    ChatMessage::new("system", system),
+                    ChatMessage::new("user", self.prompt.clone()),
+                ])
             }
-            n => return Err(ApiError::Invalid(format!("prompt_type must be 0, 1 or 2, not {n}"))),
+            n => {
+                return Err(ApiError::Invalid(format!(
+                    "prompt_type must be 0, 1 or 2, not {n}"
+                )))
+            }
         })
     }
 
@@ -268,21 +360,35 @@ impl CompletionBody {
                 prompt: self.prompt()?,
                 params: sampling.params(DEFAULT_TEMPERATURE)?,
                 max_tokens: self.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-                stop: self.stop.map(StopField::into_vec).transpose()?.unwrap_or_default(),
+                stop: self
+                    .stop
+                    .map(StopField::into_vec)
+                    .transpose()?
+                    .unwrap_or_default(),
             },
             explicit_seed: self.seed.is_some(),
             timeout: completion::seconds_field("timeout", self.timeout)?,
-            precommit_timeout: completion::seconds_field("precommit_timeout", self.precommit_timeout)?,
+            precommit_timeout: completion::seconds_field(
+                "precommit_timeout",
+                self.precommit_timeout,
+            )?,
             client_reference: self.client_reference,
         })
     }
 }
 
-async fn completions(state: web::Data<ApiState>, caller: Caller, body: web::Json<CompletionBody>) -> Result<HttpResponse, ApiError> {
+async fn completions(
+    state: web::Data<ApiState>,
+    caller: Caller,
+    body: web::Json<CompletionBody>,
+) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let sid = match body.session_id {
         Some(id) => id,
-        None => *state.default_sessions.get(&caller.owner).ok_or_else(|| ApiError::Invalid("session_id is required".into()))?,
+        None => *state
+            .default_sessions
+            .get(&caller.owner)
+            .ok_or_else(|| ApiError::Invalid("session_id is required".into()))?,
     };
     run_completion(state, caller, sid, body).await
 }
@@ -296,13 +402,18 @@ async fn completions_in_session(
     let sid = parse_id("session id", &sid)?;
     let body = body.into_inner();
     if body.session_id.is_some_and(|b| b != sid) {
-        return Err(ApiError::Invalid("session_id in the body differs from the one in the path".into()));
+        return Err(ApiError::Invalid(
+            "session_id in the body differs from the one in the path".into(),
+        ));
     }
     run_completion(state, caller, sid, body).await
 }
 
 fn completion_json(record: &TaskRecord, model: &str) -> Value {
-    let outcome = record.outcome.as_ref().expect("a completed task has an outcome");
+    let outcome = record
+        .outcome
+        .as_ref()
+        .expect("a completed task has an outcome");
     json!({
         "id": format!("cmpl-{}-{}", record.key.session_id, record.key.task_id),
         "object": "text_completion",
@@ -316,7 +427,12 @@ fn completion_json(record: &TaskRecord, model: &str) -> Value {
     })
 }
 
-async fn run_completion(state: web::Data<ApiState>, caller: Caller, sid: u64, body: CompletionBody) -> Result<HttpResponse, ApiError> {
+async fn run_completion(
+    state: web::Data<ApiState>,
+    caller: Caller,
+    sid: u64,
+    body: CompletionBody,
+) -> Result<HttpResponse, ApiError> {
     let stream = body.stream;
     let spec = body.spec(sid)?;
     let mut running = completion::start(&state, &caller, spec, stream).await?;
@@ -339,11 +455,15 @@ async fn run_completion(state: web::Data<ApiState>, caller: Caller, sid: u64, bo
         }
         c
     };
-    Ok(completion::sse_response(running, vec![], move |event| match event {
-        StreamEvent::Token(text) => vec![chunk(text, Value::Null, None)],
-        StreamEvent::Completed { record, rest } => {
-            let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
-            vec![chunk(rest, finish, Some(views::usage(record)))]
-        }
-    }))
+    Ok(completion::sse_response(
+        running,
+        vec![],
+        move |event| match event {
+            StreamEvent::Token(text) => vec![chunk(text, Value::Null, None)],
+            StreamEvent::Completed { record, rest } => {
+                let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
+                vec![chunk(rest, finish, Some(views::usage(record)))]
+            }
+        },
+    ))
 }

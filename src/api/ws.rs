@@ -72,7 +72,10 @@ async fn connection(
             }
             Some("submit") => {
                 if tasks.len() >= MAX_TASKS_PER_CONNECTION {
-                    let err = ApiError::RateLimited(format!("{MAX_TASKS_PER_CONNECTION} on one connection"), 1);
+                    let err = ApiError::RateLimited(
+                        format!("{MAX_TASKS_PER_CONNECTION} on one connection"),
+                        1,
+                    );
                     send(&mut session, with_type(err.body(), "error", id)).await;
                     continue;
                 }
@@ -97,7 +100,9 @@ async fn connection(
                 send(&mut session, reply).await;
             }
             other => {
-                let err = ApiError::Invalid(format!("unknown message type {other:?}; use submit, cancel or ping"));
+                let err = ApiError::Invalid(format!(
+                    "unknown message type {other:?}; use submit, cancel or ping"
+                ));
                 send(&mut session, with_type(err.body(), "error", id)).await;
             }
         }
@@ -117,12 +122,19 @@ fn with_type(mut body: Value, kind: &str, id: Option<Value>) -> Value {
     body
 }
 
-async fn submit(state: &ApiState, caller: &Caller, request: Value) -> Result<completion::Running, ApiError> {
-    let body: CompletionBody =
-        serde_json::from_value(request).map_err(|e| ApiError::Invalid(format!("invalid submit message: {e}")))?;
+async fn submit(
+    state: &ApiState,
+    caller: &Caller,
+    request: Value,
+) -> Result<completion::Running, ApiError> {
+    let body: CompletionBody = serde_json::from_value(request)
+        .map_err(|e| ApiError::Invalid(format!("invalid submit message: {e}")))?;
     let sid = match body.session_id {
         Some(id) => id,
-        None => *state.default_sessions.get(&caller.owner).ok_or_else(|| ApiError::Invalid("session_id is required".into()))?,
+        None => *state
+            .default_sessions
+            .get(&caller.owner)
+            .ok_or_else(|| ApiError::Invalid("session_id is required".into()))?,
     };
     completion::start(state, caller, body.spec(sid)?, true).await
 }
@@ -131,17 +143,42 @@ async fn cancel(state: &ApiState, caller: &Caller, request: &Value) -> Result<St
     let field = |name: &str| {
         request
             .get(name)
-            .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+            .and_then(|v| {
+                v.as_u64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            })
             .ok_or_else(|| ApiError::Invalid(format!("cancel needs {name}")))
     };
-    let key = TaskKey { session_id: field("session_id")?, task_id: field("task_id")? };
-    let task = state.actors.queue.send(GetTask(key)).await?.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let key = TaskKey {
+        session_id: field("session_id")?,
+        task_id: field("task_id")?,
+    };
+    let task = state
+        .actors
+        .queue
+        .send(GetTask(key))
+        .await?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     match task {
         Some(t) if t.owner == caller.owner => {}
-        Some(_) => return Err(ApiError::Forbidden(format!("task {key} belongs to another key"))),
-        None => return Err(ApiError::NotFound("task_not_found", format!("task {key} does not exist"))),
+        Some(_) => {
+            return Err(ApiError::Forbidden(format!(
+                "task {key} belongs to another key"
+            )))
+        }
+        None => {
+            return Err(ApiError::NotFound(
+                "task_not_found",
+                format!("task {key} does not exist"),
+            ))
+        }
     }
-    let t = state.actors.queue.send(CancelTask(key)).await?.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let t = state
+        .actors
+        .queue
+        .send(CancelTask(key))
+        .await?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(t.state.name().to_string())
 }
 
@@ -165,13 +202,19 @@ async fn follow(mut running: completion::Running, mut session: actix_ws::Session
             TaskEvent::Finished(record) => {
                 running.guard.disarm();
                 let message = match task_error(&record) {
-                    Some(err) => event("failed", json!({"status": record.state.name(), "error": err.body()["error"]})),
+                    Some(err) => event(
+                        "failed",
+                        json!({"status": record.state.name(), "error": err.body()["error"]}),
+                    ),
                     None => {
                         let o = record.outcome.as_ref().expect("completed");
-                        event("completed", json!({
-                            "text": o.result.text, "finish_reason": o.result.finish_reason,
-                            "usage": views::usage(&record), "miners": o.agreeing, "status": record.state.name(),
-                        }))
+                        event(
+                            "completed",
+                            json!({
+                                "text": o.result.text, "finish_reason": o.result.finish_reason,
+                                "usage": views::usage(&record), "miners": o.agreeing, "status": record.state.name(),
+                            }),
+                        )
                     }
                 };
                 send(&mut session, message).await;

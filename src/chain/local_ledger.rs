@@ -20,14 +20,20 @@ pub struct LocalLedger {
 
 impl LocalLedger {
     pub fn new(store: Store) -> Self {
-        Self { store, cache: HashMap::new() }
+        Self {
+            store,
+            cache: HashMap::new(),
+        }
     }
 
     fn existing(&mut self, id: u64) -> Result<Session, ChainError> {
         if let Some(s) = self.cache.get(&id) {
             return Ok(s.clone());
         }
-        let session = self.store.session(id)?.ok_or(ChainError::NoSuchSession(id))?;
+        let session = self
+            .store
+            .session(id)?
+            .ok_or(ChainError::NoSuchSession(id))?;
         self.cache.insert(id, session.clone());
         Ok(session)
     }
@@ -140,7 +146,8 @@ impl Chain for LocalLedger {
                 } else {
                     0
                 };
-                self.store.add_amount(&format!("pay/{payee}"), share + extra)?;
+                self.store
+                    .add_amount(&format!("pay/{payee}"), share + extra)?;
             }
         }
         self.existing(task.session_id)

@@ -55,7 +55,10 @@ fn load(name: &str, url: &str, key: &str, body: &Value, clients: usize, seconds:
         .map(|_| {
             let (url, key, body) = (url.to_string(), key.to_string(), body.to_string());
             std::thread::spawn(move || {
-                let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+                let http = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .expect("client");
                 let (mut latencies, mut errors) = (Vec::new(), 0usize);
                 while Instant::now() < until {
                     let started = Instant::now();
@@ -96,7 +99,14 @@ fn load(name: &str, url: &str, key: &str, body: &Value, clients: usize, seconds:
 }
 
 /// The ceiling: a bare handler returning a completion-shaped JSON body.
-fn bare_server(workers: usize, response: Value) -> anyhow::Result<(String, actix_web::dev::ServerHandle, std::thread::JoinHandle<()>)> {
+fn bare_server(
+    workers: usize,
+    response: Value,
+) -> anyhow::Result<(
+    String,
+    actix_web::dev::ServerHandle,
+    std::thread::JoinHandle<()>,
+)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let url = format!("http://{}/api/v1/completions", listener.local_addr()?);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -108,7 +118,9 @@ fn bare_server(workers: usize, response: Value) -> anyhow::Result<(String, actix
                 App::new().app_data(body.clone()).route(
                     "/api/v1/completions",
                     web::post().to(|b: web::Data<String>, _req: web::Json<Value>| async move {
-                        HttpResponse::Ok().content_type("application/json").body(b.get_ref().clone())
+                        HttpResponse::Ok()
+                            .content_type("application/json")
+                            .body(b.get_ref().clone())
                     }),
                 )
             })
@@ -134,21 +146,42 @@ pub fn run(args: OrchestrateArgs) -> anyhow::Result<()> {
     let config = TestnetConfig::from_toml_str(&overlay, "bench")?;
     let tokens = args.tokens;
     let engine: crate::actors::miner::EngineFactory = Arc::new(move |_: &str| {
-        Ok(Box::new(ScriptedEngine::new(Script { length: tokens, ..Script::default() })) as Box<dyn InferenceEngine>)
+        Ok(Box::new(ScriptedEngine::new(Script {
+            length: tokens,
+            ..Script::default()
+        })) as Box<dyn InferenceEngine>)
     });
-    let storage = if args.memory_store { Storage::Temporary } else { Storage::Dir(dir.clone()) };
+    let storage = if args.memory_store {
+        Storage::Temporary
+    } else {
+        Storage::Dir(dir.clone())
+    };
     let testnet = Testnet::start(
-        TestnetOptions { config, engine, model: SCRIPTED_MODEL.into(), storage, faults: Default::default(), http_workers: args.workers },
+        TestnetOptions {
+            config,
+            engine,
+            model: SCRIPTED_MODEL.into(),
+            storage,
+            faults: Default::default(),
+            http_workers: args.workers,
+        },
         TcpListener::bind("127.0.0.1:0")?,
     )?;
     let http = reqwest::blocking::Client::new();
     let wait_until = Instant::now() + Duration::from_secs(30);
     loop {
-        let miners: Value = http.get(format!("{}/api/v1/miners", testnet.url)).bearer_auth(&testnet.api_key).send()?.json()?;
+        let miners: Value = http
+            .get(format!("{}/api/v1/miners", testnet.url))
+            .bearer_auth(&testnet.api_key)
+            .send()?
+            .json()?;
         if miners["nodes"].as_object().map(|n| n.len()).unwrap_or(0) == 3 {
             break;
         }
-        anyhow::ensure!(Instant::now() < wait_until, "the scripted miners did not come up");
+        anyhow::ensure!(
+            Instant::now() < wait_until,
+            "the scripted miners did not come up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut sessions = Vec::new();
@@ -180,15 +213,35 @@ pub fn run(args: OrchestrateArgs) -> anyhow::Result<()> {
         let body = json!({"session_id": sid, "prompt": "benchmark prompt", "max_tokens": tokens});
         // Warm-up, then the measured run; the ceiling is measured right before each.
         let _ = load("warm-up", &url, &testnet.api_key, &body, args.clients, 0.5);
-        let ceiling = load("bare actix-web handler", &bare_url, &testnet.api_key, &body, args.clients, args.seconds);
-        let ours = load(&format!("testnet, redundancy {redundant}"), &url, &testnet.api_key, &body, args.clients, args.seconds);
+        let ceiling = load(
+            "bare actix-web handler",
+            &bare_url,
+            &testnet.api_key,
+            &body,
+            args.clients,
+            args.seconds,
+        );
+        let ours = load(
+            &format!("testnet, redundancy {redundant}"),
+            &url,
+            &testnet.api_key,
+            &body,
+            args.clients,
+            args.seconds,
+        );
         results.push((ceiling, ours));
     }
-    println!("{:<28} {:>10} {:>8} {:>9} {:>9} {:>8} {:>12}", "configuration", "completed", "errors", "per s", "p50 ms", "p99 ms", "vs ceiling");
+    println!(
+        "{:<28} {:>10} {:>8} {:>9} {:>9} {:>8} {:>12}",
+        "configuration", "completed", "errors", "per s", "p50 ms", "p99 ms", "vs ceiling"
+    );
     for (ceiling, ours) in &results {
         for f in [ceiling, ours] {
             let ratio = f.per_second / ceiling.per_second * 100.0;
-            println!("{:<28} {:>10} {:>8} {:>9.0} {:>9.2} {:>8.2} {:>11.1}%", f.name, f.completed, f.errors, f.per_second, f.p50_ms, f.p99_ms, ratio);
+            println!(
+                "{:<28} {:>10} {:>8} {:>9.0} {:>9.2} {:>8.2} {:>11.1}%",
+                f.name, f.completed, f.errors, f.per_second, f.p50_ms, f.p99_ms, ratio
+            );
         }
         println!("{:<28} added p99 {:.2} ms (goal < 2 ms), throughput {:.1}% of the ceiling (goal >= 50% at redundancy 1)",
             "", ours.p99_ms - ceiling.p99_ms, ours.per_second / ceiling.per_second * 100.0);

@@ -23,7 +23,11 @@ impl Client {
             .timeout(Duration::from_secs(900))
             .build()
             .expect("a default HTTP client builds");
-        Self { base: base.trim_end_matches('/').to_string(), key: key.to_string(), http }
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            key: key.to_string(),
+            http,
+        }
     }
 
     fn check(response: reqwest::blocking::Response) -> anyhow::Result<reqwest::blocking::Response> {
@@ -38,20 +42,32 @@ impl Client {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let r = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.key).send()
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .send()
             .with_context(|| format!("cannot reach the router at {}", self.base))?;
         Ok(Self::check(r)?.json()?)
     }
 
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<reqwest::blocking::Response> {
-        let r = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.key).json(body).send()
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
             .with_context(|| format!("cannot reach the router at {}", self.base))?;
         Self::check(r)
     }
 
     pub fn online_miners(&self) -> anyhow::Result<usize> {
         let miners = self.get("/api/v1/miners")?;
-        Ok(miners["nodes"].as_object().map(|n| n.values().filter(|m| m["state"] != "offline").count()).unwrap_or(0))
+        Ok(miners["nodes"]
+            .as_object()
+            .map(|n| n.values().filter(|m| m["state"] != "offline").count())
+            .unwrap_or(0))
     }
 
     pub fn create_session(&self, redundant: u32, name: &str) -> anyhow::Result<u64> {
@@ -61,7 +77,9 @@ impl Client {
 
     pub fn create_session_with(&self, body: &Value) -> anyhow::Result<u64> {
         let created: Value = self.post("/api/v1/sessions", body)?.json()?;
-        created["session_id"].as_u64().context("the router's answer has no session_id")
+        created["session_id"]
+            .as_u64()
+            .context("the router's answer has no session_id")
     }
 
     pub fn task(&self, session: u64, task: u64) -> anyhow::Result<Value> {
@@ -69,25 +87,46 @@ impl Client {
     }
 
     /// Sends a prompt; with `stream`, writes tokens to `out` as they arrive.
-    pub fn complete(&self, session: u64, prompt: &str, max_tokens: usize, stream: bool, out: &mut dyn Write) -> anyhow::Result<Answer> {
+    pub fn complete(
+        &self,
+        session: u64,
+        prompt: &str,
+        max_tokens: usize,
+        stream: bool,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<Answer> {
         let body = json!({"session_id": session, "prompt": prompt, "max_tokens": max_tokens, "stream": stream});
         let response = self.post("/api/v1/completions", &body)?;
         if !stream {
             let v: Value = response.json()?;
-            let text = v["choices"][0]["text"].as_str().unwrap_or_default().to_string();
+            let text = v["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let _ = write!(out, "{text}");
-            return Ok(Answer { task_id: v["task_id"].as_u64().unwrap_or(0), text });
+            return Ok(Answer {
+                task_id: v["task_id"].as_u64().unwrap_or(0),
+                text,
+            });
         }
-        let mut answer = Answer { task_id: 0, text: String::new() };
+        let mut answer = Answer {
+            task_id: 0,
+            text: String::new(),
+        };
         for line in BufReader::new(response).lines() {
             let line = line?;
-            let Some(data) = line.strip_prefix("data: ") else { continue };
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 break;
             }
             let chunk: Value = serde_json::from_str(data).context("a stream chunk is not JSON")?;
             if let Some(e) = chunk.get("error") {
-                anyhow::bail!("the task failed: {}", e["message"].as_str().unwrap_or("no details"));
+                anyhow::bail!(
+                    "the task failed: {}",
+                    e["message"].as_str().unwrap_or("no details")
+                );
             }
             answer.task_id = chunk["task_id"].as_u64().unwrap_or(answer.task_id);
             if let Some(t) = chunk["choices"][0]["text"].as_str() {
@@ -158,7 +197,16 @@ pub struct PromptArgs {
 
 pub fn session(cmd: SessionCommand) -> anyhow::Result<()> {
     match cmd {
-        SessionCommand::Create { connection, name, redundant, min_nodes, max_nodes, validators, mode, deposit } => {
+        SessionCommand::Create {
+            connection,
+            name,
+            redundant,
+            min_nodes,
+            max_nodes,
+            validators,
+            mode,
+            deposit,
+        } => {
             let client = Client::new(&connection.url, &connection.key);
             let mut body = json!({
                 "name": name, "redundant": redundant, "min_num_of_nodes": min_nodes,
@@ -172,7 +220,10 @@ pub fn session(cmd: SessionCommand) -> anyhow::Result<()> {
         }
         SessionCommand::Show { connection, id } => {
             let client = Client::new(&connection.url, &connection.key);
-            println!("{}", serde_json::to_string_pretty(&client.get(&format!("/api/v1/sessions/{id}"))?)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.get(&format!("/api/v1/sessions/{id}"))?)?
+            );
         }
     }
     Ok(())
@@ -184,12 +235,21 @@ pub fn prompt(args: PromptArgs) -> anyhow::Result<()> {
         Some(s) => s,
         None => {
             let sessions = client.get("/api/v1/sessions")?;
-            sessions["sessions"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "default")).and_then(|s| s["session_id"].as_u64())
+            sessions["sessions"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == "default"))
+                .and_then(|s| s["session_id"].as_u64())
                 .context("this key has no default session; pass --session")?
         }
     };
     let mut stdout = std::io::stdout();
-    let answer = client.complete(session, &args.prompt, args.max_tokens, !args.no_stream, &mut stdout)?;
+    let answer = client.complete(
+        session,
+        &args.prompt,
+        args.max_tokens,
+        !args.no_stream,
+        &mut stdout,
+    )?;
     println!();
     eprintln!("[session {session}, task {}]", answer.task_id);
     Ok(())

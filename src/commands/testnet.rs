@@ -46,12 +46,22 @@ pub struct TestnetArgs {
 
 /// The network's name for a model file: its file name without `.gguf`.
 pub fn model_name(path: &Path) -> String {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    name.strip_suffix(".gguf")
+        .map(str::to_string)
+        .unwrap_or(name)
 }
 
 /// Every miner loads its own copy of the model on its engine thread.
-pub fn llama_factory(model: PathBuf, backend: BackendChoice, threads: usize, max_context: usize) -> EngineFactory {
+pub fn llama_factory(
+    model: PathBuf,
+    backend: BackendChoice,
+    threads: usize,
+    max_context: usize,
+) -> EngineFactory {
     Arc::new(move |_miner: &str| {
         let mut opts = EngineOptions::new(&model);
         opts.backend = backend;
@@ -80,14 +90,34 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     }
     config.validate()?;
     if args.prompt.is_some() && args.redundant as usize > config.nodes.miners {
-        anyhow::bail!("--redundant {} needs at least that many miners (--miners {})", args.redundant, config.nodes.miners);
+        anyhow::bail!(
+            "--redundant {} needs at least that many miners (--miners {})",
+            args.redundant,
+            config.nodes.miners
+        );
     }
-    let mut backend: BackendChoice = config.nodes.backend.parse().map_err(|e| anyhow::anyhow!("nodes.backend: {e}"))?;
+    let mut backend: BackendChoice = config
+        .nodes
+        .backend
+        .parse()
+        .map_err(|e| anyhow::anyhow!("nodes.backend: {e}"))?;
     if backend == BackendChoice::Auto {
         // Probe once here rather than once per miner.
-        let gpu = crate::models::backend::wgpu_adapters().into_iter().find(|a| a.is_gpu);
-        backend = if gpu.is_some() { BackendChoice::Wgpu } else { BackendChoice::Cpu };
-        eprintln!("testnet: backend auto → {}", match gpu { Some(g) => format!("wgpu on {}", g.name), None => "cpu (no GPU adapter)".into() });
+        let gpu = crate::models::backend::wgpu_adapters()
+            .into_iter()
+            .find(|a| a.is_gpu);
+        backend = if gpu.is_some() {
+            BackendChoice::Wgpu
+        } else {
+            BackendChoice::Cpu
+        };
+        eprintln!(
+            "testnet: backend auto → {}",
+            match gpu {
+                Some(g) => format!("wgpu on {}", g.name),
+                None => "cpu (no GPU adapter)".into(),
+            }
+        );
     }
     let model_path = match (args.model, config.nodes.model.as_str()) {
         (Some(p), _) => super::generate::resolve_model(Some(p))?,
@@ -95,14 +125,23 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         (None, p) => super::generate::resolve_model(Some(PathBuf::from(p)))?,
     };
     let model = model_name(&model_path);
-    let listener = TcpListener::bind(config.router.listen)
-        .with_context(|| format!("cannot listen on {} (is another testnet running? try --listen 127.0.0.1:0)", config.router.listen))?;
+    let listener = TcpListener::bind(config.router.listen).with_context(|| {
+        format!(
+            "cannot listen on {} (is another testnet running? try --listen 127.0.0.1:0)",
+            config.router.listen
+        )
+    })?;
     let miners = config.nodes.miners;
     let data_dir = config.storage.data_dir.clone();
     eprintln!("testnet: {miners} miner(s) loading {model} ({}), {} validator(s), data in {}, selection seed {}",
         model_path.display(), config.nodes.validators, data_dir.display(), config.nodes.selection_seed);
     let options = TestnetOptions {
-        engine: llama_factory(model_path, backend, config.nodes.threads_per_miner, config.nodes.max_context),
+        engine: llama_factory(
+            model_path,
+            backend,
+            config.nodes.threads_per_miner,
+            config.nodes.max_context,
+        ),
         model: model.clone(),
         storage: Storage::Dir(data_dir),
         faults: Default::default(),
@@ -116,20 +155,44 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     println!("api key: {}", testnet.api_key);
     println!("model:   {model}");
     println!("try:     curl -s {}/api/v1/completions -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"prompt\": \"Name three primary colours.\", \"max_tokens\": 48}}'", testnet.url, testnet.api_key);
-    println!("         (OpenAI-compatible: base_url {}/v1, model {model:?})", testnet.url);
+    println!(
+        "         (OpenAI-compatible: base_url {}/v1, model {model:?})",
+        testnet.url
+    );
     if let Some(prompt) = args.prompt {
-        let session = client.create_session(args.redundant, &format!("testnet --prompt (redundant {})", args.redundant))?;
+        let session = client.create_session(
+            args.redundant,
+            &format!("testnet --prompt (redundant {})", args.redundant),
+        )?;
         println!("session: {session} (redundant {})", args.redundant);
-        let answer = client.complete(session, &prompt, args.max_tokens, true, &mut std::io::stdout())?;
+        let answer = client.complete(
+            session,
+            &prompt,
+            args.max_tokens,
+            true,
+            &mut std::io::stdout(),
+        )?;
         println!();
         let task = client.task(session, answer.task_id)?;
-        println!("task {}/{}: {} by {} miner(s): {}", session, answer.task_id, task["status"],
-            task["results"]["miners"].as_array().map(Vec::len).unwrap_or(0), task["results"]["miners"]);
+        println!(
+            "task {}/{}: {} by {} miner(s): {}",
+            session,
+            answer.task_id,
+            task["status"],
+            task["results"]["miners"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0),
+            task["results"]["miners"]
+        );
         testnet.shutdown();
         return Ok(());
     }
     println!("Ctrl-C stops it.");
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(tokio::signal::ctrl_c())?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(tokio::signal::ctrl_c())?;
     eprintln!("testnet: shutting down");
     testnet.shutdown();
     Ok(())
@@ -148,7 +211,9 @@ fn wait_for_miners(client: &client::Client, miners: usize, limit: Duration) -> a
             return Ok(());
         }
         if started.elapsed() > limit {
-            anyhow::bail!("only {online} of {miners} miners became ready within {limit:?}; see the log above");
+            anyhow::bail!(
+                "only {online} of {miners} miners became ready within {limit:?}; see the log above"
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }

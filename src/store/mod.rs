@@ -97,8 +97,14 @@ impl Store {
         let thread = std::thread::Builder::new()
             .name("store-flusher".into())
             .spawn(move || flusher_thread(flusher_db, waiters))
-            .map_err(|e| StoreError::Open { path: "flusher thread".into(), message: e.to_string() })?;
-        let flusher = std::sync::Arc::new(Flusher { waiters: Some(sender), thread: Some(thread) });
+            .map_err(|e| StoreError::Open {
+                path: "flusher thread".into(),
+                message: e.to_string(),
+            })?;
+        let flusher = std::sync::Arc::new(Flusher {
+            waiters: Some(sender),
+            thread: Some(thread),
+        });
         Ok(Self {
             sessions: db.open_tree("sessions")?,
             tasks: db.open_tree("tasks")?,
@@ -141,7 +147,9 @@ impl Store {
             Some((n + 1).to_be_bytes().to_vec())
         })?;
         let bytes = value.expect("update_and_fetch returned the stored value");
-        Ok(u64::from_be_bytes(<[u8; 8]>::try_from(&bytes[..]).unwrap_or([0; 8])))
+        Ok(u64::from_be_bytes(
+            <[u8; 8]>::try_from(&bytes[..]).unwrap_or([0; 8]),
+        ))
     }
 
     pub fn put_session(&self, session: &Session) -> Result<(), StoreError> {
@@ -259,12 +267,14 @@ fn get<T: DeserializeOwned>(
 ) -> Result<Option<T>, StoreError> {
     match tree.get(key)? {
         None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt {
-                what: what.to_string(),
-                source,
-            }),
+        Some(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt {
+                    what: what.to_string(),
+                    source,
+                })
+        }
     }
 }
 

@@ -2,11 +2,11 @@
 //! produced instantly or with a delay per token, that can fail, panic or lie on demand. It lets
 //! orchestration tests run fast and exercise the edges; the shipped testnet uses the real model.
 
+use crate::models::backend::BackendKind;
 use crate::models::engine::{
     CancelToken, EngineError, EngineInfo, FinishReason, GenerateRequest, Generation,
     InferenceEngine, Prompt, Score, TokenEvent,
 };
-use crate::models::backend::BackendKind;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,10 +30,16 @@ pub struct Script {
 
 impl Script {
     pub fn panicking(times: usize) -> Self {
-        Self { panics_left: Arc::new(AtomicUsize::new(times)), ..Self::default() }
+        Self {
+            panics_left: Arc::new(AtomicUsize::new(times)),
+            ..Self::default()
+        }
     }
     pub fn slow(token_delay: Duration) -> Self {
-        Self { token_delay, ..Self::default() }
+        Self {
+            token_delay,
+            ..Self::default()
+        }
     }
 }
 
@@ -50,8 +56,16 @@ impl ScriptedEngine {
 fn prompt_text(prompt: &Prompt) -> String {
     match prompt {
         Prompt::Text(t) => t.clone(),
-        Prompt::Chat(messages) => messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"),
-        Prompt::Tokens(ids) => ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "),
+        Prompt::Chat(messages) => messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Prompt::Tokens(ids) => ids
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }
 
@@ -81,7 +95,11 @@ impl InferenceEngine for ScriptedEngine {
         if text.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        Ok(text.split_whitespace().enumerate().map(|(i, _)| i as u32).collect())
+        Ok(text
+            .split_whitespace()
+            .enumerate()
+            .map(|(i, _)| i as u32)
+            .collect())
     }
 
     fn detokenize(&self, ids: &[u32]) -> String {
@@ -111,11 +129,19 @@ impl InferenceEngine for ScriptedEngine {
         if self.script.dishonest {
             prompt.push_str("\u{0}dishonest");
         }
-        let length = if self.script.length == 0 { 8 } else { self.script.length };
+        let length = if self.script.length == 0 {
+            8
+        } else {
+            self.script.length
+        };
         let n = length.min(request.max_tokens);
         let mut text = String::new();
         let mut token_ids = Vec::with_capacity(n);
-        let mut finish_reason = if n < request.max_tokens { FinishReason::Stop } else { FinishReason::Length };
+        let mut finish_reason = if n < request.max_tokens {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
         for i in 0..n {
             if cancel.is_cancelled() {
                 finish_reason = FinishReason::Cancelled;
@@ -126,7 +152,11 @@ impl InferenceEngine for ScriptedEngine {
             }
             let word = scripted_word(&prompt, request.params.seed, i);
             let id: u32 = word[2..].parse().unwrap_or(0);
-            on_token(&TokenEvent { index: i, id, text: &word });
+            on_token(&TokenEvent {
+                index: i,
+                id,
+                text: &word,
+            });
             text.push_str(&word);
             token_ids.push(id);
         }

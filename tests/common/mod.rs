@@ -21,7 +21,12 @@ pub struct Net {
 
 /// A testnet of scripted miners: `scripts` by miner id (others get the default script),
 /// configuration overlay in TOML.
-pub fn scripted(overlay: &str, scripts: HashMap<String, Script>, faults: HashMap<String, MinerFaults>, data: &Path) -> Net {
+pub fn scripted(
+    overlay: &str,
+    scripts: HashMap<String, Script>,
+    faults: HashMap<String, MinerFaults>,
+    data: &Path,
+) -> Net {
     let config = TestnetConfig::from_toml_str(overlay, "test overlay").expect("the overlay parses");
     let scripts = Arc::new(scripts);
     let engine: EngineFactory = Arc::new(move |miner: &str| {
@@ -31,7 +36,13 @@ pub fn scripted(overlay: &str, scripts: HashMap<String, Script>, faults: HashMap
     start(config, engine, SCRIPTED_MODEL, faults, data)
 }
 
-pub fn start(config: TestnetConfig, engine: EngineFactory, model: &str, faults: HashMap<String, MinerFaults>, data: &Path) -> Net {
+pub fn start(
+    config: TestnetConfig,
+    engine: EngineFactory,
+    model: &str,
+    faults: HashMap<String, MinerFaults>,
+    data: &Path,
+) -> Net {
     let miners = config.nodes.miners;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let options = TestnetOptions {
@@ -43,9 +54,14 @@ pub fn start(config: TestnetConfig, engine: EngineFactory, model: &str, faults: 
         http_workers: 2,
     };
     let testnet = Testnet::start(options, listener).expect("the testnet starts");
-    let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
     let net = Net { testnet, http };
-    net.wait_for(Duration::from_secs(300), "all miners online", |n| n.online_miners() >= miners);
+    net.wait_for(Duration::from_secs(300), "all miners online", |n| {
+        n.online_miners() >= miners
+    });
     net
 }
 
@@ -55,20 +71,34 @@ impl Net {
     }
 
     pub fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(self.url(path)).bearer_auth(&self.testnet.api_key).send().expect("GET");
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.testnet.api_key)
+            .send()
+            .expect("GET");
         let status = r.status().as_u16();
         (status, r.json().unwrap_or(Value::Null))
     }
 
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.post(self.url(path)).bearer_auth(&self.testnet.api_key).json(body).send().expect("POST");
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.testnet.api_key)
+            .json(body)
+            .send()
+            .expect("POST");
         let status = r.status().as_u16();
         (status, r.json().unwrap_or(Value::Null))
     }
 
     pub fn online_miners(&self) -> usize {
         let (_, v) = self.get("/api/v1/miners");
-        v["nodes"].as_object().map(|n| n.values().filter(|m| m["state"] != "offline").count()).unwrap_or(0)
+        v["nodes"]
+            .as_object()
+            .map(|n| n.values().filter(|m| m["state"] != "offline").count())
+            .unwrap_or(0)
     }
 
     /// Creates a session; returns its id.
@@ -94,7 +124,10 @@ impl Net {
     pub fn wait_for(&self, limit: Duration, what: &str, mut ok: impl FnMut(&Net) -> bool) {
         let start = Instant::now();
         while !ok(self) {
-            assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for: {what}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -106,28 +139,46 @@ impl Net {
             if status == 200 && v["status"] == state {
                 return v;
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "task {sid}/{tid} never reached {state}: {v}");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "task {sid}/{tid} never reached {state}: {v}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn metrics(&self) -> String {
-        self.http.get(self.url("/metrics")).send().unwrap().text().unwrap()
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
     }
 
     /// The value of one metric line, e.g. `cortensor_rejected_reveals_total`.
     pub fn metric(&self, name: &str) -> f64 {
         let text = self.metrics();
         text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .map(|v| v.trim().parse().unwrap())
+            })
             .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
     }
 }
 
 pub fn faults(entries: &[(&str, MinerFaults)]) -> HashMap<String, MinerFaults> {
-    entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 pub fn scripts(entries: &[(&str, Script)]) -> HashMap<String, Script> {
-    entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
