@@ -48,7 +48,7 @@ impl StopField {
 }
 
 /// Sampling fields as clients send them, before validation.
-#[derive(Default, Debug, Clone)]
+#[derive(Default, Debug, Clone, Deserialize)]
 pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,

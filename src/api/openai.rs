@@ -103,13 +103,8 @@ struct Common {
     model: String,
     max_tokens: Option<usize>,
     max_completion_tokens: Option<usize>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<usize>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    repeat_penalty: Option<f32>,
-    seed: Option<u64>,
+    #[serde(flatten)]
+    sampling: SamplingFields,
     stop: Option<StopField>,
     #[serde(default)]
     stream: bool,
@@ -156,20 +151,11 @@ impl Common {
                 "n must be 1: each task returns one validated choice".into(),
             ));
         }
-        let sampling = SamplingFields {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repeat_penalty: self.repeat_penalty,
-            seed: self.seed,
-        };
         Ok(TaskSpec {
             session_id,
             request: GenerateRequest {
                 prompt,
-                params: sampling.params(OPENAI_DEFAULT_TEMPERATURE)?,
+                params: self.sampling.params(OPENAI_DEFAULT_TEMPERATURE)?,
                 max_tokens: self
                     .max_completion_tokens
                     .or(self.max_tokens)
@@ -181,7 +167,7 @@ impl Common {
                     .transpose()?
                     .unwrap_or_default(),
             },
-            explicit_seed: self.seed.is_some(),
+            explicit_seed: self.sampling.seed.is_some(),
             timeout: None,
             precommit_timeout: None,
             client_reference: None,

@@ -307,14 +307,9 @@ pub struct CompletionBody {
     pub precommit_timeout: Option<f64>,
     pub client_reference: Option<String>,
     pub max_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repeat_penalty: Option<f32>,
     pub stop: Option<StopField>,
-    pub seed: Option<u64>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
 }
 
 /// Defaults of the router API where a request is silent.
@@ -345,20 +340,11 @@ impl CompletionBody {
     }
 
     pub fn spec(self, session_id: u64) -> Result<TaskSpec, ApiError> {
-        let sampling = SamplingFields {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repeat_penalty: self.repeat_penalty,
-            seed: self.seed,
-        };
         Ok(TaskSpec {
             session_id,
             request: GenerateRequest {
                 prompt: self.prompt()?,
-                params: sampling.params(DEFAULT_TEMPERATURE)?,
+                params: self.sampling.params(DEFAULT_TEMPERATURE)?,
                 max_tokens: self.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
                 stop: self
                     .stop
@@ -366,7 +352,7 @@ impl CompletionBody {
                     .transpose()?
                     .unwrap_or_default(),
             },
-            explicit_seed: self.seed.is_some(),
+            explicit_seed: self.sampling.seed.is_some(),
             timeout: completion::seconds_field("timeout", self.timeout)?,
             precommit_timeout: completion::seconds_field(
                 "precommit_timeout",
