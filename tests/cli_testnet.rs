@@ -67,6 +67,18 @@ fn bad_configuration_is_named_in_the_error() {
         &["prompt", "--url", "http://127.0.0.1:1", "hello"],
         "cannot reach the router",
     );
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model").unwrap();
+    fails_naming(
+        &[
+            "testnet",
+            "--model",
+            junk.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "junk.gguf",
+    );
 }
 
 #[test]

@@ -23,6 +23,9 @@ pub type EngineFactory =
 
 /// Longest wait before an engine is restarted (the back-off doubles from 100 ms up to this).
 pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(5);
+/// Engine failures in a row (without it becoming ready in between) after which the miner stops
+/// trying: a model that cannot load will not load on the ninth attempt either.
+pub const MAX_FAILURES_IN_A_ROW: u32 = 8;
 
 /// Protocol-level misbehaviour, for fault-injection tests. All off for a real miner.
 #[derive(Clone, Debug, Default)]
@@ -71,6 +74,8 @@ pub struct Miner {
     /// Bumped on every restart, so events from an old engine thread are ignored.
     generation: u64,
     restarts: u32,
+    /// Crashes since the engine was last ready; drives the back-off and the give-up.
+    failures_in_a_row: u32,
     ready: bool,
 }
 
@@ -90,6 +95,7 @@ impl Miner {
             held: HashMap::new(),
             generation: 0,
             restarts: 0,
+            failures_in_a_row: 0,
             ready: false,
         }
     }
@@ -130,11 +136,14 @@ impl Actor for Miner {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        if self.restarts == 0 {
+        if self.failures_in_a_row == 0 {
             self.spawn_engine(ctx);
+        } else if self.failures_in_a_row > MAX_FAILURES_IN_A_ROW {
+            tracing::error!(miner = %self.spec.id, failures = self.failures_in_a_row, "the engine keeps failing: this miner gives up and stays offline");
+            return;
         } else {
-            let backoff =
-                Duration::from_millis(100u64 << self.restarts.min(6)).min(MAX_RESTART_BACKOFF);
+            let backoff = Duration::from_millis(100u64 << self.failures_in_a_row.min(6))
+                .min(MAX_RESTART_BACKOFF);
             tracing::warn!(miner = %self.spec.id, restarts = self.restarts, ?backoff, "restarting the engine");
             ctx.run_later(backoff, |miner, ctx| miner.spawn_engine(ctx));
         }
@@ -294,6 +303,7 @@ impl Handler<EngineEvent> for Miner {
             EngineEvent::Ready { model, backend, .. } => {
                 tracing::info!(miner = %self.spec.id, engine = %model, %backend, "engine ready");
                 self.ready = true;
+                self.failures_in_a_row = 0;
                 self.pool.do_send(Register {
                     id: self.spec.id.clone(),
                     model: self.spec.model.clone(),
@@ -327,6 +337,7 @@ impl Handler<EngineEvent> for Miner {
             }
             EngineEvent::Crashed { message, .. } => {
                 tracing::error!(miner = %self.spec.id, %message, "engine crashed");
+                self.failures_in_a_row += 1;
                 let keys: Vec<TaskKey> = self.held.keys().copied().collect();
                 for key in keys {
                     self.report(

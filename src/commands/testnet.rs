@@ -125,6 +125,16 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         (None, p) => super::generate::resolve_model(Some(PathBuf::from(p)))?,
     };
     let model = model_name(&model_path);
+    // Load it once here: a file that cannot load fails now, with its reason, instead of every
+    // miner failing in the background.
+    {
+        let mut opts = EngineOptions::new(&model_path);
+        opts.backend = backend;
+        opts.threads = config.nodes.threads_per_miner;
+        opts.max_context = config.nodes.max_context;
+        LlamaEngine::load(&opts)
+            .with_context(|| format!("loading the model {}", model_path.display()))?;
+    }
     let listener = TcpListener::bind(config.router.listen).with_context(|| {
         format!(
             "cannot listen on {} (is another testnet running? try --listen 127.0.0.1:0)",
