@@ -35,7 +35,7 @@ impl From<ChainError> for SubmitError {
                 SubmitError::InsufficientBalance(e.to_string())
             }
             ChainError::InvalidParams(m) => SubmitError::Invalid(m),
-            ChainError::Store(_) => SubmitError::Internal(e.to_string()),
+            ChainError::Store(_) | ChainError::Evm(_) => SubmitError::Internal(e.to_string()),
         }
     }
 }

@@ -3,6 +3,9 @@
 //! the same semantics. **Invariant:** only this module knows how (and where) the chain keeps
 //! its state; callers see `Session` values and typed errors.
 
+pub mod anvil;
+pub mod contracts;
+pub mod deploy;
 pub mod local_ledger;
 
 use crate::session::{Session, SessionParams};
@@ -23,6 +26,8 @@ pub enum ChainError {
     InvalidParams(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("EVM: {0}")]
+    Evm(String),
 }
 
 /// What the network's contracts do for us, in one interface.

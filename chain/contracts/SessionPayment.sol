@@ -1,0 +1,127 @@
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.37;
+
+import "./Roles.sol";
+
+/// Session money (Cortensor's SessionPayment): deposits into sessions, holds for running tasks,
+/// payment from a session to the network, allocation of the network's balance to nodes, and
+/// withdrawal by the nodes themselves.
+///
+/// Conservation, at every point: totalDeposited ==
+///     sum(sessionBalances) + sum(sessionHeld) + totalNetworkBalance + sum(nodePendingPayments)
+///     + totalWithdrawn.
+/// `settleBatch` settles many tasks in one transaction (batch settlement); each task key is
+/// settled at most once.
+contract SessionPayment is Roles {
+    mapping(uint256 => uint256) public sessionBalances;
+    mapping(uint256 => uint256) public sessionHeld;
+    mapping(uint256 => uint256) public sessionNetworkUsage;
+    mapping(address => uint256) public nodePendingPayments;
+    mapping(bytes32 => bool) public settled;
+    uint256 public totalNetworkBalance;
+    uint256 public totalDeposited;
+    uint256 public totalWithdrawn;
+
+    event Deposited(uint256 indexed sessionId, address indexed from, uint256 amount);
+    event Held(uint256 indexed sessionId, uint256 amount);
+    event HoldReleased(uint256 indexed sessionId, uint256 amount);
+    event PaidToNetwork(uint256 indexed sessionId, uint256 amount);
+    event NodePaymentAllocated(address indexed node, uint256 amount);
+    event NodePaymentWithdrawn(address indexed node, uint256 amount);
+    event BatchSettled(bytes32 indexed root, uint256 tasks, uint256 charged);
+
+    error InsufficientBalance(uint256 sessionId, uint256 needed, uint256 available);
+    error InsufficientNetworkBalance(uint256 needed, uint256 available);
+    error LengthMismatch();
+    error NothingToWithdraw();
+    error TransferFailed();
+
+    function depositToSession(uint256 sessionId) external payable {
+        sessionBalances[sessionId] += msg.value;
+        totalDeposited += msg.value;
+        emit Deposited(sessionId, msg.sender, msg.value);
+    }
+
+    /// Moves `amount` of a session's balance to its held funds (a task's budget).
+    function hold(uint256 sessionId, uint256 amount) public onlyRole(SESSION_CONTRACT) {
+        uint256 available = sessionBalances[sessionId];
+        if (available < amount) revert InsufficientBalance(sessionId, amount, available);
+        sessionBalances[sessionId] = available - amount;
+        sessionHeld[sessionId] += amount;
+        emit Held(sessionId, amount);
+    }
+
+    function releaseHold(uint256 sessionId, uint256 amount) external onlyRole(SESSION_CONTRACT) {
+        _release(sessionId, amount, 0);
+    }
+
+    /// Pays `amount` from a session's balance to the network (unallocated until allocated).
+    function payFromSessionToNetwork(uint256 sessionId, uint256 amount) external onlyRole(SESSION_CONTRACT) {
+        uint256 available = sessionBalances[sessionId];
+        if (available < amount) revert InsufficientBalance(sessionId, amount, available);
+        sessionBalances[sessionId] = available - amount;
+        sessionNetworkUsage[sessionId] += amount;
+        totalNetworkBalance += amount;
+        emit PaidToNetwork(sessionId, amount);
+    }
+
+    /// Allocates the network's balance to nodes' pending payments.
+    function allocateNodePayments(address[] calldata nodes, uint256[] calldata amounts) public onlyRole(SESSION_CONTRACT) {
+        if (nodes.length != amounts.length) revert LengthMismatch();
+        for (uint256 i = 0; i < nodes.length; i++) {
+            if (totalNetworkBalance < amounts[i]) revert InsufficientNetworkBalance(amounts[i], totalNetworkBalance);
+            totalNetworkBalance -= amounts[i];
+            nodePendingPayments[nodes[i]] += amounts[i];
+            emit NodePaymentAllocated(nodes[i], amounts[i]);
+        }
+    }
+
+    /// A node collects what it has earned; only the node itself can.
+    function withdrawNodePayment() external {
+        uint256 amount = nodePendingPayments[msg.sender];
+        if (amount == 0) revert NothingToWithdraw();
+        nodePendingPayments[msg.sender] = 0;
+        totalWithdrawn += amount;
+        emit NodePaymentWithdrawn(msg.sender, amount);
+        (bool ok, ) = msg.sender.call{value: amount}("");
+        if (!ok) revert TransferFailed();
+    }
+
+    /// Settles many tasks at once: for each task key, its hold ends and `charges[i]` of it goes
+    /// to the network; then the network's new balance is allocated to `nodes`. `root` commits to
+    /// the batch's results (a Merkle root) and is only logged. A key settled before is skipped.
+    function settleBatch(
+        bytes32 root,
+        bytes32[] calldata taskKeys,
+        uint256[] calldata sessionIds,
+        uint256[] calldata holds,
+        uint256[] calldata charges,
+        address[] calldata nodes,
+        uint256[] calldata amounts
+    ) external onlyRole(SESSION_CONTRACT) {
+        uint256 n = taskKeys.length;
+        if (sessionIds.length != n || holds.length != n || charges.length != n) revert LengthMismatch();
+        uint256 charged;
+        for (uint256 i = 0; i < n; i++) {
+            if (settled[taskKeys[i]]) continue;
+            settled[taskKeys[i]] = true;
+            _release(sessionIds[i], holds[i], charges[i]);
+            charged += charges[i] < holds[i] ? charges[i] : holds[i];
+        }
+        allocateNodePayments(nodes, amounts);
+        emit BatchSettled(root, n, charged);
+    }
+
+    /// Ends a hold: `charge` (at most the hold) goes to the network, the rest back to the balance.
+    function _release(uint256 sessionId, uint256 amount, uint256 charge) internal {
+        uint256 held = sessionHeld[sessionId];
+        if (amount > held) amount = held;
+        if (charge > amount) charge = amount;
+        sessionHeld[sessionId] = held - amount;
+        sessionBalances[sessionId] += amount - charge;
+        sessionNetworkUsage[sessionId] += charge;
+        totalNetworkBalance += charge;
+        emit HoldReleased(sessionId, amount);
+        if (charge > 0) emit PaidToNetwork(sessionId, charge);
+    }
+}

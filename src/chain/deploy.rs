@@ -1,0 +1,131 @@
+//! Deploys Cortensor's contracts and wires their roles: the session registry may hold and enqueue
+//! (SESSION_CONTRACT on payment and queue); routers and reporters are granted per operator.
+
+use super::contracts::{NodePool, NodeReputation, SessionPayment, SessionQueueV2, SessionV2};
+use super::ChainError;
+use ethers::prelude::*;
+use std::sync::Arc;
+
+/// Where the contracts live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Deployment {
+    pub payment: Address,
+    pub queue: Address,
+    pub sessions: Address,
+    pub nodes: Address,
+    pub reputation: Address,
+}
+
+/// Successes in a row that raise a node's level, failures in a row that lower it.
+pub const UPGRADE_STREAK: u64 = 5;
+pub const DOWNGRADE_STREAK: u64 = 2;
+
+fn evm<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> ChainError + '_ {
+    move |e| ChainError::Evm(format!("{what}: {e}"))
+}
+
+pub fn role(name: &str) -> [u8; 32] {
+    ethers::utils::keccak256(name.as_bytes())
+}
+
+impl Deployment {
+    /// Deploys every contract from `client`'s account (which becomes their ADMIN).
+    pub async fn deploy<M: Middleware + 'static>(
+        client: Arc<M>,
+        price_per_token: U256,
+        min_stake: U256,
+    ) -> Result<Self, ChainError> {
+        let payment = SessionPayment::deploy(client.clone(), ())
+            .map_err(evm("SessionPayment"))?
+            .send()
+            .await
+            .map_err(evm("deploying SessionPayment"))?;
+        let queue = SessionQueueV2::deploy(client.clone(), ())
+            .map_err(evm("SessionQueueV2"))?
+            .send()
+            .await
+            .map_err(evm("deploying SessionQueueV2"))?;
+        let sessions = SessionV2::deploy(
+            client.clone(),
+            (queue.address(), payment.address(), price_per_token),
+        )
+        .map_err(evm("SessionV2"))?
+        .send()
+        .await
+        .map_err(evm("deploying SessionV2"))?;
+        let nodes = NodePool::deploy(client.clone(), min_stake)
+            .map_err(evm("NodePool"))?
+            .send()
+            .await
+            .map_err(evm("deploying NodePool"))?;
+        let reputation = NodeReputation::deploy(client.clone(), (UPGRADE_STREAK, DOWNGRADE_STREAK))
+            .map_err(evm("NodeReputation"))?
+            .send()
+            .await
+            .map_err(evm("deploying NodeReputation"))?;
+        let session_contract = role("SESSION_CONTRACT");
+        payment
+            .grant_role(session_contract, sessions.address())
+            .send()
+            .await
+            .map_err(evm("granting SESSION_CONTRACT on payment"))?
+            .await
+            .map_err(evm("granting SESSION_CONTRACT on payment"))?;
+        queue
+            .grant_role(session_contract, sessions.address())
+            .send()
+            .await
+            .map_err(evm("granting SESSION_CONTRACT on the queue"))?
+            .await
+            .map_err(evm("granting SESSION_CONTRACT on the queue"))?;
+        Ok(Self {
+            payment: payment.address(),
+            queue: queue.address(),
+            sessions: sessions.address(),
+            nodes: nodes.address(),
+            reputation: reputation.address(),
+        })
+    }
+
+    /// Lets `router` assign and end tasks, move nodes, and settle payments.
+    pub async fn grant_router<M: Middleware + 'static>(
+        &self,
+        admin: Arc<M>,
+        router: Address,
+    ) -> Result<(), ChainError> {
+        let r = role("ROUTER");
+        let queue = SessionQueueV2::new(self.queue, admin.clone());
+        queue
+            .grant_role(r, router)
+            .send()
+            .await
+            .map_err(evm("granting ROUTER"))?
+            .await
+            .map_err(evm("granting ROUTER"))?;
+        let nodes = NodePool::new(self.nodes, admin.clone());
+        nodes
+            .grant_role(r, router)
+            .send()
+            .await
+            .map_err(evm("granting ROUTER"))?
+            .await
+            .map_err(evm("granting ROUTER"))?;
+        let payment = SessionPayment::new(self.payment, admin.clone());
+        payment
+            .grant_role(role("SESSION_CONTRACT"), router)
+            .send()
+            .await
+            .map_err(evm("granting settlement"))?
+            .await
+            .map_err(evm("granting settlement"))?;
+        let reputation = NodeReputation::new(self.reputation, admin);
+        reputation
+            .grant_role(role("REPORTER"), router)
+            .send()
+            .await
+            .map_err(evm("granting REPORTER"))?
+            .await
+            .map_err(evm("granting REPORTER"))?;
+        Ok(())
+    }
+}
