@@ -6,7 +6,7 @@
 //! before that flush loses the task and its hold together, or the end and its settlement
 //! together, and the task is resumed and settled once.
 
-use super::{Chain, ChainError};
+use super::{split_payment, Chain, ChainError};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
 use crate::task::{now_ms, TaskKey};
@@ -128,26 +128,17 @@ impl Chain for LocalLedger {
         payees: &[String],
     ) -> Result<Session, ChainError> {
         let mut session = self.existing(task.session_id)?;
-        let charge = charge.min(hold);
         let hold = hold.min(session.held);
+        let charged = charge.min(hold);
         session.held -= hold;
-        session.balance += hold - charge.min(hold);
-        session.spent += charge.min(hold);
+        session.balance += hold - charged;
+        session.spent += charged;
         let marker = format!("settled/{}/{}", task.session_id, task.task_id);
         let first_time = self.store.put_session_once(&session, &marker)?;
         self.cache.remove(&task.session_id); // re-read: a repeat left the stored one as it was
-        if first_time && !payees.is_empty() {
-            let share = charge / payees.len() as u64;
-            let mut rest = charge % payees.len() as u64;
-            for payee in payees {
-                let extra = if rest > 0 {
-                    rest -= 1;
-                    1
-                } else {
-                    0
-                };
-                self.store
-                    .add_amount(&format!("pay/{payee}"), share + extra)?;
+        if first_time {
+            for (payee, amount) in payees.iter().zip(split_payment(charged, payees.len())) {
+                self.store.add_amount(&format!("pay/{payee}"), amount)?;
             }
         }
         self.existing(task.session_id)

@@ -6,6 +6,7 @@
 pub mod anvil;
 pub mod contracts;
 pub mod deploy;
+pub mod evm;
 pub mod local_ledger;
 
 use crate::session::{Session, SessionParams};
@@ -28,6 +29,17 @@ pub enum ChainError {
     Store(#[from] StoreError),
     #[error("EVM: {0}")]
     Evm(String),
+}
+
+/// How a settled charge is split among the nodes that earned it: equal shares, the remainder
+/// one unit each to the first ones. Both implementations use it, so they agree to the unit.
+pub fn split_payment(amount: u64, payees: usize) -> Vec<u64> {
+    if payees == 0 {
+        return Vec::new();
+    }
+    let share = amount / payees as u64;
+    let rest = (amount % payees as u64) as usize;
+    (0..payees).map(|i| share + u64::from(i < rest)).collect()
 }
 
 /// What the network's contracts do for us, in one interface.

@@ -1,0 +1,461 @@
+//! `EvmChain`: the [`Chain`] semantics on Cortensor's contracts, through ethers, on anvil or any
+//! EVM node. The router's wallet creates sessions (the API-level owner is kept in the session's
+//! metadata), is each session's router, and holds and settles through `SessionPayment`.
+//! Nodes without a wallet of their own are paid at a pseudo-address derived from their id.
+//!
+//! `Chain` is synchronous; ethers is async. Calls go to a thread of this chain's own that runs
+//! a tokio runtime, and the caller blocks on the answer: run the chain bridge on an arbiter of
+//! its own when it holds an `EvmChain`.
+
+use super::contracts::session_payment::SessionPaymentErrors;
+use super::contracts::session_v2::{Params, SessionV2Errors};
+use super::contracts::{SessionPayment, SessionV2};
+use super::deploy::Deployment;
+use super::{split_payment, Chain, ChainError};
+use crate::session::{Session, SessionMode, SessionParams, Sla};
+use crate::task::TaskKey;
+use ethers::abi::AbiEncode;
+use ethers::contract::ContractError;
+use ethers::prelude::*;
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Anvil's first development account (its well-known key): funded on every fresh anvil.
+pub const ANVIL_DEV_KEY: &str =
+    "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+/// How often receipts are polled.
+pub const RECEIPT_POLL: Duration = Duration::from_millis(20);
+/// Sends of one transaction at most (the first try and retries with back-off).
+pub const MAX_SEND_ATTEMPTS: u32 = 4;
+
+type Client = SignerMiddleware<Provider<Http>, LocalWallet>;
+type Job = Box<dyn FnOnce(Arc<Client>, Deployment) -> BoxFuture<'static, ()> + Send>;
+
+pub struct EvmChain {
+    jobs: std::sync::mpsc::Sender<Job>,
+    pub deployment: Deployment,
+    pub address: Address,
+}
+
+fn evm<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> ChainError {
+    move |e| ChainError::Evm(format!("{what}: {e}"))
+}
+
+/// The address a node id is paid at when it has no wallet of its own.
+pub fn node_address(node: &str) -> Address {
+    if let Ok(a) = node.parse::<Address>() {
+        return a;
+    }
+    Address::from_slice(
+        &ethers::utils::keccak256(format!("cortensor-node:{node}").as_bytes())[12..],
+    )
+}
+
+fn client(url: &str, key: &str) -> Result<(Arc<Client>, u64), ChainError> {
+    let provider = Provider::<Http>::try_from(url)
+        .map_err(evm("the RPC URL"))?
+        .interval(RECEIPT_POLL);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(evm("runtime"))?;
+    let chain_id = rt
+        .block_on(provider.get_chainid())
+        .map_err(evm("eth_chainId"))?
+        .as_u64();
+    let wallet: LocalWallet = key
+        .parse::<LocalWallet>()
+        .map_err(evm("the private key"))?
+        .with_chain_id(chain_id);
+    Ok((Arc::new(SignerMiddleware::new(provider, wallet)), chain_id))
+}
+
+impl EvmChain {
+    /// Deploys fresh contracts from `key`'s account (which becomes their admin and the router).
+    pub fn deploy(url: &str, key: &str, price_per_token: u64) -> Result<Self, ChainError> {
+        let (c, _) = client(url, key)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(evm("runtime"))?;
+        let deployment = rt.block_on(async {
+            let d =
+                Deployment::deploy(c.clone(), U256::from(price_per_token), U256::exp10(15)).await?;
+            d.grant_router(c.clone(), c.address()).await?;
+            Ok::<_, ChainError>(d)
+        })?;
+        drop(rt);
+        Self::attach(url, key, deployment)
+    }
+
+    /// Uses contracts already deployed at `deployment`.
+    pub fn attach(url: &str, key: &str, deployment: Deployment) -> Result<Self, ChainError> {
+        let (c, _) = client(url, key)?;
+        let address = c.address();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("evm-chain".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                while let Ok(job) = rx.recv() {
+                    rt.block_on(job(c.clone(), deployment));
+                }
+            })
+            .map_err(evm("the chain thread"))?;
+        Ok(Self {
+            jobs: tx,
+            deployment,
+            address,
+        })
+    }
+
+    /// Runs `f` on the chain's thread and waits for its answer.
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Arc<Client>, Deployment) -> BoxFuture<'static, Result<T, ChainError>>
+            + Send
+            + 'static,
+    ) -> Result<T, ChainError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job: Job = Box::new(move |c, d| {
+            Box::pin(async move {
+                let _ = tx.send(f(c, d).await);
+            })
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| ChainError::Evm("the chain thread stopped".into()))?;
+        rx.recv()
+            .map_err(|_| ChainError::Evm("the chain thread stopped".into()))?
+    }
+}
+
+/// Sends a transaction and waits for its receipt, retrying transport failures with back-off;
+/// a revert is returned at once.
+async fn send<D: ethers::abi::Detokenize + Send + Sync>(
+    what: &'static str,
+    call: ContractCall<Client, D>,
+) -> Result<TransactionReceipt, ContractError<Client>> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match call.send().await {
+            Ok(pending) => match pending.await {
+                Ok(Some(receipt)) => return Ok(receipt),
+                Ok(None) => {
+                    return Err(ContractError::ProviderError {
+                        e: ProviderError::CustomError(format!(
+                            "{what}: the transaction was dropped"
+                        )),
+                    })
+                }
+                Err(e) => return Err(ContractError::ProviderError { e }),
+            },
+            Err(e) if e.as_revert().is_some() || attempt >= MAX_SEND_ATTEMPTS => return Err(e),
+            Err(e) => {
+                tracing::warn!(%what, attempt, error = %e, "sending failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+        }
+    }
+}
+
+/// Maps a contract error to the chain's typed errors.
+fn chain_error(session_id: u64, e: ContractError<Client>) -> ChainError {
+    if let Some(p) = e.decode_contract_revert::<SessionPaymentErrors>() {
+        if let SessionPaymentErrors::InsufficientBalance(b) = p {
+            return ChainError::InsufficientBalance {
+                session_id,
+                needed: b.needed.as_u64(),
+                available: b.available.as_u64(),
+            };
+        }
+        return ChainError::Evm(format!("SessionPayment reverted: {p:?}"));
+    }
+    if let Some(s) = e.decode_contract_revert::<SessionV2Errors>() {
+        return match s {
+            SessionV2Errors::NoSuchSession(_) => ChainError::NoSuchSession(session_id),
+            SessionV2Errors::InvalidParams(p) => ChainError::InvalidParams(p.reason),
+            other => ChainError::Evm(format!("SessionV2 reverted: {other:?}")),
+        };
+    }
+    ChainError::Evm(e.to_string())
+}
+
+fn to_params(owner: &str, p: &SessionParams) -> Params {
+    let metadata = serde_json::json!({"owner": owner, "metadata": p.metadata}).to_string();
+    Params {
+        name: p.name.clone(),
+        metadata,
+        variable_address: Address::zero(),
+        min_num_of_nodes: p.min_num_of_nodes,
+        max_num_of_nodes: p.max_num_of_nodes,
+        redundant: p.redundant,
+        num_of_validator_nodes: p.num_of_validator_nodes,
+        mode: p.mode.into(),
+        reserve_ephemeral_nodes: p.reserve_ephemeral_nodes,
+        sla: p.sla.into(),
+        model_identifier: p.model_identifier,
+        reserve_period: p.reserve_period,
+        max_task_execution_count: p.max_task_execution_count,
+    }
+}
+
+async fn read_session(
+    c: Arc<Client>,
+    d: Deployment,
+    id: u64,
+) -> Result<Option<Session>, ChainError> {
+    let sessions = SessionV2::new(d.sessions, c.clone());
+    let s = match sessions.get_session(U256::from(id)).call().await {
+        Ok(s) => s,
+        Err(e) => {
+            return match chain_error(id, e) {
+                ChainError::NoSuchSession(_) => Ok(None),
+                other => Err(other),
+            }
+        }
+    };
+    let payment = SessionPayment::new(d.payment, c);
+    let sid = U256::from(id);
+    let balance = payment
+        .session_balances(sid)
+        .call()
+        .await
+        .map_err(|e| chain_error(id, e))?
+        .as_u64();
+    let held = payment
+        .session_held(sid)
+        .call()
+        .await
+        .map_err(|e| chain_error(id, e))?
+        .as_u64();
+    let spent = payment
+        .session_network_usage(sid)
+        .call()
+        .await
+        .map_err(|e| chain_error(id, e))?
+        .as_u64();
+    let meta: serde_json::Value = serde_json::from_str(&s.params.metadata).unwrap_or_default();
+    let p = s.params;
+    Ok(Some(Session {
+        id,
+        owner: meta["owner"].as_str().unwrap_or_default().to_string(),
+        params: SessionParams {
+            name: p.name,
+            metadata: meta["metadata"].as_str().unwrap_or_default().to_string(),
+            min_num_of_nodes: p.min_num_of_nodes,
+            max_num_of_nodes: p.max_num_of_nodes,
+            redundant: p.redundant,
+            num_of_validator_nodes: p.num_of_validator_nodes,
+            mode: SessionMode::try_from(p.mode).unwrap_or_default(),
+            reserve_ephemeral_nodes: p.reserve_ephemeral_nodes,
+            sla: Sla::try_from(p.sla).unwrap_or_default(),
+            model_identifier: p.model_identifier,
+            reserve_period: p.reserve_period,
+            max_task_execution_count: p.max_task_execution_count,
+        },
+        created_at_ms: s.created_at.as_u64() * 1000,
+        deposit: balance + held + spent,
+        balance,
+        held,
+        spent,
+        tasks_submitted: 0,
+    }))
+}
+
+async fn existing(c: Arc<Client>, d: Deployment, id: u64) -> Result<Session, ChainError> {
+    read_session(c, d, id)
+        .await?
+        .ok_or(ChainError::NoSuchSession(id))
+}
+
+impl Chain for EvmChain {
+    fn create_session(
+        &mut self,
+        owner: &str,
+        params: SessionParams,
+        deposit: u64,
+    ) -> Result<Session, ChainError> {
+        params.validate().map_err(ChainError::InvalidParams)?;
+        let p = to_params(owner, &params);
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let sessions = SessionV2::new(d.sessions, c.clone());
+                let receipt = send("create", sessions.create(p))
+                    .await
+                    .map_err(|e| chain_error(0, e))?;
+                let id = receipt
+                    .logs
+                    .iter()
+                    .find_map(|l| {
+                        sessions
+                            .decode_event::<super::contracts::session_v2::SessionCreatedFilter>(
+                                "SessionCreated",
+                                l.topics.clone(),
+                                l.data.clone(),
+                            )
+                            .ok()
+                    })
+                    .ok_or_else(|| ChainError::Evm("no SessionCreated event".into()))?
+                    .session_id;
+                send("addRouter", sessions.add_router(id, c.address()))
+                    .await
+                    .map_err(|e| chain_error(id.as_u64(), e))?;
+                if deposit > 0 {
+                    let payment = SessionPayment::new(d.payment, c.clone());
+                    send(
+                        "depositToSession",
+                        payment.deposit_to_session(id).value(deposit),
+                    )
+                    .await
+                    .map_err(|e| chain_error(id.as_u64(), e))?;
+                }
+                existing(c, d, id.as_u64()).await
+            })
+        })
+    }
+
+    fn session(&mut self, id: u64) -> Result<Option<Session>, ChainError> {
+        self.call(move |c, d| Box::pin(read_session(c, d, id)))
+    }
+
+    fn sessions(&self) -> Result<Vec<Session>, ChainError> {
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let count = SessionV2::new(d.sessions, c.clone())
+                    .session_count()
+                    .call()
+                    .await
+                    .map_err(|e| chain_error(0, e))?
+                    .as_u64();
+                let mut out = Vec::new();
+                for id in 1..=count {
+                    if let Some(s) = read_session(c.clone(), d, id).await? {
+                        out.push(s);
+                    }
+                }
+                Ok(out)
+            })
+        })
+    }
+
+    fn deposit(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
+        self.call(move |c, d| {
+            Box::pin(async move {
+                existing(c.clone(), d, session_id).await?;
+                let payment = SessionPayment::new(d.payment, c.clone());
+                send(
+                    "depositToSession",
+                    payment
+                        .deposit_to_session(U256::from(session_id))
+                        .value(amount),
+                )
+                .await
+                .map_err(|e| chain_error(session_id, e))?;
+                existing(c, d, session_id).await
+            })
+        })
+    }
+
+    fn hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
+        self.call(move |c, d| {
+            Box::pin(async move {
+                existing(c.clone(), d, session_id).await?;
+                let payment = SessionPayment::new(d.payment, c.clone());
+                send(
+                    "hold",
+                    payment.hold(U256::from(session_id), U256::from(amount)),
+                )
+                .await
+                .map_err(|e| chain_error(session_id, e))?;
+                existing(c, d, session_id).await
+            })
+        })
+    }
+
+    fn release_hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
+        self.call(move |c, d| {
+            Box::pin(async move {
+                existing(c.clone(), d, session_id).await?;
+                let payment = SessionPayment::new(d.payment, c.clone());
+                send(
+                    "releaseHold",
+                    payment.release_hold(U256::from(session_id), U256::from(amount)),
+                )
+                .await
+                .map_err(|e| chain_error(session_id, e))?;
+                existing(c, d, session_id).await
+            })
+        })
+    }
+
+    fn settle(
+        &mut self,
+        task: TaskKey,
+        hold: u64,
+        charge: u64,
+        payees: &[String],
+    ) -> Result<Session, ChainError> {
+        let payees: Vec<String> = payees.to_vec();
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let sid = task.session_id;
+                let before = existing(c.clone(), d, sid).await?;
+                let charged = charge.min(hold).min(hold.min(before.held));
+                let key =
+                    ethers::utils::keccak256((U256::from(sid), U256::from(task.task_id)).encode());
+                let payment = SessionPayment::new(d.payment, c.clone());
+                let amounts: Vec<U256> = split_payment(charged, payees.len())
+                    .into_iter()
+                    .map(U256::from)
+                    .collect();
+                let nodes: Vec<Address> = payees.iter().map(|p| node_address(p)).collect();
+                let already = payment
+                    .settled(key)
+                    .call()
+                    .await
+                    .map_err(|e| chain_error(sid, e))?;
+                let (nodes, amounts) = if already {
+                    (vec![], vec![])
+                } else {
+                    (nodes, amounts)
+                };
+                let call = payment.settle_batch(
+                    [0u8; 32],
+                    vec![key],
+                    vec![U256::from(sid)],
+                    vec![U256::from(hold)],
+                    vec![U256::from(charge)],
+                    nodes,
+                    amounts,
+                );
+                send("settleBatch", call)
+                    .await
+                    .map_err(|e| chain_error(sid, e))?;
+                existing(c, d, sid).await
+            })
+        })
+    }
+
+    fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError> {
+        let address = node_address(node);
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let payment = SessionPayment::new(d.payment, c);
+                Ok(payment
+                    .node_pending_payments(address)
+                    .call()
+                    .await
+                    .map_err(|e| chain_error(0, e))?
+                    .as_u64())
+            })
+        })
+    }
+}

@@ -1,0 +1,240 @@
+//! One conformance suite for both chains: the embedded `LocalLedger` and `EvmChain` on the
+//! pinned anvil run the same scenario, then the same seeded random operations in lockstep,
+//! agreeing on every balance and error, and conserving money throughout.
+
+use cortensor::chain::anvil::AnvilNode;
+use cortensor::chain::evm::{EvmChain, ANVIL_DEV_KEY};
+use cortensor::chain::local_ledger::LocalLedger;
+use cortensor::chain::{Chain, ChainError};
+use cortensor::session::{SessionMode, SessionParams};
+use cortensor::store::Store;
+use cortensor::task::TaskKey;
+use rand::{Rng, SeedableRng};
+
+fn local() -> (Box<dyn Chain>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (
+        Box::new(LocalLedger::new(Store::open(dir.path()).unwrap())),
+        dir,
+    )
+}
+
+fn evm() -> (Box<dyn Chain>, AnvilNode) {
+    let anvil = AnvilNode::start(None).expect("anvil starts");
+    let chain = EvmChain::deploy(&anvil.url, ANVIL_DEV_KEY, 1).expect("the contracts deploy");
+    (Box::new(chain), anvil)
+}
+
+fn key(session_id: u64, task_id: u64) -> TaskKey {
+    TaskKey {
+        session_id,
+        task_id,
+    }
+}
+
+/// The scenario every implementation must pass.
+fn scenario(chain: &mut dyn Chain) {
+    let params = SessionParams {
+        name: "s".into(),
+        metadata: "m".into(),
+        redundant: 2,
+        mode: SessionMode::Hybrid,
+        ..SessionParams::default()
+    };
+    let s = chain
+        .create_session("owner-1", params.clone(), 1_000)
+        .unwrap();
+    assert_eq!(
+        (s.owner.as_str(), s.balance, s.held, s.spent, s.deposit),
+        ("owner-1", 1_000, 0, 0, 1_000)
+    );
+    assert_eq!(s.params, params);
+    let id = s.id;
+    assert!(matches!(
+        chain.create_session(
+            "o",
+            SessionParams {
+                redundant: 0,
+                ..params.clone()
+            },
+            0
+        ),
+        Err(ChainError::InvalidParams(_))
+    ));
+
+    let s = chain.hold(id, 300).unwrap();
+    assert_eq!((s.balance, s.held), (700, 300));
+    match chain.hold(id, 800) {
+        Err(ChainError::InsufficientBalance {
+            session_id,
+            needed,
+            available,
+        }) => assert_eq!((session_id, needed, available), (id, 800, 700)),
+        other => panic!("expected InsufficientBalance, got {other:?}"),
+    }
+    let s = chain
+        .settle(key(id, 1), 300, 121, &["m1".into(), "m2".into()])
+        .unwrap();
+    assert_eq!((s.balance, s.held, s.spent), (879, 0, 121));
+    assert_eq!(chain.node_pending_payment("m1").unwrap(), 61);
+    assert_eq!(chain.node_pending_payment("m2").unwrap(), 60);
+    // Settling the same task again changes nothing.
+    chain.hold(id, 100).unwrap();
+    let s = chain.settle(key(id, 1), 100, 100, &["m1".into()]).unwrap();
+    assert_eq!((s.balance, s.held, s.spent), (779, 100, 121));
+    assert_eq!(chain.node_pending_payment("m1").unwrap(), 61);
+    let s = chain.release_hold(id, 100).unwrap();
+    assert_eq!((s.balance, s.held), (879, 0));
+    let s = chain.deposit(id, 21).unwrap();
+    assert_eq!((s.balance, s.deposit), (900, 1_021));
+    assert!(chain.session(9_999).unwrap().is_none());
+    assert!(matches!(
+        chain.hold(9_999, 1),
+        Err(ChainError::NoSuchSession(9_999))
+    ));
+    assert!(chain.sessions().unwrap().iter().any(|s| s.id == id));
+}
+
+#[test]
+fn the_local_ledger_passes_the_scenario() {
+    let (mut chain, _dir) = local();
+    scenario(chain.as_mut());
+}
+
+#[test]
+fn the_evm_chain_passes_the_scenario() {
+    let (mut chain, _anvil) = evm();
+    scenario(chain.as_mut());
+}
+
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Ok(u64, u64, u64, u64),
+    NoSuchSession,
+    Insufficient(u64, u64),
+    Invalid,
+}
+
+fn outcome(r: Result<cortensor::session::Session, ChainError>) -> Outcome {
+    match r {
+        Ok(s) => Outcome::Ok(s.balance, s.held, s.spent, s.deposit),
+        Err(ChainError::NoSuchSession(_)) => Outcome::NoSuchSession,
+        Err(ChainError::InsufficientBalance {
+            needed, available, ..
+        }) => Outcome::Insufficient(needed, available),
+        Err(ChainError::InvalidParams(_)) => Outcome::Invalid,
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn both_chains_agree_on_random_operations_and_conserve_money() {
+    let seed: u64 = std::env::var("CORTENSOR_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("chain conformance seed: {seed} (set CORTENSOR_TEST_SEED to repeat)");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (mut a, _dir) = local();
+    let (mut b, _anvil) = evm();
+    let nodes = ["m1", "m2", "m3"];
+    let mut sessions: Vec<u64> = Vec::new();
+    let mut holds: Vec<(u64, u64)> = Vec::new(); // (session, amount) held and not settled
+    let mut next_task = 1;
+    for step in 0..40 {
+        let op = if sessions.is_empty() {
+            0
+        } else {
+            rng.gen_range(0..6)
+        };
+        let sid = if sessions.is_empty() {
+            0
+        } else {
+            sessions[rng.gen_range(0..sessions.len())]
+        };
+        let (ra, rb, what) = match op {
+            0 => {
+                let deposit = rng.gen_range(0..1_000);
+                let p = SessionParams {
+                    redundant: rng.gen_range(1..3),
+                    ..SessionParams::default()
+                };
+                let (x, y) = (
+                    a.create_session("o", p.clone(), deposit),
+                    b.create_session("o", p, deposit),
+                );
+                if let (Ok(s), Ok(t)) = (&x, &y) {
+                    assert_eq!(s.id, t.id, "seed {seed}");
+                    sessions.push(s.id);
+                }
+                (outcome(x), outcome(y), format!("create with {deposit}"))
+            }
+            1 => {
+                let amount = rng.gen_range(0..500);
+                (
+                    outcome(a.deposit(sid, amount)),
+                    outcome(b.deposit(sid, amount)),
+                    format!("deposit {amount} to {sid}"),
+                )
+            }
+            2 | 3 => {
+                let amount = rng.gen_range(0..600);
+                let (x, y) = (a.hold(sid, amount), b.hold(sid, amount));
+                if x.is_ok() {
+                    holds.push((sid, amount));
+                }
+                (outcome(x), outcome(y), format!("hold {amount} on {sid}"))
+            }
+            4 if !holds.is_empty() => {
+                let (hsid, hold) = holds.remove(rng.gen_range(0..holds.len()));
+                let charge = rng.gen_range(0..hold + 50);
+                let payees: Vec<String> = nodes
+                    .iter()
+                    .filter(|_| rng.gen_bool(0.6))
+                    .map(|n| n.to_string())
+                    .collect();
+                let k = key(hsid, next_task);
+                next_task += 1;
+                (
+                    outcome(a.settle(k, hold, charge, &payees)),
+                    outcome(b.settle(k, hold, charge, &payees)),
+                    format!("settle {k} hold {hold} charge {charge} to {payees:?}"),
+                )
+            }
+            _ => {
+                let amount = rng.gen_range(0..200);
+                let (x, y) = (a.release_hold(sid, amount), b.release_hold(sid, amount));
+                (outcome(x), outcome(y), format!("release {amount} on {sid}"))
+            }
+        };
+        assert_eq!(ra, rb, "step {step} ({what}) differs; seed {seed}");
+        // Conservation on both: every unit deposited is in a balance, a hold, or was spent; what
+        // was spent is at least what nodes are owed.
+        for chain in [&a, &b] {
+            let all = chain.sessions().unwrap();
+            let owed: u64 = nodes
+                .iter()
+                .map(|n| chain.node_pending_payment(n).unwrap())
+                .sum();
+            let spent: u64 = all.iter().map(|s| s.spent).sum();
+            for s in &all {
+                assert_eq!(
+                    s.deposit,
+                    s.balance + s.held + s.spent,
+                    "step {step}, seed {seed}: {s:?}"
+                );
+            }
+            assert!(
+                owed <= spent,
+                "step {step}, seed {seed}: owed {owed} > spent {spent}"
+            );
+        }
+    }
+    for n in nodes {
+        assert_eq!(
+            a.node_pending_payment(n).unwrap(),
+            b.node_pending_payment(n).unwrap(),
+            "payments to {n}; seed {seed}"
+        );
+    }
+}
