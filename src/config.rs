@@ -34,6 +34,23 @@ pub struct TestnetConfig {
     pub pricing: PricingConfig,
     pub nodes: NodesConfig,
     pub storage: StorageConfig,
+    pub chain: ChainConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    pub kind: ChainKind,
+    pub rpc_url: String,
+    pub private_key: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ChainKind {
+    Embedded,
+    Anvil,
+    Rpc,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -175,6 +192,11 @@ impl TestnetConfig {
             || self.nodes.offline_after_ms <= self.nodes.heartbeat_interval_ms
         {
             return fail("nodes.offline_after_ms must exceed nodes.heartbeat_interval_ms (> 0)");
+        }
+        if self.chain.kind == ChainKind::Rpc
+            && (self.chain.rpc_url.is_empty() || self.chain.private_key.is_empty())
+        {
+            return fail("chain.kind = \"rpc\" needs chain.rpc_url and chain.private_key");
         }
         if self.nodes.validators == 0 {
             return fail("nodes.validators must be at least 1 (the queue needs a verdict)");

@@ -10,7 +10,9 @@ use crate::actors::router::{Router, RouterSettings};
 use crate::actors::session_queue::{SessionQueue, Shutdown};
 use crate::actors::validator::Validator;
 use crate::api::{self, ApiState};
+use crate::chain::evm::EvmChain;
 use crate::chain::local_ledger::LocalLedger;
+use crate::chain::Chain;
 use crate::config::TestnetConfig;
 use crate::session::SessionParams;
 use crate::store::{Store, StoreError};
@@ -28,6 +30,8 @@ pub enum TestnetError {
     Http(std::io::Error),
     #[error("the testnet failed to start: {0}")]
     Start(String),
+    #[error(transparent)]
+    Chain(#[from] crate::chain::ChainError),
 }
 
 /// Where the testnet keeps its data.
@@ -49,6 +53,23 @@ pub struct TestnetOptions {
     pub faults: HashMap<String, MinerFaults>,
     /// HTTP worker threads.
     pub http_workers: usize,
+    /// Where sessions, balances and payments live.
+    pub chain: ChainChoice,
+}
+
+/// The chain a testnet uses.
+#[derive(Clone, Debug, Default)]
+pub enum ChainChoice {
+    /// The embedded ledger in the data directory.
+    #[default]
+    Embedded,
+    /// Cortensor's contracts on an EVM node: deployed fresh from `private_key`'s account, or
+    /// attached at `deployment`.
+    Evm {
+        rpc_url: String,
+        private_key: String,
+        deployment: Option<crate::chain::deploy::Deployment>,
+    },
 }
 
 /// Addresses of the running actors, for tests that talk to them directly.
@@ -70,6 +91,8 @@ pub struct Testnet {
     pub default_session: u64,
     pub actors: Actors,
     pub miner_ids: Vec<String>,
+    /// Where the contracts are, when the chain is an EVM.
+    pub deployment: Option<crate::chain::deploy::Deployment>,
     system: Option<actix_rt::System>,
     server: Option<actix_web::dev::ServerHandle>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -98,17 +121,54 @@ impl Testnet {
     /// be loading their engines: they join the pool when ready).
     pub fn start(options: TestnetOptions, listener: TcpListener) -> Result<Testnet, TestnetError> {
         let addr = listener.local_addr().map_err(TestnetError::Http)?;
+        // Store and chain are built here, outside the actor system: the EVM client runs its
+        // own runtime and must not start inside another.
+        let store = match &options.storage {
+            Storage::Dir(dir) => Store::open(dir)?,
+            Storage::Temporary => Store::temporary()?,
+        };
+        let mut deployed = None;
+        let (chain, chain_name): (Box<dyn Chain>, &'static str) = match &options.chain {
+            ChainChoice::Embedded => (Box::new(LocalLedger::new(store.clone())), "embedded-ledger"),
+            ChainChoice::Evm {
+                rpc_url,
+                private_key,
+                deployment,
+            } => {
+                let price = options.config.pricing.price_per_token;
+                let evm = match deployment {
+                    Some(d) => EvmChain::attach(rpc_url, private_key, *d)?,
+                    None => EvmChain::deploy(rpc_url, private_key, price)?,
+                };
+                tracing::info!(deployment = ?evm.deployment, "the chain: Cortensor's contracts on {rpc_url}");
+                deployed = Some(evm.deployment);
+                (Box::new(evm), "evm")
+            }
+        };
         let miner_ids: Vec<String> = (0..options.config.nodes.miners).map(miner_id).collect();
         let (tx, rx) = std::sync::mpsc::channel::<Result<Started, TestnetError>>();
         let thread = std::thread::Builder::new()
             .name("testnet".into())
             .spawn(move || {
                 let system = actix_rt::System::new();
-                let started = system.block_on(start_actors(options, listener));
+                // A chain that blocks on RPC gets an arbiter (thread) of its own.
+                let chain_arbiter = (chain_name == "evm").then(Arbiter::new);
+                let started = system.block_on(start_actors(
+                    options,
+                    listener,
+                    store,
+                    chain,
+                    chain_arbiter.as_ref(),
+                    chain_name,
+                ));
                 let failed = started.is_err();
                 let _ = tx.send(started);
                 if !failed {
                     let _ = system.run();
+                }
+                if let Some(arbiter) = chain_arbiter {
+                    arbiter.stop();
+                    let _ = arbiter.join();
                 }
             })
             .map_err(|e| TestnetError::Start(e.to_string()))?;
@@ -122,6 +182,7 @@ impl Testnet {
             default_session: started.default_session,
             actors: started.actors,
             miner_ids,
+            deployment: deployed,
             system: Some(started.system),
             server: Some(started.server),
             thread: Some(thread),
@@ -160,17 +221,22 @@ impl Drop for Testnet {
 async fn start_actors(
     options: TestnetOptions,
     listener: TcpListener,
+    store: Store,
+    chain: Box<dyn Chain>,
+    chain_arbiter: Option<&Arbiter>,
+    chain_name: &'static str,
 ) -> Result<Started, TestnetError> {
     let config = options.config;
-    let store = match &options.storage {
-        Storage::Dir(dir) => Store::open(dir)?,
-        Storage::Temporary => Store::temporary()?,
-    };
 
     // Router, queue, pool, validators and ledger share this arbiter: none of them blocks (the
     // store flushes on its own thread), and messages between them cost no thread hand-off.
     // Engines run on threads of their own.
-    let chain = ChainBridge::new(Box::new(LocalLedger::new(store.clone()))).start();
+    let chain = match chain_arbiter {
+        Some(arbiter) => {
+            ChainBridge::start_in_arbiter(&arbiter.handle(), move |_| ChainBridge::new(chain))
+        }
+        None => ChainBridge::new(chain).start(),
+    };
 
     let pool = NodePool::new(
         Duration::from_millis(config.nodes.offline_after_ms),
@@ -260,7 +326,14 @@ async fn start_actors(
         pool,
         chain,
     };
-    let state = ApiState::new(&config, settings, actors.clone(), &keys, default_sessions);
+    let state = ApiState::new(
+        &config,
+        settings,
+        actors.clone(),
+        &keys,
+        default_sessions,
+        chain_name,
+    );
     let server = api::serve(state, listener, options.http_workers).map_err(TestnetError::Http)?;
     let handle = server.handle();
     actix_rt::spawn(server);

@@ -211,3 +211,56 @@ fn an_operator_runs_a_testnet_talks_to_it_and_stops_it_with_ctrl_c() {
     restarted.kill().unwrap();
     restarted.wait().unwrap();
 }
+
+#[test]
+fn the_testnet_answers_a_prompt_on_anvil_and_keeps_its_chain_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let run = || {
+        let out = cortensor(&[
+            "testnet",
+            "--chain",
+            "anvil",
+            "--listen",
+            "127.0.0.1:0",
+            "--miners",
+            "2",
+            "--redundant",
+            "2",
+            "--backend",
+            "cpu",
+            "--max-tokens",
+            "8",
+            "--data-dir",
+            data,
+            "--prompt",
+            "Say hello.",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = run();
+    assert!(first.contains("chain:   Cortensor's contracts"), "{first}");
+    assert!(first.contains("\"Completed\" by 2 miner(s)"), "{first}");
+    // The second run attaches to the same contracts: the sessions of the first are still there.
+    let second = run();
+    let session = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("session: "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap()
+    };
+    assert_eq!(session(&second), session(&first) + 1, "{second}");
+    let contracts = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("chain:"))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(contracts(&first), contracts(&second));
+}

@@ -35,6 +35,8 @@ pub struct ApiState {
     pub default_deposit: u64,
     pub max_body_bytes: usize,
     pub started: Instant,
+    /// "embedded-ledger" or "evm".
+    pub chain: &'static str,
 }
 
 impl ApiState {
@@ -44,6 +46,7 @@ impl ApiState {
         actors: Actors,
         keys: &[String],
         default_sessions: HashMap<String, u64>,
+        chain: &'static str,
     ) -> Self {
         let r = &config.router;
         Self {
@@ -59,6 +62,7 @@ impl ApiState {
             default_deposit: config.pricing.default_deposit,
             max_body_bytes: r.max_body_bytes,
             started: Instant::now(),
+            chain,
         }
     }
 }

@@ -58,7 +58,7 @@ async fn info(state: web::Data<ApiState>) -> HttpResponse {
         "name": "cortensor",
         "role": "router",
         "version": env!("CARGO_PKG_VERSION"),
-        "chain": "embedded-ledger",
+        "chain": state.chain,
         "models": state.settings.models,
         "max_context": state.settings.max_context,
         "price_per_token": state.settings.price_per_token,

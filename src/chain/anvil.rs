@@ -57,7 +57,10 @@ impl AnvilNode {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         if let Some(state) = state {
-            cmd.arg("--state").arg(state);
+            // Loaded at start, saved every second and at a graceful exit.
+            cmd.arg("--state")
+                .arg(state)
+                .args(["--state-interval", "1"]);
         }
         let child = cmd
             .spawn()
@@ -105,10 +108,26 @@ impl AnvilNode {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Stops the node gracefully (SIGINT, so it saves its state), then by force after 5 s.
+    pub fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: a plain kill(2) on our own child's pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
 }
 
 impl Drop for AnvilNode {
     fn drop(&mut self) {
-        self.kill();
+        self.stop();
     }
 }

@@ -164,6 +164,7 @@ pub fn run(args: OrchestrateArgs) -> anyhow::Result<()> {
             storage,
             faults: Default::default(),
             http_workers: args.workers,
+            chain: Default::default(),
         },
         TcpListener::bind("127.0.0.1:0")?,
     )?;

@@ -4,10 +4,13 @@
 
 use super::client;
 use crate::actors::miner::EngineFactory;
-use crate::config::TestnetConfig;
+use crate::chain::anvil::AnvilNode;
+use crate::chain::deploy::Deployment;
+use crate::chain::evm::ANVIL_DEV_KEY;
+use crate::config::{ChainKind, TestnetConfig};
 use crate::models::backend::BackendChoice;
 use crate::models::engine::{EngineOptions, InferenceEngine, LlamaEngine};
-use crate::testnet::{Storage, Testnet, TestnetOptions};
+use crate::testnet::{ChainChoice, Storage, Testnet, TestnetOptions};
 use anyhow::Context;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -34,6 +37,15 @@ pub struct TestnetArgs {
     /// auto, wgpu or cpu.
     #[arg(long)]
     pub backend: Option<String>,
+    /// Where sessions and payments live: embedded (default), anvil (a local EVM node with
+    /// Cortensor's contracts), rpc (any EVM node: --rpc-url and --private-key).
+    #[arg(long, value_enum)]
+    pub chain: Option<ChainKind>,
+    #[arg(long)]
+    pub rpc_url: Option<String>,
+    /// The router's account on the chain (hex); also read from CORTENSOR_PRIVATE_KEY.
+    #[arg(long, env = "CORTENSOR_PRIVATE_KEY", hide_env_values = true)]
+    pub private_key: Option<String>,
     /// Answer this prompt through the API once the miners are ready, print the task, and stop.
     #[arg(long)]
     pub prompt: Option<String>,
@@ -87,6 +99,15 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     }
     if let Some(b) = args.backend {
         config.nodes.backend = b;
+    }
+    if let Some(kind) = args.chain {
+        config.chain.kind = kind;
+    }
+    if let Some(url) = args.rpc_url {
+        config.chain.rpc_url = url;
+    }
+    if let Some(key) = args.private_key {
+        config.chain.private_key = key;
     }
     config.validate()?;
     if args.prompt.is_some() && args.redundant as usize > config.nodes.miners {
@@ -143,6 +164,7 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     })?;
     let miners = config.nodes.miners;
     let data_dir = config.storage.data_dir.clone();
+    let (chain, _anvil) = chain_choice(&config, &data_dir)?;
     eprintln!("testnet: {miners} miner(s) loading {model} ({}), {} validator(s), data in {}, selection seed {}",
         model_path.display(), config.nodes.validators, data_dir.display(), config.nodes.selection_seed);
     let options = TestnetOptions {
@@ -153,12 +175,25 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
             config.nodes.max_context,
         ),
         model: model.clone(),
-        storage: Storage::Dir(data_dir),
+        storage: Storage::Dir(data_dir.clone()),
         faults: Default::default(),
         http_workers: 2,
+        chain,
         config,
     };
     let testnet = Testnet::start(options, listener)?;
+    if let Some(d) = &testnet.deployment {
+        // Remembered so that the next start on this data directory attaches to the same
+        // contracts (anvil keeps its state in the data directory too).
+        std::fs::write(
+            data_dir.join(DEPLOYMENT_FILE),
+            serde_json::to_string_pretty(d)?,
+        )?;
+        println!(
+            "chain:   Cortensor's contracts, sessions at {:?}, payments at {:?}",
+            d.sessions, d.payment
+        );
+    }
     let client = client::Client::new(&testnet.url, &testnet.api_key);
     wait_for_miners(&client, miners, Duration::from_secs(600))?;
     println!("router:  {}", testnet.url);
@@ -206,6 +241,53 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     eprintln!("testnet: shutting down");
     testnet.shutdown();
     Ok(())
+}
+
+/// Where an EVM testnet remembers its contracts, in the data directory.
+pub const DEPLOYMENT_FILE: &str = "deployment.json";
+
+/// The chain to use, and the anvil node to keep alive while the testnet runs.
+fn chain_choice(
+    config: &TestnetConfig,
+    data_dir: &Path,
+) -> anyhow::Result<(ChainChoice, Option<AnvilNode>)> {
+    let remembered = || -> anyhow::Result<Option<Deployment>> {
+        let path = data_dir.join(DEPLOYMENT_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)?;
+        Ok(Some(
+            serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?,
+        ))
+    };
+    match config.chain.kind {
+        ChainKind::Embedded => Ok((ChainChoice::Embedded, None)),
+        ChainKind::Anvil => {
+            std::fs::create_dir_all(data_dir)?;
+            let anvil = AnvilNode::start(Some(&data_dir.join("anvil-state.json")))?;
+            eprintln!("testnet: anvil at {}", anvil.url);
+            let key = if config.chain.private_key.is_empty() {
+                ANVIL_DEV_KEY.to_string()
+            } else {
+                config.chain.private_key.clone()
+            };
+            let choice = ChainChoice::Evm {
+                rpc_url: anvil.url.clone(),
+                private_key: key,
+                deployment: remembered()?,
+            };
+            Ok((choice, Some(anvil)))
+        }
+        ChainKind::Rpc => Ok((
+            ChainChoice::Evm {
+                rpc_url: config.chain.rpc_url.clone(),
+                private_key: config.chain.private_key.clone(),
+                deployment: remembered()?,
+            },
+            None,
+        )),
+    }
 }
 
 fn wait_for_miners(client: &client::Client, miners: usize, limit: Duration) -> anyhow::Result<()> {

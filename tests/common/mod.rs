@@ -6,7 +6,7 @@ use cortensor::actors::miner::{EngineFactory, MinerFaults};
 use cortensor::config::TestnetConfig;
 use cortensor::models::engine::InferenceEngine;
 use cortensor::testkit::scripted_engine::{Script, ScriptedEngine, SCRIPTED_MODEL};
-use cortensor::testnet::{Storage, Testnet, TestnetOptions};
+use cortensor::testnet::{ChainChoice, Storage, Testnet, TestnetOptions};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -43,6 +43,17 @@ pub fn start(
     faults: HashMap<String, MinerFaults>,
     data: &Path,
 ) -> Net {
+    start_on(config, engine, model, faults, data, ChainChoice::Embedded)
+}
+
+pub fn start_on(
+    config: TestnetConfig,
+    engine: EngineFactory,
+    model: &str,
+    faults: HashMap<String, MinerFaults>,
+    data: &Path,
+    chain: ChainChoice,
+) -> Net {
     let miners = config.nodes.miners;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let options = TestnetOptions {
@@ -52,6 +63,7 @@ pub fn start(
         storage: Storage::Dir(data.to_path_buf()),
         faults,
         http_workers: 2,
+        chain,
     };
     let testnet = Testnet::start(options, listener).expect("the testnet starts");
     let http = reqwest::blocking::Client::builder()
