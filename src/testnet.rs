@@ -233,7 +233,10 @@ async fn start_actors(
     // Engines run on threads of their own.
     let chain = match chain_arbiter {
         Some(arbiter) => {
-            ChainBridge::start_in_arbiter(&arbiter.handle(), move |_| ChainBridge::new(chain))
+            let outbox = store.clone();
+            ChainBridge::start_in_arbiter(&arbiter.handle(), move |_| {
+                ChainBridge::with_outbox(chain, outbox)
+            })
         }
         None => ChainBridge::new(chain).start(),
     };

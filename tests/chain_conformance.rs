@@ -5,7 +5,7 @@
 use cortensor::chain::anvil::AnvilNode;
 use cortensor::chain::evm::{EvmChain, ANVIL_DEV_KEY};
 use cortensor::chain::local_ledger::LocalLedger;
-use cortensor::chain::{Chain, ChainError};
+use cortensor::chain::{Chain, ChainError, Settlement};
 use cortensor::session::{SessionMode, SessionParams};
 use cortensor::store::Store;
 use cortensor::task::TaskKey;
@@ -145,7 +145,7 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
         let op = if sessions.is_empty() {
             0
         } else {
-            rng.gen_range(0..6)
+            rng.gen_range(0..7)
         };
         let sid = if sessions.is_empty() {
             0
@@ -199,6 +199,41 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
                     outcome(a.settle(k, hold, charge, &payees)),
                     outcome(b.settle(k, hold, charge, &payees)),
                     format!("settle {k} hold {hold} charge {charge} to {payees:?}"),
+                )
+            }
+            5 if holds.len() >= 2 => {
+                // Several settlements at once (one transaction on the EVM).
+                let mut batch = Vec::new();
+                for _ in 0..rng.gen_range(2..=holds.len().min(4)) {
+                    let (hsid, hold) = holds.remove(rng.gen_range(0..holds.len()));
+                    let payees: Vec<String> = nodes
+                        .iter()
+                        .filter(|_| rng.gen_bool(0.6))
+                        .map(|n| n.to_string())
+                        .collect();
+                    batch.push(Settlement {
+                        task: key(hsid, next_task),
+                        hold,
+                        charge: rng.gen_range(0..hold + 50),
+                        payees,
+                    });
+                    next_task += 1;
+                }
+                // A repeat inside the batch is settled once.
+                batch.push(batch[0].clone());
+                let (x, y) = (a.settle_batch(&batch), b.settle_batch(&batch));
+                assert_eq!(x.is_ok(), y.is_ok(), "seed {seed}: {x:?} vs {y:?}");
+                let view = |c: &mut Box<dyn Chain>| {
+                    outcome(
+                        c.session(batch[0].task.session_id)
+                            .unwrap()
+                            .ok_or(ChainError::NoSuchSession(0)),
+                    )
+                };
+                (
+                    view(&mut a),
+                    view(&mut b),
+                    format!("settle a batch of {}", batch.len()),
                 )
             }
             _ => {

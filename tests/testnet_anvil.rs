@@ -51,6 +51,12 @@ fn the_testnet_runs_on_the_contracts() {
     assert_eq!(task["results"]["data"].as_array().unwrap().len(), 3);
     // 6 tokens × 3 miners × price 1, settled on the chain; the rest of the hold came back.
     assert_eq!(task["charged"], 18);
+    // Settlements reach the chain through the outbox, in batches.
+    net.wait_for(
+        std::time::Duration::from_secs(20),
+        "the settlement on chain",
+        |n| n.session_view(sid)["held"] == 0,
+    );
     let s = net.session_view(sid);
     assert_eq!(
         (
@@ -77,4 +83,104 @@ fn the_testnet_runs_on_the_contracts() {
     );
     assert_eq!(status, 402, "{v}");
     assert_eq!(v["error"]["code"], "insufficient_balance");
+}
+
+#[test]
+fn an_rpc_outage_loses_no_settlement_and_repeats_none() {
+    use cortensor::actors::chain_bridge::OutboxLen;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("anvil-state.json");
+    let mut anvil = AnvilNode::start(Some(&state)).expect("anvil starts");
+    let port = anvil.port;
+    let config =
+        TestnetConfig::from_toml_str("nodes.miners = 3\nqueue.tick_ms = 10", "test").unwrap();
+    let slow = Script {
+        length: 10,
+        token_delay: Duration::from_millis(150),
+        ..Script::default()
+    };
+    let engine: EngineFactory = Arc::new(move |_: &str| {
+        Ok(Box::new(ScriptedEngine::new(slow.clone())) as Box<dyn InferenceEngine>)
+    });
+    let chain = ChainChoice::Evm {
+        rpc_url: anvil.url.clone(),
+        private_key: ANVIL_DEV_KEY.into(),
+        deployment: None,
+    };
+    let net = Arc::new(common::start_on(
+        config,
+        engine,
+        SCRIPTED_MODEL,
+        Default::default(),
+        &dir.path().join("data"),
+        chain,
+    ));
+    let sid = net.session(1, 100_000);
+    let outbox = |net: &common::Net| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(net.testnet.actors.chain.send(OutboxLen))
+            .unwrap()
+    };
+
+    // Three tasks in flight when the chain goes away.
+    let running: Vec<_> = (0..3)
+        .map(|i| {
+            let net = net.clone();
+            std::thread::spawn(move || {
+                net.post(
+                    "/api/v1/completions",
+                    &json!({"session_id": sid, "prompt": format!("t{i}"), "max_tokens": 20}),
+                )
+            })
+        })
+        .collect();
+    for tid in 1..=3 {
+        net.wait_task(sid, tid, "Acked");
+    }
+    anvil.stop();
+
+    // Meanwhile: tasks finish and are answered; their settlements wait in the outbox; reads
+    // work; a new task is refused with a clear 503.
+    for r in running {
+        let (status, v) = r.join().unwrap();
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(outbox(&net), 3);
+    assert_eq!(net.task(sid, 2)["status"], "Completed");
+    let (status, v) = net.post(
+        "/api/v1/completions",
+        &json!({"session_id": sid, "prompt": "during the outage", "max_tokens": 5}),
+    );
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "chain_unavailable");
+
+    // The node comes back (same port, its saved state): everything lands, once.
+    let _anvil = AnvilNode::start_on(port, Some(&state)).expect("anvil restarts");
+    net.wait_for(Duration::from_secs(30), "the outbox drains", |n| {
+        outbox(n) == 0
+    });
+    let charged: u64 = (1..=3)
+        .map(|tid| net.task(sid, tid)["charged"].as_u64().unwrap())
+        .sum();
+    assert_eq!(charged, 3 * 10);
+    let s = net.session_view(sid);
+    assert_eq!(
+        (
+            s["held"].as_u64(),
+            s["spent"].as_u64(),
+            s["balance"].as_u64()
+        ),
+        (Some(0), Some(charged), Some(100_000 - charged))
+    );
+    let (_, miners) = net.get("/api/v1/miners");
+    let paid: u64 = miners["nodes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|m| m["pending_payment"].as_u64().unwrap())
+        .sum();
+    assert_eq!(paid, charged);
 }

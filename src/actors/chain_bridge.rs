@@ -3,23 +3,107 @@
 //! only flushes are for session creation and deposits); a chain that blocks on RPC round trips
 //! must run this actor on an arbiter of its own.
 
-use crate::chain::{Chain, ChainError};
+use crate::chain::{Chain, ChainError, Settlement};
 use crate::session::{Session, SessionParams};
+use crate::store::Store;
 use crate::task::TaskKey;
 use actix::prelude::*;
+use std::time::{Duration, Instant};
+
+/// Settlements sent in one batch at most.
+pub const OUTBOX_BATCH: usize = 64;
+/// How often the outbox is drained.
+pub const OUTBOX_DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// Longest pause between delivery attempts after failures (doubling from the drain period).
+pub const OUTBOX_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct ChainBridge {
     chain: Box<dyn Chain>,
+    /// With an outbox, settlements are persisted first and delivered in batches by the drain
+    /// loop (retried with back-off until the chain takes them; each task settles once there).
+    outbox: Option<Store>,
+    failures: u32,
+    next_attempt: Instant,
 }
 
 impl ChainBridge {
     pub fn new(chain: Box<dyn Chain>) -> Self {
-        Self { chain }
+        Self {
+            chain,
+            outbox: None,
+            failures: 0,
+            next_attempt: Instant::now(),
+        }
+    }
+
+    /// A bridge whose settlements go through a persisted outbox in `store`.
+    pub fn with_outbox(chain: Box<dyn Chain>, store: Store) -> Self {
+        Self {
+            outbox: Some(store),
+            ..Self::new(chain)
+        }
+    }
+
+    /// Delivers the oldest batch of the outbox, if it is time to try.
+    fn drain(&mut self) {
+        let Some(store) = &self.outbox else { return };
+        if Instant::now() < self.next_attempt {
+            return;
+        }
+        let batch: Vec<(u64, Settlement)> = match store.outbox_peek(OUTBOX_BATCH) {
+            Ok(b) if b.is_empty() => return,
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the chain outbox");
+                return;
+            }
+        };
+        let items: Vec<Settlement> = batch.iter().map(|(_, s)| s.clone()).collect();
+        match self.chain.settle_batch(&items) {
+            Ok(()) => {
+                let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
+                if let Err(e) = store.outbox_remove(&seqs) {
+                    tracing::error!(error = %e, "cannot remove delivered settlements (they will be re-sent and skipped)");
+                }
+                if self.failures > 0 {
+                    tracing::info!(
+                        failures = self.failures,
+                        "the chain takes settlements again"
+                    );
+                }
+                self.failures = 0;
+            }
+            Err(e) => {
+                self.failures += 1;
+                let backoff = (OUTBOX_DRAIN_EVERY * 2u32.saturating_pow(self.failures.min(10)))
+                    .min(OUTBOX_MAX_BACKOFF);
+                tracing::warn!(error = %e, pending = store.outbox_len(), ?backoff, "settlements not delivered; retrying");
+                self.next_attempt = Instant::now() + backoff;
+            }
+        }
     }
 }
 
 impl Actor for ChainBridge {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.outbox.is_some() {
+            ctx.run_interval(OUTBOX_DRAIN_EVERY, |bridge, _| bridge.drain());
+        }
+    }
+}
+
+/// Settlements waiting in the outbox.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct OutboxLen;
+
+impl Handler<OutboxLen> for ChainBridge {
+    type Result = usize;
+    fn handle(&mut self, _: OutboxLen, _: &mut Context<Self>) -> usize {
+        self.outbox.as_ref().map_or(0, Store::outbox_len)
+    }
 }
 
 #[derive(Message)]
@@ -52,8 +136,9 @@ pub struct ReleaseHold {
     pub amount: u64,
 }
 
+/// Settles a task (through the outbox when there is one).
 #[derive(Message)]
-#[rtype(result = "Result<Session, ChainError>")]
+#[rtype(result = "Result<(), ChainError>")]
 pub struct Settle {
     pub task: TaskKey,
     pub hold: u64,
@@ -101,9 +186,30 @@ impl Handler<ReleaseHold> for ChainBridge {
 }
 
 impl Handler<Settle> for ChainBridge {
-    type Result = Result<Session, ChainError>;
+    type Result = Result<(), ChainError>;
     fn handle(&mut self, m: Settle, _: &mut Context<Self>) -> Self::Result {
-        self.chain.settle(m.task, m.hold, m.charge, &m.payees)
+        let settlement = Settlement {
+            task: m.task,
+            hold: m.hold,
+            charge: m.charge,
+            payees: m.payees,
+        };
+        match &self.outbox {
+            // Durable with the queue's flush that follows this answer.
+            Some(store) => store
+                .outbox_push(&settlement)
+                .map(|_| ())
+                .map_err(ChainError::from),
+            None => self
+                .chain
+                .settle(
+                    settlement.task,
+                    settlement.hold,
+                    settlement.charge,
+                    &settlement.payees,
+                )
+                .map(|_| ()),
+        }
     }
 }
 

@@ -23,6 +23,8 @@ pub enum SubmitError {
     Invalid(String),
     #[error("{0}")]
     Busy(String),
+    #[error("the chain is unreachable: {0}")]
+    ChainUnavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -35,7 +37,8 @@ impl From<ChainError> for SubmitError {
                 SubmitError::InsufficientBalance(e.to_string())
             }
             ChainError::InvalidParams(m) => SubmitError::Invalid(m),
-            ChainError::Store(_) | ChainError::Evm(_) => SubmitError::Internal(e.to_string()),
+            ChainError::Store(_) => SubmitError::Internal(e.to_string()),
+            ChainError::Evm(m) => SubmitError::ChainUnavailable(m),
         }
     }
 }

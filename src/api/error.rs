@@ -24,6 +24,8 @@ pub enum ApiError {
     RateLimited(String, u64),
     #[error("{0}")]
     Busy(String, u64),
+    #[error("{0}")]
+    ChainUnavailable(String, u64),
     #[error("{message}")]
     TaskFailed {
         code: &'static str,
@@ -45,6 +47,7 @@ impl ApiError {
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::RateLimited(..) => "rate_limited",
             ApiError::Busy(..) => "overloaded",
+            ApiError::ChainUnavailable(..) => "chain_unavailable",
             ApiError::TaskFailed { code, .. } => code,
             ApiError::Internal(_) => "internal_error",
         }
@@ -59,7 +62,9 @@ impl ApiError {
             }
             ApiError::InsufficientBalance(_) => "insufficient_quota",
             ApiError::RateLimited(..) | ApiError::Busy(..) => "rate_limit_error",
-            ApiError::TaskFailed { .. } | ApiError::Internal(_) => "server_error",
+            ApiError::TaskFailed { .. }
+            | ApiError::Internal(_)
+            | ApiError::ChainUnavailable(..) => "server_error",
         }
     }
 
@@ -79,7 +84,7 @@ impl ResponseError for ApiError {
             ApiError::InsufficientBalance(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Busy(..) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy(..) | ApiError::ChainUnavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TaskFailed { status, .. } => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -87,7 +92,10 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::RateLimited(_, s) | ApiError::Busy(_, s) = self {
+        if let ApiError::RateLimited(_, s)
+        | ApiError::Busy(_, s)
+        | ApiError::ChainUnavailable(_, s) = self
+        {
             response.insert_header((header::RETRY_AFTER, s.to_string()));
         }
         response.json(self.body())
@@ -102,6 +110,7 @@ impl From<SubmitError> for ApiError {
             SubmitError::InsufficientBalance(m) => ApiError::InsufficientBalance(m),
             SubmitError::Invalid(m) => ApiError::Invalid(m),
             SubmitError::Busy(m) => ApiError::Busy(m, 1),
+            SubmitError::ChainUnavailable(_) => ApiError::ChainUnavailable(e.to_string(), 5),
             SubmitError::Internal(m) => ApiError::Internal(m),
         }
     }

@@ -34,6 +34,15 @@ pub fn anvil_binary() -> PathBuf {
 impl AnvilNode {
     /// Starts anvil; with `state`, it loads and saves its chain there (so a restart keeps it).
     pub fn start(state: Option<&Path>) -> Result<Self, ChainError> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| ChainError::Evm(format!("no free port: {e}")))?
+            .port();
+        Self::start_on(port, state)
+    }
+
+    /// Starts anvil on a given port (a restart of a node clients already know).
+    pub fn start_on(port: u16, state: Option<&Path>) -> Result<Self, ChainError> {
         let binary = anvil_binary();
         if !binary.exists() {
             return Err(ChainError::Evm(format!(
@@ -41,10 +50,6 @@ impl AnvilNode {
                 binary.display()
             )));
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| ChainError::Evm(format!("no free port: {e}")))?
-            .port();
         let mut cmd = Command::new(&binary);
         cmd.args([
             "--host",

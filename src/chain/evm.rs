@@ -11,13 +11,14 @@ use super::contracts::session_payment::SessionPaymentErrors;
 use super::contracts::session_v2::{Params, SessionV2Errors};
 use super::contracts::{SessionPayment, SessionV2};
 use super::deploy::Deployment;
-use super::{split_payment, Chain, ChainError};
+use super::{split_payment, Chain, ChainError, Settlement};
 use crate::session::{Session, SessionMode, SessionParams, Sla};
 use crate::task::TaskKey;
 use ethers::abi::AbiEncode;
 use ethers::contract::ContractError;
 use ethers::prelude::*;
 use futures_util::future::BoxFuture;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -270,6 +271,11 @@ async fn read_session(
     }))
 }
 
+/// A task's settlement key on chain: keccak256(abi.encode(sessionId, taskId)).
+pub fn task_key(task: TaskKey) -> [u8; 32] {
+    ethers::utils::keccak256((U256::from(task.session_id), U256::from(task.task_id)).encode())
+}
+
 async fn existing(c: Arc<Client>, d: Deployment, id: u64) -> Result<Session, ChainError> {
     read_session(c, d, id)
         .await?
@@ -294,6 +300,7 @@ impl Chain for EvmChain {
                 let id = receipt
                     .logs
                     .iter()
+                    .filter(|l| l.address == d.sessions)
                     .find_map(|l| {
                         sessions
                             .decode_event::<super::contracts::session_v2::SessionCreatedFilter>(
@@ -409,8 +416,7 @@ impl Chain for EvmChain {
                 let sid = task.session_id;
                 let before = existing(c.clone(), d, sid).await?;
                 let charged = charge.min(hold).min(hold.min(before.held));
-                let key =
-                    ethers::utils::keccak256((U256::from(sid), U256::from(task.task_id)).encode());
+                let key = task_key(task);
                 let payment = SessionPayment::new(d.payment, c.clone());
                 let amounts: Vec<U256> = split_payment(charged, payees.len())
                     .into_iter()
@@ -440,6 +446,57 @@ impl Chain for EvmChain {
                     .await
                     .map_err(|e| chain_error(sid, e))?;
                 existing(c, d, sid).await
+            })
+        })
+    }
+
+    fn settle_batch(&mut self, batch: &[Settlement]) -> Result<(), ChainError> {
+        let batch = batch.to_vec();
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let payment = SessionPayment::new(d.payment, c.clone());
+                let read = |e| chain_error(0, e);
+                let mut held: HashMap<u64, u64> = HashMap::new();
+                let mut seen = HashSet::new();
+                let (mut keys, mut sids, mut holds, mut charges) = (vec![], vec![], vec![], vec![]);
+                let mut owed: BTreeMap<Address, u64> = BTreeMap::new();
+                for s in &batch {
+                    let key = task_key(s.task);
+                    if !seen.insert(key) || payment.settled(key).call().await.map_err(read)? {
+                        continue; // settled before: the contract would skip it too
+                    }
+                    let sid = s.task.session_id;
+                    let h = match held.get(&sid) {
+                        Some(h) => *h,
+                        None => payment
+                            .session_held(U256::from(sid))
+                            .call()
+                            .await
+                            .map_err(read)?
+                            .as_u64(),
+                    };
+                    // The contract's order and caps: the hold is at most what is held, the
+                    // charge at most the hold.
+                    let amount = s.hold.min(h);
+                    let charged = s.charge.min(amount);
+                    held.insert(sid, h - amount);
+                    for (p, a) in s.payees.iter().zip(split_payment(charged, s.payees.len())) {
+                        *owed.entry(node_address(p)).or_default() += a;
+                    }
+                    keys.push(key);
+                    sids.push(U256::from(sid));
+                    holds.push(U256::from(s.hold));
+                    charges.push(U256::from(s.charge));
+                }
+                if keys.is_empty() {
+                    return Ok(());
+                }
+                let root = ethers::utils::keccak256(keys.concat());
+                let (nodes, amounts): (Vec<Address>, Vec<U256>) =
+                    owed.into_iter().map(|(a, v)| (a, U256::from(v))).unzip();
+                let call = payment.settle_batch(root, keys, sids, holds, charges, nodes, amounts);
+                send("settleBatch", call).await.map_err(read)?;
+                Ok(())
             })
         })
     }

@@ -42,6 +42,15 @@ pub fn split_payment(amount: u64, payees: usize) -> Vec<u64> {
     (0..payees).map(|i| share + u64::from(i < rest)).collect()
 }
 
+/// One task's settlement: its hold ends, `charge` of it is spent and split among `payees`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Settlement {
+    pub task: TaskKey,
+    pub hold: u64,
+    pub charge: u64,
+    pub payees: Vec<String>,
+}
+
 /// What the network's contracts do for us, in one interface.
 pub trait Chain: Send {
     fn create_session(
@@ -66,6 +75,13 @@ pub trait Chain: Send {
         charge: u64,
         payees: &[String],
     ) -> Result<Session, ChainError>;
+    /// Settles many tasks; on a chain, in one transaction. Each task still settles once.
+    fn settle_batch(&mut self, batch: &[Settlement]) -> Result<(), ChainError> {
+        for s in batch {
+            self.settle(s.task, s.hold, s.charge, &s.payees)?;
+        }
+        Ok(())
+    }
     /// What a node has earned and not withdrawn.
     fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError>;
 }

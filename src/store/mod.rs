@@ -37,6 +37,7 @@ pub struct Store {
     sessions: sled::Tree,
     tasks: sled::Tree,
     meta: sled::Tree,
+    outbox: sled::Tree,
     flusher: std::sync::Arc<Flusher>,
 }
 
@@ -109,6 +110,7 @@ impl Store {
             sessions: db.open_tree("sessions")?,
             tasks: db.open_tree("tasks")?,
             meta: db.open_tree("meta")?,
+            outbox: db.open_tree("outbox")?,
             db,
             flusher,
         })
@@ -236,6 +238,45 @@ impl Store {
             .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0))
+    }
+
+    /// Appends a chain write to the outbox; it is durable with the next flush.
+    pub fn outbox_push<T: Serialize>(&self, item: &T) -> Result<u64, StoreError> {
+        let seq = self.next_id("outbox_seq")?;
+        put(&self.outbox, &seq.to_be_bytes(), item)?;
+        Ok(seq)
+    }
+
+    /// The oldest `limit` entries of the outbox, with their sequence numbers.
+    pub fn outbox_peek<T: DeserializeOwned>(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
+        self.outbox
+            .iter()
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item?;
+                let seq = u64::from_be_bytes(<[u8; 8]>::try_from(&k[..]).unwrap_or([0; 8]));
+                let value = serde_json::from_slice(&v).map_err(|source| StoreError::Corrupt {
+                    what: "outbox entry".into(),
+                    source,
+                })?;
+                Ok((seq, value))
+            })
+            .collect()
+    }
+
+    /// Removes delivered entries.
+    pub fn outbox_remove(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        for seq in seqs {
+            self.outbox.remove(seq.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
     }
 
     /// Tasks that had not reached a terminal state when last written.
