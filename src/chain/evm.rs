@@ -116,6 +116,27 @@ impl EvmChain {
         })
     }
 
+    /// Gas used by every transaction on the chain so far, summed over its blocks (for benchmarks
+    /// on a fresh local node).
+    pub fn gas_used_total(&self) -> Result<u64, ChainError> {
+        self.call(move |c, _| {
+            Box::pin(async move {
+                let latest = c
+                    .get_block_number()
+                    .await
+                    .map_err(evm("eth_blockNumber"))?
+                    .as_u64();
+                let mut total = 0u64;
+                for n in 0..=latest {
+                    if let Some(b) = c.get_block(n).await.map_err(evm("eth_getBlockByNumber"))? {
+                        total += b.gas_used.as_u64();
+                    }
+                }
+                Ok(total)
+            })
+        })
+    }
+
     /// Runs `f` on the chain's thread and waits for its answer.
     fn call<T: Send + 'static>(
         &self,

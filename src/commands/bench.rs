@@ -22,6 +22,9 @@ pub enum BenchCommand {
     /// Completions per second and p50/p99 latency through the whole network (scripted
     /// zero-latency miners, redundancy 1 and 3) against a bare actix-web handler.
     Orchestrate(super::bench_orchestrate::OrchestrateArgs),
+    /// Settlements per second and gas per task on anvil (batched and one per transaction),
+    /// and the embedded ledger's operations per second.
+    Chain(super::bench_chain::ChainBenchArgs),
     /// One configuration, printed as one JSON line (what `generate` runs in each child).
     #[command(hide = true)]
     GenerateOne(OneArgs),
@@ -97,6 +100,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Generate(args) => run_all(args),
         BenchCommand::Orchestrate(args) => super::bench_orchestrate::run(args),
+        BenchCommand::Chain(args) => super::bench_chain::run(args),
     }
 }
 
