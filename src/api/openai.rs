@@ -213,10 +213,6 @@ fn chat_prompt(messages: Vec<MessageIn>) -> Result<Prompt, ApiError> {
     Ok(Prompt::Chat(out))
 }
 
-fn usage_or_zero(record: &TaskRecord) -> Value {
-    views::usage(record)
-}
-
 async fn chat_completions(
     state: web::Data<ApiState>,
     caller: Caller,
@@ -249,7 +245,7 @@ async fn chat_completions(
                 "finish_reason": outcome.result.finish_reason,
                 "logprobs": null,
             }],
-            "usage": usage_or_zero(&record),
+            "usage": views::usage(&record),
             "system_fingerprint": null,
             "session_id": key.session_id, "task_id": key.task_id,
         })));
@@ -285,7 +281,7 @@ async fn chat_completions(
                 if include_usage {
                     let mut u = chunk(json!({}), Value::Null);
                     u["choices"] = json!([]);
-                    u["usage"] = usage_or_zero(record);
+                    u["usage"] = views::usage(record);
                     out.push(u);
                 }
                 out
@@ -332,7 +328,7 @@ async fn completions(
         return Ok(HttpResponse::Ok().json(json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"text": outcome.result.text, "index": 0, "finish_reason": outcome.result.finish_reason, "logprobs": null}],
-            "usage": usage_or_zero(&record),
+            "usage": views::usage(&record),
             "session_id": key.session_id, "task_id": key.task_id,
         })));
     }
@@ -358,7 +354,7 @@ async fn completions(
                 if include_usage {
                     let mut u = chunk("", Value::Null);
                     u["choices"] = json!([]);
-                    u["usage"] = usage_or_zero(record);
+                    u["usage"] = views::usage(record);
                     out.push(u);
                 }
                 out

@@ -24,6 +24,19 @@ fn evm<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> ChainError + '_ {
     move |e| ChainError::Evm(format!("{what}: {e}"))
 }
 
+/// Sends a transaction and waits for its receipt.
+async fn confirm<M: Middleware + 'static>(
+    what: &str,
+    call: ContractCall<M, ()>,
+) -> Result<(), ChainError> {
+    call.send()
+        .await
+        .map_err(evm(what))?
+        .await
+        .map_err(evm(what))?;
+    Ok(())
+}
+
 pub fn role(name: &str) -> [u8; 32] {
     ethers::utils::keccak256(name.as_bytes())
 }
@@ -64,20 +77,10 @@ impl Deployment {
             .await
             .map_err(evm("deploying NodeReputation"))?;
         let session_contract = role("SESSION_CONTRACT");
-        payment
-            .grant_role(session_contract, sessions.address())
-            .send()
-            .await
-            .map_err(evm("granting SESSION_CONTRACT on payment"))?
-            .await
-            .map_err(evm("granting SESSION_CONTRACT on payment"))?;
-        queue
-            .grant_role(session_contract, sessions.address())
-            .send()
-            .await
-            .map_err(evm("granting SESSION_CONTRACT on the queue"))?
-            .await
-            .map_err(evm("granting SESSION_CONTRACT on the queue"))?;
+        let granted = payment.grant_role(session_contract, sessions.address());
+        confirm("granting SESSION_CONTRACT on payment", granted).await?;
+        let granted = queue.grant_role(session_contract, sessions.address());
+        confirm("granting SESSION_CONTRACT on the queue", granted).await?;
         Ok(Self {
             payment: payment.address(),
             queue: queue.address(),
@@ -87,45 +90,29 @@ impl Deployment {
         })
     }
 
-    /// Lets `router` assign and end tasks, move nodes, and settle payments.
+    /// Lets `router` assign and end tasks, move nodes, settle payments and report reputation.
     pub async fn grant_router<M: Middleware + 'static>(
         &self,
         admin: Arc<M>,
         router: Address,
     ) -> Result<(), ChainError> {
-        let r = role("ROUTER");
+        let (r, settle) = (role("ROUTER"), role("SESSION_CONTRACT"));
         let queue = SessionQueueV2::new(self.queue, admin.clone());
-        queue
-            .grant_role(r, router)
-            .send()
-            .await
-            .map_err(evm("granting ROUTER"))?
-            .await
-            .map_err(evm("granting ROUTER"))?;
+        confirm("granting ROUTER on the queue", queue.grant_role(r, router)).await?;
         let nodes = NodePool::new(self.nodes, admin.clone());
-        nodes
-            .grant_role(r, router)
-            .send()
-            .await
-            .map_err(evm("granting ROUTER"))?
-            .await
-            .map_err(evm("granting ROUTER"))?;
+        confirm(
+            "granting ROUTER on the node pool",
+            nodes.grant_role(r, router),
+        )
+        .await?;
         let payment = SessionPayment::new(self.payment, admin.clone());
-        payment
-            .grant_role(role("SESSION_CONTRACT"), router)
-            .send()
-            .await
-            .map_err(evm("granting settlement"))?
-            .await
-            .map_err(evm("granting settlement"))?;
+        confirm("granting settlement", payment.grant_role(settle, router)).await?;
         let reputation = NodeReputation::new(self.reputation, admin);
-        reputation
-            .grant_role(role("REPORTER"), router)
-            .send()
-            .await
-            .map_err(evm("granting REPORTER"))?
-            .await
-            .map_err(evm("granting REPORTER"))?;
+        confirm(
+            "granting REPORTER",
+            reputation.grant_role(role("REPORTER"), router),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -137,6 +137,25 @@ impl EvmChain {
         })
     }
 
+    /// One `SessionPayment` transaction on an existing session; the session afterwards.
+    fn payment_write(
+        &self,
+        session_id: u64,
+        what: &'static str,
+        build: impl FnOnce(&SessionPayment<Client>) -> ContractCall<Client, ()> + Send + 'static,
+    ) -> Result<Session, ChainError> {
+        self.call(move |c, d| {
+            Box::pin(async move {
+                existing(c.clone(), d, session_id).await?;
+                let payment = SessionPayment::new(d.payment, c.clone());
+                send(what, build(&payment))
+                    .await
+                    .map_err(|e| chain_error(session_id, e))?;
+                existing(c, d, session_id).await
+            })
+        })
+    }
+
     /// Runs `f` on the chain's thread and waits for its answer.
     fn call<T: Send + 'static>(
         &self,
@@ -375,52 +394,20 @@ impl Chain for EvmChain {
     }
 
     fn deposit(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
-        self.call(move |c, d| {
-            Box::pin(async move {
-                existing(c.clone(), d, session_id).await?;
-                let payment = SessionPayment::new(d.payment, c.clone());
-                send(
-                    "depositToSession",
-                    payment
-                        .deposit_to_session(U256::from(session_id))
-                        .value(amount),
-                )
-                .await
-                .map_err(|e| chain_error(session_id, e))?;
-                existing(c, d, session_id).await
-            })
+        self.payment_write(session_id, "depositToSession", move |p| {
+            p.deposit_to_session(U256::from(session_id)).value(amount)
         })
     }
 
     fn hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
-        self.call(move |c, d| {
-            Box::pin(async move {
-                existing(c.clone(), d, session_id).await?;
-                let payment = SessionPayment::new(d.payment, c.clone());
-                send(
-                    "hold",
-                    payment.hold(U256::from(session_id), U256::from(amount)),
-                )
-                .await
-                .map_err(|e| chain_error(session_id, e))?;
-                existing(c, d, session_id).await
-            })
+        self.payment_write(session_id, "hold", move |p| {
+            p.hold(U256::from(session_id), U256::from(amount))
         })
     }
 
     fn release_hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
-        self.call(move |c, d| {
-            Box::pin(async move {
-                existing(c.clone(), d, session_id).await?;
-                let payment = SessionPayment::new(d.payment, c.clone());
-                send(
-                    "releaseHold",
-                    payment.release_hold(U256::from(session_id), U256::from(amount)),
-                )
-                .await
-                .map_err(|e| chain_error(session_id, e))?;
-                existing(c, d, session_id).await
-            })
+        self.payment_write(session_id, "releaseHold", move |p| {
+            p.release_hold(U256::from(session_id), U256::from(amount))
         })
     }
 
