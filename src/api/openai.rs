@@ -8,7 +8,7 @@ use super::error::ApiError;
 use super::{views, ApiState};
 use crate::models::chat::ChatMessage;
 use crate::models::engine::{GenerateRequest, Prompt};
-use crate::task::{now_ms, TaskRecord};
+use crate::task::now_ms;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
