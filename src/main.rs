@@ -1,7 +1,7 @@
 //! The `cortensor` command: parse the command line and hand over to the library.
 
 use clap::{Parser, Subcommand};
-use cortensor::commands::{bench, client, generate, models, testnet};
+use cortensor::commands::{bench, client, generate, models, node, testnet};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,9 @@ enum Command {
     Session(client::SessionCommand),
     /// Send a prompt to a running router and print the answer.
     Prompt(client::PromptArgs),
+    /// A node's own business with the chain (withdrawing its earnings).
+    #[command(subcommand)]
+    Node(node::NodeCommand),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -49,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Testnet(args) => testnet::run(args),
         Command::Session(cmd) => client::session(cmd),
         Command::Prompt(args) => client::prompt(args),
+        Command::Node(cmd) => node::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Backends => bench::print_backends(),
     }

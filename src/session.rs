@@ -91,6 +91,21 @@ pub struct SessionParams {
     /// How many times one task may be executed (its first assignment plus replacements).
     #[serde(default = "default_max_task_execution_count")]
     pub max_task_execution_count: u32,
+    /// What the chain records of each task (not one of Cortensor's parameters).
+    #[serde(default)]
+    pub task_record: TaskRecordMode,
+}
+
+/// What the chain records of a session's tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskRecordMode {
+    /// Each task's settlement, many tasks per transaction.
+    #[default]
+    Batch,
+    /// Also every stage of every task (enqueue, assign, each miner's ack, precommit and
+    /// commit, end) as its own transaction: full fidelity, at a transaction per stage.
+    PerStage,
 }
 
 impl Default for SessionParams {

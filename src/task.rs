@@ -2,7 +2,8 @@
 //! commits to. The state machine itself lives in `actors/session_queue.rs`; this file holds the
 //! data and the pure rules (hashing, majority) that are easy to test alone.
 
-use crate::models::engine::{FinishReason, GenerateRequest};
+use crate::chain::{MinerTrace, TaskTrace};
+use crate::models::engine::{FinishReason, GenerateRequest, Prompt};
 use crate::session::SessionMode;
 use serde::{Deserialize, Serialize};
 
@@ -107,16 +108,20 @@ impl TaskResult {
     pub fn completion_tokens(&self) -> usize {
         self.token_ids.len()
     }
-    /// keccak256 over a canonical encoding: what a miner precommits and the queue verifies.
-    pub fn hash(&self) -> [u8; 32] {
-        let bytes = serde_json::to_vec(&(
+    /// The canonical encoding (JSON of text, token ids, finish reason, prompt tokens): what a
+    /// miner commits on chain.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&(
             &self.text,
             &self.token_ids,
             self.finish_reason,
             self.prompt_tokens,
         ))
-        .expect("a result always serializes");
-        ethers::utils::keccak256(bytes)
+        .expect("a result always serializes")
+    }
+    /// keccak256 of the canonical encoding: what a miner precommits and the queue verifies.
+    pub fn hash(&self) -> [u8; 32] {
+        ethers::utils::keccak256(self.canonical_bytes())
     }
     pub fn hash_hex(&self) -> String {
         format!("0x{}", hex::encode(self.hash()))
@@ -220,6 +225,9 @@ pub struct TaskRecord {
     pub error: Option<String>,
     /// How often it was resumed after a restart.
     pub resumed: u32,
+    /// Every stage goes on chain too (the session's `task_record: per_stage`).
+    #[serde(default)]
+    pub record_stages: bool,
 }
 
 impl TaskRecord {
@@ -234,6 +242,54 @@ impl TaskRecord {
     pub fn assigned_miners(&self) -> Vec<String> {
         self.assignments.iter().map(|a| a.miner.clone()).collect()
     }
+
+    /// The stages to record on chain: one entry per miner (a miner assigned again after a
+    /// restart shows what its assignments did together), reveals only where they matched.
+    pub fn trace(&self) -> TaskTrace {
+        let mut miners: Vec<MinerTrace> = Vec::new();
+        for a in &self.assignments {
+            let i = match miners.iter().position(|m| m.node == a.miner) {
+                Some(i) => i,
+                None => {
+                    miners.push(MinerTrace {
+                        node: a.miner.clone(),
+                        acked: false,
+                        precommit: None,
+                        commit: None,
+                    });
+                    miners.len() - 1
+                }
+            };
+            let m = &mut miners[i];
+            m.acked |= a.acked_at_ms.is_some() || a.precommit_hash.is_some();
+            if m.precommit.is_none() {
+                m.precommit = a.precommit_hash.as_deref().and_then(parse_hash);
+            }
+            if let (None, Some(result), AssignmentState::Committed) =
+                (&m.commit, &a.result, a.state)
+            {
+                if m.precommit == Some(result.hash()) {
+                    m.commit = Some(result.canonical_bytes());
+                }
+            }
+        }
+        // The text as given; a conversation as its messages' JSON; tokens as their ids' JSON.
+        let prompt = match &self.request.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(messages) => serde_json::to_string(messages).unwrap_or_default(),
+            Prompt::Tokens(ids) => serde_json::to_string(ids).unwrap_or_default(),
+        };
+        TaskTrace {
+            data: TaskTrace::data_for(&prompt),
+            miners,
+            force_ended: self.state == TaskState::Ended,
+        }
+    }
+}
+
+fn parse_hash(hex_hash: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(hex_hash.trim_start_matches("0x")).ok()?;
+    <[u8; 32]>::try_from(bytes).ok()
 }
 
 /// The result most committed miners agree on, if more than half of `results` agree.

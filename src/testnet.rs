@@ -12,6 +12,7 @@ use crate::actors::validator::Validator;
 use crate::api::{self, ApiState};
 use crate::chain::evm::EvmChain;
 use crate::chain::local_ledger::LocalLedger;
+use crate::chain::node_key::NodeKey;
 use crate::chain::Chain;
 use crate::config::TestnetConfig;
 use crate::session::SessionParams;
@@ -69,7 +70,17 @@ pub enum ChainChoice {
         rpc_url: String,
         private_key: String,
         deployment: Option<crate::chain::deploy::Deployment>,
+        /// Send each node wallet some ether for its gas (a local chain's convenience).
+        fund_nodes: bool,
     },
+}
+
+/// Ether sent to each node wallet when the testnet funds them.
+pub const NODE_FUNDING_WEI: u64 = 1_000_000_000_000_000_000;
+
+/// Where a testnet keeps its nodes' keys, in its data directory.
+pub fn node_keys_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("node-keys")
 }
 
 /// Addresses of the running actors, for tests that talk to them directly.
@@ -91,6 +102,8 @@ pub struct Testnet {
     pub default_session: u64,
     pub actors: Actors,
     pub miner_ids: Vec<String>,
+    /// Each miner's wallet address (hex), in `miner_ids` order: where it is paid on an EVM.
+    pub miner_addresses: Vec<String>,
     /// Where the contracts are, when the chain is an EVM.
     pub deployment: Option<crate::chain::deploy::Deployment>,
     system: Option<actix_rt::System>,
@@ -127,6 +140,14 @@ impl Testnet {
             Storage::Dir(dir) => Store::open(dir)?,
             Storage::Temporary => Store::temporary()?,
         };
+        let miner_ids: Vec<String> = (0..options.config.nodes.miners).map(miner_id).collect();
+        let node_keys = miner_ids
+            .iter()
+            .map(|id| match &options.storage {
+                Storage::Dir(dir) => NodeKey::load_or_create(&node_keys_dir(dir), id),
+                Storage::Temporary => Ok(NodeKey::random(id)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut deployed = None;
         let (chain, chain_name): (Box<dyn Chain>, &'static str) = match &options.chain {
             ChainChoice::Embedded => (Box::new(LocalLedger::new(store.clone())), "embedded-ledger"),
@@ -134,18 +155,22 @@ impl Testnet {
                 rpc_url,
                 private_key,
                 deployment,
+                fund_nodes,
             } => {
                 let price = options.config.pricing.price_per_token;
                 let evm = match deployment {
                     Some(d) => EvmChain::attach(rpc_url, private_key, *d)?,
                     None => EvmChain::deploy(rpc_url, private_key, price)?,
-                };
+                }
+                .with_node_keys(&node_keys);
+                if *fund_nodes {
+                    evm.fund_nodes(NODE_FUNDING_WEI.into())?;
+                }
                 tracing::info!(deployment = ?evm.deployment, "the chain: Cortensor's contracts on {rpc_url}");
                 deployed = Some(evm.deployment);
                 (Box::new(evm), "evm")
             }
         };
-        let miner_ids: Vec<String> = (0..options.config.nodes.miners).map(miner_id).collect();
         let (tx, rx) = std::sync::mpsc::channel::<Result<Started, TestnetError>>();
         let thread = std::thread::Builder::new()
             .name("testnet".into())
@@ -182,6 +207,10 @@ impl Testnet {
             default_session: started.default_session,
             actors: started.actors,
             miner_ids,
+            miner_addresses: node_keys
+                .iter()
+                .map(|k| format!("{:?}", k.address()))
+                .collect(),
             deployment: deployed,
             system: Some(started.system),
             server: Some(started.server),

@@ -5,7 +5,9 @@
 use cortensor::chain::anvil::AnvilNode;
 use cortensor::chain::evm::{EvmChain, ANVIL_DEV_KEY};
 use cortensor::chain::local_ledger::LocalLedger;
-use cortensor::chain::{Chain, ChainError, Settlement};
+use cortensor::chain::node_key::NodeKey;
+use cortensor::chain::{Chain, ChainError, MinerTrace, Settlement, TaskTrace};
+use ethers::types::U256;
 use cortensor::session::{SessionMode, SessionParams};
 use cortensor::store::Store;
 use cortensor::task::TaskKey;
@@ -19,9 +21,16 @@ fn local() -> (Box<dyn Chain>, tempfile::TempDir) {
     )
 }
 
+/// The nodes of the scenarios; on the EVM each has a funded wallet.
+const NODES: [&str; 3] = ["m1", "m2", "m3"];
+
 fn evm() -> (Box<dyn Chain>, AnvilNode) {
     let anvil = AnvilNode::start(None).expect("anvil starts");
-    let chain = EvmChain::deploy(&anvil.url, ANVIL_DEV_KEY, 1).expect("the contracts deploy");
+    let keys: Vec<NodeKey> = NODES.iter().map(|n| NodeKey::random(n)).collect();
+    let chain = EvmChain::deploy(&anvil.url, ANVIL_DEV_KEY, 1)
+        .expect("the contracts deploy")
+        .with_node_keys(&keys);
+    chain.fund_nodes(U256::exp10(18)).expect("node wallets funded");
     (Box::new(chain), anvil)
 }
 
@@ -93,6 +102,65 @@ fn scenario(chain: &mut dyn Chain) {
         Err(ChainError::NoSuchSession(9_999))
     ));
     assert!(chain.sessions().unwrap().iter().any(|s| s.id == id));
+
+    // Only what a node earned, once.
+    assert_eq!(chain.withdraw_node_payment("m1").unwrap(), 61);
+    assert_eq!(chain.node_pending_payment("m1").unwrap(), 0);
+    assert!(matches!(
+        chain.withdraw_node_payment("m1"),
+        Err(ChainError::NothingToWithdraw(n)) if n == "m1"
+    ));
+    assert!(matches!(
+        chain.withdraw_node_payment("m3"),
+        Err(ChainError::NothingToWithdraw(_))
+    ));
+    assert_eq!(chain.total_withdrawn().unwrap(), 61);
+    assert_eq!(chain.node_pending_payment("m2").unwrap(), 60);
+
+    // The per-stage record: what went in comes out, and a repeat changes nothing.
+    let result = br#"["four",[19],"stop",7]"#.to_vec();
+    let trace = TaskTrace {
+        data: b"What is 2 + 2?".to_vec(),
+        miners: vec![
+            MinerTrace {
+                node: "m1".into(),
+                acked: true,
+                precommit: Some(ethers::utils::keccak256(&result)),
+                commit: Some(result.clone()),
+            },
+            MinerTrace {
+                // Replaced after its ack.
+                node: "m2".into(),
+                acked: true,
+                precommit: None,
+                commit: None,
+            },
+            MinerTrace {
+                // Its reveal did not match: precommitted, never committed.
+                node: "m3".into(),
+                acked: true,
+                precommit: Some([7; 32]),
+                commit: None,
+            },
+        ],
+        force_ended: false,
+    };
+    let task = key(id, 2);
+    assert_eq!(chain.task_trace(task).unwrap(), None);
+    chain.record_trace(task, &trace).unwrap();
+    assert_eq!(chain.task_trace(task).unwrap().as_ref(), Some(&trace));
+    let mut other = trace.clone();
+    other.force_ended = true;
+    chain.record_trace(task, &other).unwrap();
+    assert_eq!(chain.task_trace(task).unwrap().as_ref(), Some(&trace));
+    let ended = TaskTrace {
+        data: TaskTrace::data_for(&"long prompt ".repeat(1_000)),
+        miners: vec![],
+        force_ended: true,
+    };
+    assert!(ended.data.starts_with(b"keccak256:"));
+    chain.record_trace(key(id, 3), &ended).unwrap();
+    assert_eq!(chain.task_trace(key(id, 3)).unwrap(), Some(ended));
 }
 
 #[test]
@@ -137,7 +205,7 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let (mut a, _dir) = local();
     let (mut b, _anvil) = evm();
-    let nodes = ["m1", "m2", "m3"];
+    let nodes = NODES;
     let mut sessions: Vec<u64> = Vec::new();
     let mut holds: Vec<(u64, u64)> = Vec::new(); // (session, amount) held and not settled
     let mut next_task = 1;
@@ -145,7 +213,7 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
         let op = if sessions.is_empty() {
             0
         } else {
-            rng.gen_range(0..7)
+            rng.gen_range(0..8)
         };
         let sid = if sessions.is_empty() {
             0
@@ -216,6 +284,7 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
                         hold,
                         charge: rng.gen_range(0..hold + 50),
                         payees,
+                        trace: None,
                     });
                     next_task += 1;
                 }
@@ -236,6 +305,19 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
                     format!("settle a batch of {}", batch.len()),
                 )
             }
+            7 => {
+                let node = nodes[rng.gen_range(0..nodes.len())];
+                let paid = |r: Result<u64, ChainError>| match r {
+                    Ok(n) => Outcome::Ok(n, 0, 0, 0),
+                    Err(ChainError::NothingToWithdraw(_)) => Outcome::NoSuchSession,
+                    Err(e) => panic!("unexpected error: {e}"),
+                };
+                (
+                    paid(a.withdraw_node_payment(node)),
+                    paid(b.withdraw_node_payment(node)),
+                    format!("{node} withdraws"),
+                )
+            }
             _ => {
                 let amount = rng.gen_range(0..200);
                 let (x, y) = (a.release_hold(sid, amount), b.release_hold(sid, amount));
@@ -251,6 +333,7 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
                 .iter()
                 .map(|n| chain.node_pending_payment(n).unwrap())
                 .sum();
+            let owed = owed + chain.total_withdrawn().unwrap();
             let spent: u64 = all.iter().map(|s| s.spent).sum();
             for s in &all {
                 assert_eq!(

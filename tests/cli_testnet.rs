@@ -173,6 +173,21 @@ fn an_operator_runs_a_testnet_talks_to_it_and_stops_it_with_ctrl_c() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status:?}");
+    // With the testnet stopped, a miner collects its earnings from the embedded ledger, once.
+    let data = dir.path().to_str().unwrap();
+    let out = cortensor(&["node", "withdraw", "--data-dir", data, "--node", "miner-1"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let amount: u64 = said
+        .strip_prefix("miner-1 withdrew ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(amount > 0, "{said}");
+    fails_naming(
+        &["node", "withdraw", "--data-dir", data, "--node", "miner-1"],
+        "nothing to withdraw",
+    );
     // The data survived: the same directory serves the finished task.
     let restarted = Command::new(env!("CARGO_BIN_EXE_cortensor"))
         .args([
@@ -263,4 +278,30 @@ fn the_testnet_answers_a_prompt_on_anvil_and_keeps_its_chain_across_restarts() {
             .to_string()
     };
     assert_eq!(contracts(&first), contracts(&second));
+
+    // A miner withdraws with its own key into its own wallet; the testnet has stopped, so the
+    // command brings its anvil back from the saved state for the purpose.
+    let address = first
+        .lines()
+        .find_map(|l| l.strip_prefix("node:    miner-1 is paid at "))
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_string();
+    let out = cortensor(&["node", "withdraw", "--data-dir", data, "--node", "miner-1"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let amount: u64 = said
+        .strip_prefix("miner-1 withdrew ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(amount > 0, "{said}");
+    assert!(said.contains(&format!("to {address}")), "{said}");
+    fails_naming(
+        &["node", "withdraw", "--data-dir", data, "--node", "miner-1"],
+        "nothing to withdraw",
+    );
+    fails_naming(
+        &["node", "withdraw", "--data-dir", data, "--node", "miner-9"],
+        "no key for node \"miner-9\"",
+    );
 }

@@ -6,7 +6,12 @@ mod common;
 
 use cortensor::actors::miner::EngineFactory;
 use cortensor::chain::anvil::AnvilNode;
-use cortensor::chain::evm::ANVIL_DEV_KEY;
+use cortensor::actors::chain_bridge::GetTaskTrace;
+use cortensor::chain::evm::{EvmChain, ANVIL_DEV_KEY};
+use cortensor::chain::node_key::NodeKey;
+use cortensor::chain::Chain;
+use cortensor::task::TaskKey;
+use cortensor::testnet::node_keys_dir;
 use cortensor::config::TestnetConfig;
 use cortensor::models::engine::InferenceEngine;
 use cortensor::testkit::scripted_engine::{Script, ScriptedEngine, SCRIPTED_MODEL};
@@ -27,6 +32,7 @@ fn the_testnet_runs_on_the_contracts() {
         rpc_url: anvil.url.clone(),
         private_key: ANVIL_DEV_KEY.into(),
         deployment: None,
+        fund_nodes: true,
     };
     let net = common::start_on(
         config,
@@ -75,6 +81,75 @@ fn the_testnet_runs_on_the_contracts() {
         .sum();
     assert_eq!(paid, 18);
 
+    // A session that records every stage: the chain has the prompt, each miner's ack,
+    // precommit and matching commit (sent from the miner's own wallet), and the end.
+    let body = json!({"name": "full record", "redundant": 2, "deposit": 10_000, "task_record": "per_stage"});
+    let (status, v) = net.post("/api/v1/sessions", &body);
+    assert_eq!(status, 201, "{v}");
+    let full = v["session_id"].as_u64().unwrap();
+    assert_eq!(net.session_view(full)["task_record"], "per_stage");
+    let (status, v) = net.post(
+        "/api/v1/completions",
+        &json!({"session_id": full, "prompt": "every stage", "max_tokens": 5}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let tid = v["task_id"].as_u64().unwrap();
+    let key = TaskKey {
+        session_id: full,
+        task_id: tid,
+    };
+    let trace =
+        |net: &common::Net| block_on(net.testnet.actors.chain.send(GetTaskTrace(key))).unwrap();
+    net.wait_for(
+        std::time::Duration::from_secs(30),
+        "the task's stages on chain",
+        |n| matches!(trace(n), Ok(Some(t)) if !t.miners.is_empty() && n.session_view(full)["held"] == 0),
+    );
+    let recorded = trace(&net).unwrap().unwrap();
+    // The completions API sends the prompt as one user message.
+    let asked: serde_json::Value = serde_json::from_slice(&recorded.data).unwrap();
+    assert_eq!(asked, json!([{"role": "user", "content": "every stage"}]));
+    assert!(!recorded.force_ended);
+    let task = net.task(full, tid);
+    let miners: Vec<&str> = task["results"]["miners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert_eq!(recorded.miners.len(), 2, "{recorded:?}");
+    for m in &recorded.miners {
+        assert!(miners.contains(&m.node.as_str()), "{} not in {miners:?}", m.node);
+        assert!(m.acked);
+        let commit = m.commit.as_ref().expect("a commit");
+        assert_eq!(m.precommit, Some(ethers::utils::keccak256(commit)));
+        let (text, ..): (String, Vec<u32>, String, usize) =
+            serde_json::from_slice(commit).unwrap();
+        assert_eq!(text, task["results"]["data"][0].as_str().unwrap());
+    }
+
+    // A miner collects its earnings with its own key, into its own wallet.
+    let miner = &net.testnet.miner_ids[0];
+    let keys = node_keys_dir(dir.path());
+    let own = NodeKey::load(&keys, miner).unwrap();
+    assert_eq!(
+        format!("{:?}", own.address()),
+        net.testnet.miner_addresses[0]
+    );
+    let deployment = net.testnet.deployment.unwrap();
+    let mut wallet = EvmChain::attach(&anvil.url, &own.private_key_hex(), deployment)
+        .unwrap()
+        .with_node_keys(&[own]);
+    let pending = wallet.node_pending_payment(miner).unwrap();
+    assert!(pending > 0, "{miner} earned nothing");
+    let before = wallet.node_wallet_balance(miner).unwrap();
+    assert_eq!(wallet.withdraw_node_payment(miner).unwrap(), pending);
+    assert_eq!(wallet.node_pending_payment(miner).unwrap(), 0);
+    let after = wallet.node_wallet_balance(miner).unwrap();
+    // The payment arrived, less the gas the withdrawal cost.
+    assert!(after + ethers::types::U256::exp10(16) > before + pending && after > before - ethers::types::U256::exp10(16));
+    assert_eq!(wallet.total_withdrawn().unwrap(), pending);
+
     // Insufficient balance is the chain's refusal, reported the same way.
     let poor = net.session(1, 5);
     let (status, v) = net.post(
@@ -107,6 +182,7 @@ fn an_rpc_outage_loses_no_settlement_and_repeats_none() {
         rpc_url: anvil.url.clone(),
         private_key: ANVIL_DEV_KEY.into(),
         deployment: None,
+        fund_nodes: true,
     };
     let net = Arc::new(common::start_on(
         config,
@@ -183,4 +259,11 @@ fn an_rpc_outage_loses_no_settlement_and_repeats_none() {
         .map(|m| m["pending_payment"].as_u64().unwrap())
         .sum();
     assert_eq!(paid, charged);
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
 }

@@ -38,6 +38,8 @@ contract SessionQueueV2 is Roles {
     mapping(uint256 => uint256) public taskCount;
     mapping(uint256 => mapping(uint256 => uint256)) internal precommits;
     mapping(uint256 => mapping(uint256 => uint256)) internal commits;
+    /// Tasks enqueued with an idempotency key (a router's own task key): key => task id.
+    mapping(bytes32 => uint256) public taskIdByKey;
 
     event TaskQueued(uint256 indexed sessionId, uint256 indexed taskId, bytes data);
     event TaskAssigned(uint256 indexed sessionId, uint256 indexed taskId, address[] miners, uint256 modelIdentifier);
@@ -57,15 +59,17 @@ contract SessionQueueV2 is Roles {
     error AlreadyDone(uint256 sessionId, uint256 taskId, address miner);
     error HashMismatch(uint256 sessionId, uint256 taskId, address miner);
 
-    function enqueueTask(uint256 sessionId, bytes calldata data) external onlyRole(SESSION_CONTRACT) returns (uint256 taskId) {
-        taskId = ++taskCount[sessionId];
-        Task storage t = tasks[sessionId][taskId];
-        t.id = taskId;
-        t.sessionId = sessionId;
-        t.data = data;
-        t.status = Status.Queued;
-        t.createdAt = block.timestamp;
-        emit TaskQueued(sessionId, taskId, data);
+    function enqueueTask(uint256 sessionId, bytes calldata data) external onlyRole(SESSION_CONTRACT) returns (uint256) {
+        return _enqueue(sessionId, data);
+    }
+
+    /// Enqueues once per `key`: a repeat (a router re-sending after a lost receipt) returns the
+    /// task enqueued the first time.
+    function enqueueTaskWithKey(uint256 sessionId, bytes32 key, bytes calldata data) external onlyRole(SESSION_CONTRACT) returns (uint256 taskId) {
+        taskId = taskIdByKey[key];
+        if (taskId != 0) return taskId;
+        taskId = _enqueue(sessionId, data);
+        taskIdByKey[key] = taskId;
     }
 
     /// Assigns (or adds, for replacements) miners to a live task.
@@ -184,12 +188,29 @@ contract SessionQueueV2 is Roles {
         }
     }
 
+    /// One miner's record of one task: assigned, ack / precommit / commit times, hash, result.
+    function getMinerRecord(uint256 sessionId, uint256 taskId, address miner) external view returns (MinerRecord memory) {
+        _existing(sessionId, taskId);
+        return minerRecords[sessionId][taskId][miner];
+    }
+
     function getHash(uint256 sessionId, uint256 taskId, address miner) external view returns (bytes32) {
         return minerRecords[sessionId][taskId][miner].precommitHash;
     }
 
     function verifyHash(bytes calldata data, bytes32 hash) external pure returns (bool) {
         return keccak256(data) == hash;
+    }
+
+    function _enqueue(uint256 sessionId, bytes calldata data) internal returns (uint256 taskId) {
+        taskId = ++taskCount[sessionId];
+        Task storage t = tasks[sessionId][taskId];
+        t.id = taskId;
+        t.sessionId = sessionId;
+        t.data = data;
+        t.status = Status.Queued;
+        t.createdAt = block.timestamp;
+        emit TaskQueued(sessionId, taskId, data);
     }
 
     function _existing(uint256 sessionId, uint256 taskId) internal view returns (Task storage t) {

@@ -3,7 +3,7 @@
 //! only flushes are for session creation and deposits); a chain that blocks on RPC round trips
 //! must run this actor on an arbiter of its own.
 
-use crate::chain::{Chain, ChainError, Settlement};
+use crate::chain::{Chain, ChainError, Settlement, TaskTrace};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
 use crate::task::TaskKey;
@@ -59,7 +59,13 @@ impl ChainBridge {
             }
         };
         let items: Vec<Settlement> = batch.iter().map(|(_, s)| s.clone()).collect();
-        match self.chain.settle_batch(&items) {
+        // Stages first (a task's record ends before its settlement), then one batch.
+        let delivered = items
+            .iter()
+            .filter_map(|s| Some((s.task, s.trace.as_ref()?)))
+            .try_for_each(|(task, trace)| self.chain.record_trace(task, trace))
+            .and_then(|()| self.chain.settle_batch(&items));
+        match delivered {
             Ok(()) => {
                 let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
                 if let Err(e) = store.outbox_remove(&seqs) {
@@ -144,11 +150,18 @@ pub struct Settle {
     pub hold: u64,
     pub charge: u64,
     pub payees: Vec<String>,
+    /// Its stages, when its session records them all.
+    pub trace: Option<TaskTrace>,
 }
 
 #[derive(Message)]
 #[rtype(result = "Result<u64, ChainError>")]
 pub struct NodePendingPayment(pub String);
+
+/// The stages the chain recorded for a task.
+#[derive(Message)]
+#[rtype(result = "Result<Option<TaskTrace>, ChainError>")]
+pub struct GetTaskTrace(pub TaskKey);
 
 impl Handler<CreateSession> for ChainBridge {
     type Result = Result<Session, ChainError>;
@@ -193,6 +206,7 @@ impl Handler<Settle> for ChainBridge {
             hold: m.hold,
             charge: m.charge,
             payees: m.payees,
+            trace: m.trace,
         };
         match &self.outbox {
             // Durable with the queue's flush that follows this answer.
@@ -200,15 +214,19 @@ impl Handler<Settle> for ChainBridge {
                 .outbox_push(&settlement)
                 .map(|_| ())
                 .map_err(ChainError::from),
-            None => self
-                .chain
-                .settle(
-                    settlement.task,
-                    settlement.hold,
-                    settlement.charge,
-                    &settlement.payees,
-                )
-                .map(|_| ()),
+            None => {
+                if let Some(trace) = &settlement.trace {
+                    self.chain.record_trace(settlement.task, trace)?;
+                }
+                self.chain
+                    .settle(
+                        settlement.task,
+                        settlement.hold,
+                        settlement.charge,
+                        &settlement.payees,
+                    )
+                    .map(|_| ())
+            }
         }
     }
 }
@@ -217,5 +235,12 @@ impl Handler<NodePendingPayment> for ChainBridge {
     type Result = Result<u64, ChainError>;
     fn handle(&mut self, m: NodePendingPayment, _: &mut Context<Self>) -> Self::Result {
         self.chain.node_pending_payment(&m.0)
+    }
+}
+
+impl Handler<GetTaskTrace> for ChainBridge {
+    type Result = Result<Option<TaskTrace>, ChainError>;
+    fn handle(&mut self, m: GetTaskTrace, _: &mut Context<Self>) -> Self::Result {
+        self.chain.task_trace(m.0)
     }
 }

@@ -6,7 +6,7 @@ use super::chain_bridge::{ChainBridge, CreateSession, GetSession, Hold, ReleaseH
 use super::session_queue::{Enqueue, NewTask, QueueError, SessionQueue, Subscriber};
 use crate::chain::ChainError;
 use crate::models::engine::GenerateRequest;
-use crate::session::{Session, SessionParams};
+use crate::session::{Session, SessionParams, TaskRecordMode};
 use crate::task::TaskKey;
 use actix::prelude::*;
 use std::time::Duration;
@@ -39,6 +39,9 @@ impl From<ChainError> for SubmitError {
             ChainError::InvalidParams(m) => SubmitError::Invalid(m),
             ChainError::Store(_) => SubmitError::Internal(e.to_string()),
             ChainError::Evm(m) => SubmitError::ChainUnavailable(m),
+            ChainError::NoWallet(_) | ChainError::NothingToWithdraw(_) => {
+                SubmitError::Internal(e.to_string())
+            }
         }
     }
 }
@@ -197,6 +200,7 @@ impl Handler<SubmitTask> for Router {
                 client_reference: m.client_reference,
                 hold,
                 derive_seed: !m.explicit_seed,
+                record_stages: params.task_record == TaskRecordMode::PerStage,
             };
             let enqueued = queue
                 .send(Enqueue {

@@ -69,6 +69,8 @@ pub struct NewTask {
     pub hold: u64,
     /// Derive the sampling seed from (session, task), so honest miners agree exactly.
     pub derive_seed: bool,
+    /// Record every stage on chain (the session's `task_record: per_stage`).
+    pub record_stages: bool,
 }
 
 #[derive(Message)]
@@ -631,6 +633,7 @@ impl SessionQueue {
             hold,
             charge,
             payees,
+            trace: task.record.record_stages.then(|| task.record.trace()),
         };
         ctx.spawn(self.chain.send(settle).into_actor(self).map(move |settled, queue, _| {
             let charged = match settled {
@@ -947,6 +950,7 @@ impl SessionQueue {
             outcome: None,
             error: None,
             resumed: 0,
+            record_stages: t.record_stages,
         };
         self.store.put_task(&record)?;
         let mut live = LiveTask::new(record, timeout);

@@ -26,6 +26,7 @@ pub fn session(s: &Session) -> Value {
         "model_identifier": p.model_identifier,
         "reserve_period": p.reserve_period,
         "max_task_execution_count": p.max_task_execution_count,
+        "task_record": p.task_record,
         "created_at": seconds(s.created_at_ms),
         "deposit": s.deposit,
         "balance": s.balance,

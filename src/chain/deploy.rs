@@ -90,7 +90,8 @@ impl Deployment {
         })
     }
 
-    /// Lets `router` assign and end tasks, move nodes, settle payments and report reputation.
+    /// Lets `router` enqueue, assign and end tasks, move nodes, settle payments and report
+    /// reputation.
     pub async fn grant_router<M: Middleware + 'static>(
         &self,
         admin: Arc<M>,
@@ -99,6 +100,9 @@ impl Deployment {
         let (r, settle) = (role("ROUTER"), role("SESSION_CONTRACT"));
         let queue = SessionQueueV2::new(self.queue, admin.clone());
         confirm("granting ROUTER on the queue", queue.grant_role(r, router)).await?;
+        // Enqueueing, for sessions that record every task stage on chain.
+        let enqueue = queue.grant_role(settle, router);
+        confirm("granting enqueueing on the queue", enqueue).await?;
         let nodes = NodePool::new(self.nodes, admin.clone());
         confirm(
             "granting ROUTER on the node pool",

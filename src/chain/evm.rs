@@ -1,7 +1,9 @@
 //! `EvmChain`: the [`Chain`] semantics on Cortensor's contracts, through ethers, on anvil or any
 //! EVM node. The router's wallet creates sessions (the API-level owner is kept in the session's
 //! metadata), is each session's router, and holds and settles through `SessionPayment`.
-//! Nodes without a wallet of their own are paid at a pseudo-address derived from their id.
+//! Nodes whose keys this process holds ([`NodeKey`]) are paid at their wallets' addresses and
+//! send their own stages and withdrawals; other nodes are paid at a pseudo-address derived from
+//! their id (which nobody can withdraw from).
 //!
 //! `Chain` is synchronous; ethers is async. Calls go to a thread of this chain's own that runs
 //! a tokio runtime, and the caller blocks on the answer: run the chain bridge on an arbiter of
@@ -9,9 +11,10 @@
 
 use super::contracts::session_payment::SessionPaymentErrors;
 use super::contracts::session_v2::{Params, SessionV2Errors};
-use super::contracts::{SessionPayment, SessionV2};
+use super::contracts::{SessionPayment, SessionQueueV2, SessionV2};
 use super::deploy::Deployment;
-use super::{split_payment, Chain, ChainError, Settlement};
+use super::node_key::NodeKey;
+use super::{split_payment, Chain, ChainError, MinerTrace, Settlement, TaskTrace};
 use crate::session::{Session, SessionMode, SessionParams, Sla};
 use crate::task::TaskKey;
 use ethers::abi::AbiEncode;
@@ -37,6 +40,45 @@ pub struct EvmChain {
     jobs: std::sync::mpsc::Sender<Job>,
     pub deployment: Deployment,
     pub address: Address,
+    chain_id: u64,
+    nodes: Arc<NodeBook>,
+}
+
+/// The nodes whose keys this process holds.
+#[derive(Default)]
+struct NodeBook {
+    wallets: HashMap<String, LocalWallet>,
+    names: HashMap<Address, String>,
+}
+
+impl NodeBook {
+    /// Where a node is paid: its wallet, else the pseudo-address of its id.
+    fn address(&self, node: &str) -> Address {
+        self.wallets
+            .get(node)
+            .map(|w| w.address())
+            .unwrap_or_else(|| node_address(node))
+    }
+
+    /// A node's id for an address (the address itself when the node is not known here).
+    fn name(&self, address: Address) -> String {
+        self.names
+            .get(&address)
+            .cloned()
+            .unwrap_or_else(|| format!("{address:?}"))
+    }
+
+    /// A client that signs as the node.
+    fn client(&self, c: &Client, node: &str) -> Result<Arc<Client>, ChainError> {
+        let wallet = self
+            .wallets
+            .get(node)
+            .ok_or_else(|| ChainError::NoWallet(node.to_string()))?;
+        Ok(Arc::new(SignerMiddleware::new(
+            c.inner().clone(),
+            wallet.clone(),
+        )))
+    }
 }
 
 fn evm<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> ChainError {
@@ -66,6 +108,7 @@ fn client(url: &str, key: &str) -> Result<(Arc<Client>, u64), ChainError> {
         .map_err(evm("eth_chainId"))?
         .as_u64();
     let wallet: LocalWallet = key
+        .trim()
         .parse::<LocalWallet>()
         .map_err(evm("the private key"))?
         .with_chain_id(chain_id);
@@ -92,7 +135,7 @@ impl EvmChain {
 
     /// Uses contracts already deployed at `deployment`.
     pub fn attach(url: &str, key: &str, deployment: Deployment) -> Result<Self, ChainError> {
-        let (c, _) = client(url, key)?;
+        let (c, chain_id) = client(url, key)?;
         let address = c.address();
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -113,6 +156,58 @@ impl EvmChain {
             jobs: tx,
             deployment,
             address,
+            chain_id,
+            nodes: Arc::default(),
+        })
+    }
+
+    /// Pays these nodes at their wallets and lets them send their own transactions.
+    pub fn with_node_keys(mut self, keys: &[NodeKey]) -> Self {
+        let mut book = NodeBook::default();
+        for k in keys {
+            let wallet = k.wallet.clone().with_chain_id(self.chain_id);
+            book.names.insert(wallet.address(), k.node.clone());
+            book.wallets.insert(k.node.clone(), wallet);
+        }
+        self.nodes = Arc::new(book);
+        self
+    }
+
+    /// Sends `wei` from the router's account to each known node wallet holding less than half
+    /// of that, so nodes can pay for their gas (a local chain's convenience).
+    pub fn fund_nodes(&self, wei: U256) -> Result<(), ChainError> {
+        let addresses: Vec<Address> = self.nodes.wallets.values().map(|w| w.address()).collect();
+        self.call(move |c, _| {
+            Box::pin(async move {
+                for a in addresses {
+                    let balance = c
+                        .get_balance(a, None)
+                        .await
+                        .map_err(evm("eth_getBalance"))?;
+                    if balance >= wei / 2 {
+                        continue;
+                    }
+                    let tx = TransactionRequest::new().to(a).value(wei);
+                    c.send_transaction(tx, None)
+                        .await
+                        .map_err(evm("funding a node"))?
+                        .await
+                        .map_err(evm("funding a node"))?;
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// A node wallet's balance in wei, for the nodes known here.
+    pub fn node_wallet_balance(&self, node: &str) -> Result<U256, ChainError> {
+        let address = self.nodes.address(node);
+        self.call(move |c, _| {
+            Box::pin(async move {
+                c.get_balance(address, None)
+                    .await
+                    .map_err(evm("eth_getBalance"))
+            })
         })
     }
 
@@ -230,7 +325,12 @@ fn chain_error(session_id: u64, e: ContractError<Client>) -> ChainError {
 }
 
 fn to_params(owner: &str, p: &SessionParams) -> Params {
-    let metadata = serde_json::json!({"owner": owner, "metadata": p.metadata}).to_string();
+    let metadata = serde_json::json!({
+        "owner": owner,
+        "metadata": p.metadata,
+        "task_record": p.task_record,
+    })
+    .to_string();
     Params {
         name: p.name.clone(),
         metadata,
@@ -301,6 +401,7 @@ async fn read_session(
             model_identifier: p.model_identifier,
             reserve_period: p.reserve_period,
             max_task_execution_count: p.max_task_execution_count,
+            task_record: serde_json::from_value(meta["task_record"].clone()).unwrap_or_default(),
         },
         created_at_ms: s.created_at.as_u64() * 1000,
         deposit: balance + held + spent,
@@ -419,6 +520,7 @@ impl Chain for EvmChain {
         payees: &[String],
     ) -> Result<Session, ChainError> {
         let payees: Vec<String> = payees.to_vec();
+        let book = self.nodes.clone();
         self.call(move |c, d| {
             Box::pin(async move {
                 let sid = task.session_id;
@@ -430,7 +532,7 @@ impl Chain for EvmChain {
                     .into_iter()
                     .map(U256::from)
                     .collect();
-                let nodes: Vec<Address> = payees.iter().map(|p| node_address(p)).collect();
+                let nodes: Vec<Address> = payees.iter().map(|p| book.address(p)).collect();
                 let already = payment
                     .settled(key)
                     .call()
@@ -460,6 +562,7 @@ impl Chain for EvmChain {
 
     fn settle_batch(&mut self, batch: &[Settlement]) -> Result<(), ChainError> {
         let batch = batch.to_vec();
+        let book = self.nodes.clone();
         self.call(move |c, d| {
             Box::pin(async move {
                 let payment = SessionPayment::new(d.payment, c.clone());
@@ -489,7 +592,7 @@ impl Chain for EvmChain {
                     let charged = s.charge.min(amount);
                     held.insert(sid, h - amount);
                     for (p, a) in s.payees.iter().zip(split_payment(charged, s.payees.len())) {
-                        *owed.entry(node_address(p)).or_default() += a;
+                        *owed.entry(book.address(p)).or_default() += a;
                     }
                     keys.push(key);
                     sids.push(U256::from(sid));
@@ -510,7 +613,7 @@ impl Chain for EvmChain {
     }
 
     fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError> {
-        let address = node_address(node);
+        let address = self.nodes.address(node);
         self.call(move |c, d| {
             Box::pin(async move {
                 let payment = SessionPayment::new(d.payment, c);
@@ -523,4 +626,177 @@ impl Chain for EvmChain {
             })
         })
     }
+
+    fn withdraw_node_payment(&mut self, node: &str) -> Result<u64, ChainError> {
+        let book = self.nodes.clone();
+        let node = node.to_string();
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let own = book.client(&c, &node)?;
+                let payment = SessionPayment::new(d.payment, own.clone());
+                let pending = payment
+                    .node_pending_payments(own.address())
+                    .call()
+                    .await
+                    .map_err(|e| chain_error(0, e))?;
+                if pending.is_zero() {
+                    return Err(ChainError::NothingToWithdraw(node));
+                }
+                send("withdrawNodePayment", payment.withdraw_node_payment())
+                    .await
+                    .map_err(|e| chain_error(0, e))?;
+                Ok(pending.as_u64())
+            })
+        })
+    }
+
+    fn total_withdrawn(&self) -> Result<u64, ChainError> {
+        self.call(move |c, d| {
+            Box::pin(async move {
+                Ok(SessionPayment::new(d.payment, c)
+                    .total_withdrawn()
+                    .call()
+                    .await
+                    .map_err(|e| chain_error(0, e))?
+                    .as_u64())
+            })
+        })
+    }
+
+    fn record_trace(&mut self, task: TaskKey, trace: &TaskTrace) -> Result<(), ChainError> {
+        let (book, trace) = (self.nodes.clone(), trace.clone());
+        self.call(move |c, d| Box::pin(record_trace(c, d, book, task, trace)))
+    }
+
+    fn task_trace(&self, task: TaskKey) -> Result<Option<TaskTrace>, ChainError> {
+        let book = self.nodes.clone();
+        self.call(move |c, d| Box::pin(read_trace(c, d, book, task)))
+    }
+}
+
+/// Replays a task's stages on the queue contract, skipping each one the chain already has
+/// (so a repeat after a lost receipt or a restart changes nothing).
+async fn record_trace(
+    c: Arc<Client>,
+    d: Deployment,
+    book: Arc<NodeBook>,
+    task: TaskKey,
+    trace: TaskTrace,
+) -> Result<(), ChainError> {
+    let (sid, key) = (U256::from(task.session_id), task_key(task));
+    let fail = |e| chain_error(task.session_id, e);
+    let queue = SessionQueueV2::new(d.queue, c.clone());
+    let mut id = queue.task_id_by_key(key).call().await.map_err(fail)?;
+    if id.is_zero() {
+        let data = Bytes::from(trace.data.clone());
+        send("enqueueTaskWithKey", queue.enqueue_task_with_key(sid, key, data))
+            .await
+            .map_err(fail)?;
+        id = queue.task_id_by_key(key).call().await.map_err(fail)?;
+    }
+    let on_chain = queue.get_task(sid, id).call().await.map_err(fail)?;
+    if on_chain.ended {
+        return Ok(()); // the end is the last stage: all of it is there
+    }
+    let model = existing(c.clone(), d, task.session_id)
+        .await?
+        .params
+        .model_identifier;
+    let missing: Vec<Address> = trace
+        .miners
+        .iter()
+        .map(|m| book.address(&m.node))
+        .filter(|a| !on_chain.assigned_miners.contains(a))
+        .collect();
+    if !missing.is_empty() {
+        let assign = queue.assign_task(sid, id, missing, U256::from(model));
+        send("assignTask", assign).await.map_err(fail)?;
+    }
+    // Each miner's own stages, from its own wallet; a miner whose key is not here cannot sign.
+    let mut signers = Vec::new();
+    for m in &trace.miners {
+        match book.client(&c, &m.node) {
+            Ok(own) => signers.push((m, SessionQueueV2::new(d.queue, own))),
+            Err(e) => tracing::warn!(task = %task, error = %e, "a miner's stages are not recorded"),
+        }
+    }
+    for (m, own) in &signers {
+        let r = queue
+            .get_miner_record(sid, id, book.address(&m.node))
+            .call()
+            .await
+            .map_err(fail)?;
+        if m.acked && r.ack_at.is_zero() {
+            send("ack", own.ack(sid, id)).await.map_err(fail)?;
+        }
+        if let (Some(hash), true) = (m.precommit, r.precommit_at.is_zero()) {
+            send("precommit", own.precommit(sid, id, hash))
+                .await
+                .map_err(fail)?;
+        }
+    }
+    if signers.iter().any(|(m, _)| m.commit.is_some()) {
+        // Reveals need the precommit stage over; the router ends it when not every assigned
+        // miner precommitted (a replaced one never does).
+        let status = queue.get_task(sid, id).call().await.map_err(fail)?.status;
+        if status < PRECOMMITTED {
+            send("endPrecommit", queue.end_precommit(sid, id))
+                .await
+                .map_err(fail)?;
+        }
+    }
+    for (m, own) in &signers {
+        let Some(result) = &m.commit else { continue };
+        let r = queue
+            .get_miner_record(sid, id, book.address(&m.node))
+            .call()
+            .await
+            .map_err(fail)?;
+        if r.commit_at.is_zero() {
+            let commit = own.commit(sid, id, Bytes::from(result.clone()));
+            send("commit", commit).await.map_err(fail)?;
+        }
+    }
+    send("end", queue.end(sid, id, trace.force_ended))
+        .await
+        .map_err(fail)?;
+    Ok(())
+}
+
+/// `SessionQueueV2.Status.Precommitted`.
+const PRECOMMITTED: u8 = 4;
+
+async fn read_trace(
+    c: Arc<Client>,
+    d: Deployment,
+    book: Arc<NodeBook>,
+    task: TaskKey,
+) -> Result<Option<TaskTrace>, ChainError> {
+    let (sid, key) = (U256::from(task.session_id), task_key(task));
+    let fail = |e| chain_error(task.session_id, e);
+    let queue = SessionQueueV2::new(d.queue, c);
+    let id = queue.task_id_by_key(key).call().await.map_err(fail)?;
+    if id.is_zero() {
+        return Ok(None);
+    }
+    let t = queue.get_task(sid, id).call().await.map_err(fail)?;
+    let mut miners = Vec::new();
+    for a in t.assigned_miners {
+        let r = queue
+            .get_miner_record(sid, id, a)
+            .call()
+            .await
+            .map_err(fail)?;
+        miners.push(MinerTrace {
+            node: book.name(a),
+            acked: !r.ack_at.is_zero(),
+            precommit: (!r.precommit_at.is_zero()).then_some(r.precommit_hash),
+            commit: (!r.commit_at.is_zero()).then(|| r.result.to_vec()),
+        });
+    }
+    Ok(Some(TaskTrace {
+        data: t.data.to_vec(),
+        miners,
+        force_ended: t.force_ended,
+    }))
 }

@@ -6,7 +6,7 @@
 //! before that flush loses the task and its hold together, or the end and its settlement
 //! together, and the task is resumed and settled once.
 
-use super::{split_payment, Chain, ChainError};
+use super::{split_payment, Chain, ChainError, TaskTrace};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
 use crate::task::{now_ms, TaskKey};
@@ -147,4 +147,40 @@ impl Chain for LocalLedger {
     fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError> {
         Ok(self.store.amount(&format!("pay/{node}"))?)
     }
+
+    /// The embedded ledger holds no coins: a withdrawal moves the node's earnings to its
+    /// withdrawn total (durably), which is what a wallet would have received.
+    fn withdraw_node_payment(&mut self, node: &str) -> Result<u64, ChainError> {
+        if self.node_pending_payment(node)? == 0 {
+            return Err(ChainError::NothingToWithdraw(node.to_string()));
+        }
+        let own = format!("withdrawn/{node}");
+        let amount = self
+            .store
+            .move_amount(&format!("pay/{node}"), &[&own, WITHDRAWN_TOTAL])?;
+        self.store.flush()?;
+        Ok(amount)
+    }
+
+    fn total_withdrawn(&self) -> Result<u64, ChainError> {
+        Ok(self.store.amount(WITHDRAWN_TOTAL)?)
+    }
+
+    fn record_trace(&mut self, task: TaskKey, trace: &TaskTrace) -> Result<(), ChainError> {
+        let name = trace_name(task);
+        if self.store.chain_record::<TaskTrace>(&name)?.is_none() {
+            self.store.put_chain_record(&name, trace)?;
+        }
+        Ok(())
+    }
+
+    fn task_trace(&self, task: TaskKey) -> Result<Option<TaskTrace>, ChainError> {
+        Ok(self.store.chain_record(&trace_name(task))?)
+    }
+}
+
+const WITHDRAWN_TOTAL: &str = "withdrawn-total";
+
+fn trace_name(task: TaskKey) -> String {
+    format!("trace/{}/{}", task.session_id, task.task_id)
 }

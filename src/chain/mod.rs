@@ -8,6 +8,7 @@ pub mod contracts;
 pub mod deploy;
 pub mod evm;
 pub mod local_ledger;
+pub mod node_key;
 
 use crate::session::{Session, SessionParams};
 use crate::store::StoreError;
@@ -29,6 +30,10 @@ pub enum ChainError {
     Store(#[from] StoreError),
     #[error("EVM: {0}")]
     Evm(String),
+    #[error("node {0} has no wallet here (its key is not known to this process)")]
+    NoWallet(String),
+    #[error("node {0} has nothing to withdraw")]
+    NothingToWithdraw(String),
 }
 
 /// How a settled charge is split among the nodes that earned it: equal shares, the remainder
@@ -49,6 +54,49 @@ pub struct Settlement {
     pub hold: u64,
     pub charge: u64,
     pub payees: Vec<String>,
+    /// The task's stages, recorded before the settlement when its session asks for every
+    /// stage on chain (`task_record: per_stage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TaskTrace>,
+}
+
+/// Prompts longer than this are recorded by their keccak256 (`keccak256:` and 64 hex digits).
+pub const TRACE_DATA_LIMIT: usize = 4096;
+
+/// A finished task's stages, the full-fidelity record: on an EVM, the queue contract's
+/// enqueue, assign, ack, precommit, commit and end, each miner's stages sent from that miner's
+/// own wallet. Recording it twice changes nothing.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskTrace {
+    /// What was asked: the prompt's text, or its hash past [`TRACE_DATA_LIMIT`].
+    pub data: Vec<u8>,
+    /// In assignment order.
+    pub miners: Vec<MinerTrace>,
+    /// Ended by force (its deadline passed) rather than by the router's verdict.
+    pub force_ended: bool,
+}
+
+/// One miner's stages of one task.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MinerTrace {
+    pub node: String,
+    pub acked: bool,
+    /// keccak256 of the result it precommitted to.
+    pub precommit: Option<[u8; 32]>,
+    /// The revealed result (its canonical bytes), only when it matched the precommit.
+    pub commit: Option<Vec<u8>>,
+}
+
+impl TaskTrace {
+    /// The record's `data` for a prompt.
+    pub fn data_for(prompt: &str) -> Vec<u8> {
+        if prompt.len() <= TRACE_DATA_LIMIT {
+            prompt.as_bytes().to_vec()
+        } else {
+            let hash = ethers::utils::keccak256(prompt.as_bytes());
+            format!("keccak256:{}", hex::encode(hash)).into_bytes()
+        }
+    }
 }
 
 /// What the network's contracts do for us, in one interface.
@@ -84,4 +132,12 @@ pub trait Chain: Send {
     }
     /// What a node has earned and not withdrawn.
     fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError>;
+    /// Pays a node everything it has earned, from its own wallet's request; the amount paid.
+    fn withdraw_node_payment(&mut self, node: &str) -> Result<u64, ChainError>;
+    /// What nodes have withdrawn, in all.
+    fn total_withdrawn(&self) -> Result<u64, ChainError>;
+    /// Records a finished task's stages (see [`TaskTrace`]); a repeat changes nothing.
+    fn record_trace(&mut self, task: TaskKey, trace: &TaskTrace) -> Result<(), ChainError>;
+    /// The stages recorded for a task, if any were.
+    fn task_trace(&self, task: TaskKey) -> Result<Option<TaskTrace>, ChainError>;
 }

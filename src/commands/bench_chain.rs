@@ -34,6 +34,7 @@ fn settlements(session_id: u64, first_task: u64, n: u64) -> Vec<Settlement> {
             hold: 10,
             charge: 6,
             payees: vec!["miner-1".into(), "miner-2".into(), "miner-3".into()],
+            trace: None,
         })
         .collect()
 }

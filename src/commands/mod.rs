@@ -7,4 +7,5 @@ pub mod bench_orchestrate;
 pub mod client;
 pub mod generate;
 pub mod models;
+pub mod node;
 pub mod testnet;

@@ -181,18 +181,27 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         chain,
         config,
     };
+    let rpc_url = match &options.chain {
+        ChainChoice::Evm { rpc_url, .. } => Some(rpc_url.clone()),
+        ChainChoice::Embedded => None,
+    };
     let testnet = Testnet::start(options, listener)?;
-    if let Some(d) = &testnet.deployment {
+    if let (Some(d), Some(rpc_url)) = (&testnet.deployment, rpc_url) {
         // Remembered so that the next start on this data directory attaches to the same
-        // contracts (anvil keeps its state in the data directory too).
+        // contracts (anvil keeps its state in the data directory too), and so that
+        // `cortensor node withdraw --data-dir` finds them.
         std::fs::write(
             data_dir.join(DEPLOYMENT_FILE),
             serde_json::to_string_pretty(d)?,
         )?;
+        std::fs::write(data_dir.join(RPC_URL_FILE), &rpc_url)?;
         println!(
             "chain:   Cortensor's contracts, sessions at {:?}, payments at {:?}",
             d.sessions, d.payment
         );
+        for (id, address) in testnet.miner_ids.iter().zip(&testnet.miner_addresses) {
+            println!("node:    {id} is paid at {address}");
+        }
     }
     let client = client::Client::new(&testnet.url, &testnet.api_key);
     wait_for_miners(&client, miners, Duration::from_secs(600))?;
@@ -245,6 +254,10 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
 
 /// Where an EVM testnet remembers its contracts, in the data directory.
 pub const DEPLOYMENT_FILE: &str = "deployment.json";
+/// Where an EVM testnet writes its chain's RPC URL, in the data directory.
+pub const RPC_URL_FILE: &str = "rpc-url";
+/// Where `--chain anvil` keeps the chain, in the data directory.
+pub const ANVIL_STATE_FILE: &str = "anvil-state.json";
 
 /// The chain to use, and the anvil node to keep alive while the testnet runs.
 fn chain_choice(
@@ -265,7 +278,7 @@ fn chain_choice(
         ChainKind::Embedded => Ok((ChainChoice::Embedded, None)),
         ChainKind::Anvil => {
             std::fs::create_dir_all(data_dir)?;
-            let anvil = AnvilNode::start(Some(&data_dir.join("anvil-state.json")))?;
+            let anvil = AnvilNode::start(Some(&data_dir.join(ANVIL_STATE_FILE)))?;
             eprintln!("testnet: anvil at {}", anvil.url);
             let key = if config.chain.private_key.is_empty() {
                 ANVIL_DEV_KEY.to_string()
@@ -276,6 +289,7 @@ fn chain_choice(
                 rpc_url: anvil.url.clone(),
                 private_key: key,
                 deployment: remembered()?,
+                fund_nodes: true,
             };
             Ok((choice, Some(anvil)))
         }
@@ -284,6 +298,8 @@ fn chain_choice(
                 rpc_url: config.chain.rpc_url.clone(),
                 private_key: config.chain.private_key.clone(),
                 deployment: remembered()?,
+                // On a real network the operator funds the node wallets (printed at start).
+                fund_nodes: false,
             },
             None,
         )),

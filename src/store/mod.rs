@@ -207,12 +207,7 @@ impl Store {
                 sessions.insert(&id[..], bytes.clone())?;
                 Ok(true)
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                sled::transaction::TransactionError::Abort(()) => {
-                    StoreError::Sled(sled::Error::Unsupported("aborted".into()))
-                }
-            })?;
+            .map_err(transaction_error)?;
         Ok(done)
     }
 
@@ -238,6 +233,36 @@ impl Store {
             .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0))
+    }
+
+    /// Moves the whole amount kept under `from` onto each of `to`, in one transaction; what
+    /// was moved comes back (node withdrawals: onto the node's and the overall total).
+    pub fn move_amount(&self, from: &str, to: &[&str]) -> Result<u64, StoreError> {
+        let read = |b: Option<sled::IVec>| {
+            b.and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0)
+        };
+        self.meta
+            .transaction(|meta| {
+                let amount = read(meta.get(from.as_bytes())?);
+                meta.insert(from.as_bytes(), &0u64.to_be_bytes()[..])?;
+                for name in to {
+                    let total = read(meta.get(name.as_bytes())?).saturating_add(amount);
+                    meta.insert(name.as_bytes(), &total.to_be_bytes()[..])?;
+                }
+                Ok(amount)
+            })
+            .map_err(transaction_error)
+    }
+
+    /// A named record of the chain's own (the embedded ledger's per-stage task records).
+    pub fn put_chain_record<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+        put(&self.meta, name.as_bytes(), value)
+    }
+
+    pub fn chain_record<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        get(&self.meta, name.as_bytes(), name)
     }
 
     /// Appends a chain write to the outbox; it is durable with the next flush.
@@ -293,6 +318,15 @@ fn task_key_bytes(key: TaskKey) -> [u8; 16] {
     bytes[..8].copy_from_slice(&key.session_id.to_be_bytes());
     bytes[8..].copy_from_slice(&key.task_id.to_be_bytes());
     bytes
+}
+
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+        sled::transaction::TransactionError::Abort(()) => {
+            StoreError::Sled(sled::Error::Unsupported("aborted".into()))
+        }
+    }
 }
 
 fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
