@@ -43,6 +43,13 @@ pub struct ChainConfig {
     pub kind: ChainKind,
     pub rpc_url: String,
     pub private_key: String,
+    pub confirm_after_ms: u64,
+}
+
+impl ChainConfig {
+    pub fn confirm_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.confirm_after_ms)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]

@@ -263,8 +263,9 @@ async fn start_actors(
     let chain = match chain_arbiter {
         Some(arbiter) => {
             let outbox = store.clone();
+            let confirm_after = config.chain.confirm_after();
             ChainBridge::start_in_arbiter(&arbiter.handle(), move |_| {
-                ChainBridge::with_outbox(chain, outbox)
+                ChainBridge::with_outbox(chain, outbox, confirm_after)
             })
         }
         None => ChainBridge::new(chain).start(),

@@ -7,10 +7,10 @@ use cortensor::chain::evm::{EvmChain, ANVIL_DEV_KEY};
 use cortensor::chain::local_ledger::LocalLedger;
 use cortensor::chain::node_key::NodeKey;
 use cortensor::chain::{Chain, ChainError, MinerTrace, Settlement, TaskTrace};
-use ethers::types::U256;
 use cortensor::session::{SessionMode, SessionParams};
 use cortensor::store::Store;
 use cortensor::task::TaskKey;
+use ethers::types::U256;
 use rand::{Rng, SeedableRng};
 
 fn local() -> (Box<dyn Chain>, tempfile::TempDir) {
@@ -30,7 +30,9 @@ fn evm() -> (Box<dyn Chain>, AnvilNode) {
     let chain = EvmChain::deploy(&anvil.url, ANVIL_DEV_KEY, 1)
         .expect("the contracts deploy")
         .with_node_keys(&keys);
-    chain.fund_nodes(U256::exp10(18)).expect("node wallets funded");
+    chain
+        .fund_nodes(U256::exp10(18))
+        .expect("node wallets funded");
     (Box::new(chain), anvil)
 }
 

@@ -177,7 +177,11 @@ fn an_operator_runs_a_testnet_talks_to_it_and_stops_it_with_ctrl_c() {
     let data = dir.path().to_str().unwrap();
     let out = cortensor(&["node", "withdraw", "--data-dir", data, "--node", "miner-1"]);
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let amount: u64 = said
         .strip_prefix("miner-1 withdrew ")
         .and_then(|r| r.split(' ').next())
@@ -288,7 +292,11 @@ fn the_testnet_answers_a_prompt_on_anvil_and_keeps_its_chain_across_restarts() {
         .to_string();
     let out = cortensor(&["node", "withdraw", "--data-dir", data, "--node", "miner-1"]);
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let amount: u64 = said
         .strip_prefix("miner-1 withdrew ")
         .and_then(|r| r.split(' ').next())

@@ -4,17 +4,17 @@
 
 mod common;
 
+use cortensor::actors::chain_bridge::{GetOutboxCounts, GetTaskTrace, OutboxCounts};
 use cortensor::actors::miner::EngineFactory;
 use cortensor::chain::anvil::AnvilNode;
-use cortensor::actors::chain_bridge::GetTaskTrace;
 use cortensor::chain::evm::{EvmChain, ANVIL_DEV_KEY};
 use cortensor::chain::node_key::NodeKey;
 use cortensor::chain::Chain;
-use cortensor::task::TaskKey;
-use cortensor::testnet::node_keys_dir;
 use cortensor::config::TestnetConfig;
 use cortensor::models::engine::InferenceEngine;
+use cortensor::task::TaskKey;
 use cortensor::testkit::scripted_engine::{Script, ScriptedEngine, SCRIPTED_MODEL};
+use cortensor::testnet::node_keys_dir;
 use cortensor::testnet::ChainChoice;
 use serde_json::json;
 use std::sync::Arc;
@@ -119,12 +119,15 @@ fn the_testnet_runs_on_the_contracts() {
         .collect();
     assert_eq!(recorded.miners.len(), 2, "{recorded:?}");
     for m in &recorded.miners {
-        assert!(miners.contains(&m.node.as_str()), "{} not in {miners:?}", m.node);
+        assert!(
+            miners.contains(&m.node.as_str()),
+            "{} not in {miners:?}",
+            m.node
+        );
         assert!(m.acked);
         let commit = m.commit.as_ref().expect("a commit");
         assert_eq!(m.precommit, Some(ethers::utils::keccak256(commit)));
-        let (text, ..): (String, Vec<u32>, String, usize) =
-            serde_json::from_slice(commit).unwrap();
+        let (text, ..): (String, Vec<u32>, String, usize) = serde_json::from_slice(commit).unwrap();
         assert_eq!(text, task["results"]["data"][0].as_str().unwrap());
     }
 
@@ -147,7 +150,10 @@ fn the_testnet_runs_on_the_contracts() {
     assert_eq!(wallet.node_pending_payment(miner).unwrap(), 0);
     let after = wallet.node_wallet_balance(miner).unwrap();
     // The payment arrived, less the gas the withdrawal cost.
-    assert!(after + ethers::types::U256::exp10(16) > before + pending && after > before - ethers::types::U256::exp10(16));
+    assert!(
+        after + ethers::types::U256::exp10(16) > before + pending
+            && after > before - ethers::types::U256::exp10(16)
+    );
     assert_eq!(wallet.total_withdrawn().unwrap(), pending);
 
     // Insufficient balance is the chain's refusal, reported the same way.
@@ -161,17 +167,19 @@ fn the_testnet_runs_on_the_contracts() {
 }
 
 #[test]
-fn an_rpc_outage_loses_no_settlement_and_repeats_none() {
-    use cortensor::actors::chain_bridge::OutboxLen;
+fn anvil_killed_mid_run_loses_no_settlement_and_repeats_none() {
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("anvil-state.json");
     let mut anvil = AnvilNode::start(Some(&state)).expect("anvil starts");
     let port = anvil.port;
-    let config =
-        TestnetConfig::from_toml_str("nodes.miners = 3\nqueue.tick_ms = 10", "test").unwrap();
+    let config = TestnetConfig::from_toml_str(
+        "nodes.miners = 3\nqueue.tick_ms = 10\nchain.confirm_after_ms = 1500",
+        "test",
+    )
+    .unwrap();
     let slow = Script {
-        length: 10,
+        length: 20,
         token_delay: Duration::from_millis(150),
         ..Script::default()
     };
@@ -193,13 +201,8 @@ fn an_rpc_outage_loses_no_settlement_and_repeats_none() {
         chain,
     ));
     let sid = net.session(1, 100_000);
-    let outbox = |net: &common::Net| {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(net.testnet.actors.chain.send(OutboxLen))
-            .unwrap()
-    };
+    let outbox = |net: &common::Net| outbox_counts(net).pending;
+    let unconfirmed = |net: &common::Net| outbox_counts(net).unconfirmed;
 
     // Three tasks in flight when the chain goes away.
     let running: Vec<_> = (0..3)
@@ -216,7 +219,9 @@ fn an_rpc_outage_loses_no_settlement_and_repeats_none() {
     for tid in 1..=3 {
         net.wait_task(sid, tid, "Acked");
     }
-    anvil.stop();
+    // Past anvil's state interval, so the holds are in its saved state; then a crash.
+    std::thread::sleep(Duration::from_millis(1_200));
+    anvil.kill();
 
     // Meanwhile: tasks finish and are answered; their settlements wait in the outbox; reads
     // work; a new task is refused with a clear 503.
@@ -233,15 +238,26 @@ fn an_rpc_outage_loses_no_settlement_and_repeats_none() {
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "chain_unavailable");
 
-    // The node comes back (same port, its saved state): everything lands, once.
-    let _anvil = AnvilNode::start_on(port, Some(&state)).expect("anvil restarts");
+    // The node comes back (same port, its saved state) and takes the settlements; it crashes
+    // again at once, before it saves them, and comes back without them. Everything lands, once.
+    let mut anvil = AnvilNode::start_on(port, Some(&state)).expect("anvil restarts");
     net.wait_for(Duration::from_secs(30), "the outbox drains", |n| {
         outbox(n) == 0
     });
+    anvil.kill();
+    let _anvil = AnvilNode::start_on(port, Some(&state)).expect("anvil restarts again");
+    net.wait_for(Duration::from_secs(60), "every settlement confirmed", |n| {
+        outbox(n) == 0 && unconfirmed(n) == 0
+    });
+    // Whether the second crash came before anvil saved them (usually) or after.
+    eprintln!(
+        "settlements the crash took back and the bridge sent again: {}",
+        outbox_counts(&net).resent
+    );
     let charged: u64 = (1..=3)
         .map(|tid| net.task(sid, tid)["charged"].as_u64().unwrap())
         .sum();
-    assert_eq!(charged, 3 * 10);
+    assert_eq!(charged, 3 * 20);
     let s = net.session_view(sid);
     assert_eq!(
         (
@@ -261,9 +277,125 @@ fn an_rpc_outage_loses_no_settlement_and_repeats_none() {
     assert_eq!(paid, charged);
 }
 
+fn outbox_counts(net: &common::Net) -> OutboxCounts {
+    block_on(net.testnet.actors.chain.send(GetOutboxCounts)).unwrap()
+}
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap()
         .block_on(f)
+}
+
+/// One JSON-RPC call to anvil.
+fn rpc(url: &str, method: &str, params: serde_json::Value) -> serde_json::Value {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    let v: serde_json::Value = reqwest::blocking::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(v.get("error").is_none(), "{method}: {v}");
+    v["result"].clone()
+}
+
+#[test]
+fn settlements_a_rollback_took_back_are_sent_again() {
+    use std::time::Duration;
+    let anvil = AnvilNode::start(None).expect("anvil starts");
+    let config = TestnetConfig::from_toml_str(
+        "nodes.miners = 2\nqueue.tick_ms = 10\nchain.confirm_after_ms = 1500",
+        "test",
+    )
+    .unwrap();
+    let slow = Script {
+        length: 6,
+        token_delay: Duration::from_millis(100),
+        ..Script::default()
+    };
+    let engine: EngineFactory = Arc::new(move |_: &str| {
+        Ok(Box::new(ScriptedEngine::new(slow.clone())) as Box<dyn InferenceEngine>)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let chain = ChainChoice::Evm {
+        rpc_url: anvil.url.clone(),
+        private_key: ANVIL_DEV_KEY.into(),
+        deployment: None,
+        fund_nodes: true,
+    };
+    let net = Arc::new(common::start_on(
+        config,
+        engine,
+        SCRIPTED_MODEL,
+        Default::default(),
+        dir.path(),
+        chain,
+    ));
+    let sid = net.session(2, 100_000);
+    let running: Vec<_> = (0..2)
+        .map(|i| {
+            let net = net.clone();
+            std::thread::spawn(move || {
+                net.post(
+                    "/api/v1/completions",
+                    &json!({"session_id": sid, "prompt": format!("r{i}"), "max_tokens": 10}),
+                )
+            })
+        })
+        .collect();
+    for tid in 1..=2 {
+        net.wait_task(sid, tid, "Acked");
+    }
+    // The chain as it is with the holds made; the settlements come after.
+    let snapshot = rpc(&anvil.url, "evm_snapshot", json!([]));
+    for r in running {
+        let (status, v) = r.join().unwrap();
+        assert_eq!(status, 200, "{v}");
+    }
+    let outbox = |net: &common::Net| outbox_counts(net).pending;
+    let unconfirmed = |net: &common::Net| outbox_counts(net).unconfirmed;
+    net.wait_for(Duration::from_secs(20), "the settlements delivered", |n| {
+        outbox(n) == 0 && n.session_view(sid)["held"] == 0
+    });
+    assert_eq!(unconfirmed(&net), 2, "delivered, not yet confirmed");
+    // The chain takes them back.
+    assert_eq!(
+        rpc(&anvil.url, "evm_revert", json!([snapshot])),
+        json!(true)
+    );
+    assert_ne!(
+        net.session_view(sid)["held"],
+        0,
+        "the revert undid the settlements"
+    );
+    net.wait_for(
+        Duration::from_secs(30),
+        "the settlements sent again and confirmed",
+        |n| outbox(n) == 0 && unconfirmed(n) == 0,
+    );
+    assert_eq!(outbox_counts(&net).resent, 2);
+    let charged: u64 = (1..=2)
+        .map(|tid| net.task(sid, tid)["charged"].as_u64().unwrap())
+        .sum();
+    assert_eq!(charged, 2 * 2 * 6);
+    let s = net.session_view(sid);
+    assert_eq!(
+        (
+            s["held"].as_u64(),
+            s["spent"].as_u64(),
+            s["balance"].as_u64()
+        ),
+        (Some(0), Some(charged), Some(100_000 - charged))
+    );
+    let (_, miners) = net.get("/api/v1/miners");
+    let paid: u64 = miners["nodes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|m| m["pending_payment"].as_u64().unwrap())
+        .sum();
+    assert_eq!(paid, charged);
 }

@@ -6,7 +6,7 @@
 use crate::chain::{Chain, ChainError, Settlement, TaskTrace};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
-use crate::task::TaskKey;
+use crate::task::{now_ms, TaskKey};
 use actix::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,9 @@ pub struct ChainBridge {
     /// With an outbox, settlements are persisted first and delivered in batches by the drain
     /// loop (retried with back-off until the chain takes them; each task settles once there).
     outbox: Option<Store>,
+    /// How long a delivered settlement waits before it is checked against the chain.
+    confirm_after: Duration,
+    resent: u64,
     failures: u32,
     next_attempt: Instant,
 }
@@ -31,24 +34,71 @@ impl ChainBridge {
         Self {
             chain,
             outbox: None,
+            confirm_after: Duration::ZERO,
+            resent: 0,
             failures: 0,
             next_attempt: Instant::now(),
         }
     }
 
-    /// A bridge whose settlements go through a persisted outbox in `store`.
-    pub fn with_outbox(chain: Box<dyn Chain>, store: Store) -> Self {
+    /// A bridge whose settlements go through a persisted outbox in `store`. A delivered
+    /// settlement stays there until, `confirm_after` later, the chain is found to still have it;
+    /// one the chain lost (a rollback) is sent again.
+    pub fn with_outbox(chain: Box<dyn Chain>, store: Store, confirm_after: Duration) -> Self {
         Self {
             outbox: Some(store),
+            confirm_after,
             ..Self::new(chain)
         }
     }
 
+    /// Checks delivered settlements old enough: forgets those the chain has, puts those it
+    /// lost back into the outbox (each is keyed, so sending one again cannot pay twice).
+    fn confirm(&mut self) -> Result<(), ChainError> {
+        let Some(store) = &self.outbox else {
+            return Ok(());
+        };
+        let due_before = now_ms().saturating_sub(self.confirm_after.as_millis() as u64);
+        let due: Vec<(u64, Settlement)> = store.delivered_due(due_before, OUTBOX_BATCH)?;
+        let (mut kept, mut lost) = (Vec::new(), Vec::new());
+        for (seq, s) in due {
+            if self.chain.settled(s.task)? {
+                kept.push(seq);
+            } else {
+                lost.push(seq);
+            }
+        }
+        store.delivered_remove(&kept)?;
+        if !lost.is_empty() {
+            tracing::warn!(
+                lost = lost.len(),
+                "the chain lost settlements it had taken (a rollback); sending them again"
+            );
+            store.delivered_requeue(&lost)?;
+            self.resent += lost.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self, e: ChainError) {
+        self.failures += 1;
+        let backoff = (OUTBOX_DRAIN_EVERY * 2u32.saturating_pow(self.failures.min(10)))
+            .min(OUTBOX_MAX_BACKOFF);
+        let pending = self.outbox.as_ref().map_or(0, Store::outbox_len);
+        tracing::warn!(error = %e, pending, ?backoff, "the chain does not answer; retrying");
+        self.next_attempt = Instant::now() + backoff;
+    }
+
     /// Delivers the oldest batch of the outbox, if it is time to try.
     fn drain(&mut self) {
-        let Some(store) = &self.outbox else { return };
+        let Some(store) = self.outbox.clone() else {
+            return;
+        };
         if Instant::now() < self.next_attempt {
             return;
+        }
+        if let Err(e) = self.confirm() {
+            return self.failed(e);
         }
         let batch: Vec<(u64, Settlement)> = match store.outbox_peek(OUTBOX_BATCH) {
             Ok(b) if b.is_empty() => return,
@@ -68,8 +118,8 @@ impl ChainBridge {
         match delivered {
             Ok(()) => {
                 let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
-                if let Err(e) = store.outbox_remove(&seqs) {
-                    tracing::error!(error = %e, "cannot remove delivered settlements (they will be re-sent and skipped)");
+                if let Err(e) = store.outbox_delivered(&seqs, now_ms()) {
+                    tracing::error!(error = %e, "cannot mark settlements delivered (they will be re-sent and skipped)");
                 }
                 if self.failures > 0 {
                     tracing::info!(
@@ -79,13 +129,7 @@ impl ChainBridge {
                 }
                 self.failures = 0;
             }
-            Err(e) => {
-                self.failures += 1;
-                let backoff = (OUTBOX_DRAIN_EVERY * 2u32.saturating_pow(self.failures.min(10)))
-                    .min(OUTBOX_MAX_BACKOFF);
-                tracing::warn!(error = %e, pending = store.outbox_len(), ?backoff, "settlements not delivered; retrying");
-                self.next_attempt = Instant::now() + backoff;
-            }
+            Err(e) => self.failed(e),
         }
     }
 }
@@ -100,15 +144,29 @@ impl Actor for ChainBridge {
     }
 }
 
-/// Settlements waiting in the outbox.
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct OutboxLen;
+/// Where the outbox stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, MessageResponse)]
+pub struct OutboxCounts {
+    /// Settlements waiting to be delivered.
+    pub pending: usize,
+    /// Delivered, not yet confirmed.
+    pub unconfirmed: usize,
+    /// Delivered, then lost by the chain and put back (since this bridge started).
+    pub resent: u64,
+}
 
-impl Handler<OutboxLen> for ChainBridge {
-    type Result = usize;
-    fn handle(&mut self, _: OutboxLen, _: &mut Context<Self>) -> usize {
-        self.outbox.as_ref().map_or(0, Store::outbox_len)
+#[derive(Message)]
+#[rtype(result = "OutboxCounts")]
+pub struct GetOutboxCounts;
+
+impl Handler<GetOutboxCounts> for ChainBridge {
+    type Result = OutboxCounts;
+    fn handle(&mut self, _: GetOutboxCounts, _: &mut Context<Self>) -> OutboxCounts {
+        OutboxCounts {
+            pending: self.outbox.as_ref().map_or(0, Store::outbox_len),
+            unconfirmed: self.outbox.as_ref().map_or(0, Store::delivered_len),
+            resent: self.resent,
+        }
     }
 }
 

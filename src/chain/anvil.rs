@@ -19,16 +19,26 @@ pub struct AnvilNode {
 }
 
 /// Where the pinned anvil is: `$CORTENSOR_ANVIL`, else chain/node_modules under the current
-/// directory, else under the source tree this binary was built from.
+/// directory, else under the source tree this binary was built from. The platform package's
+/// binary itself, not npm's Node.js wrapper: signals must reach anvil (a SIGKILL to the
+/// wrapper would leave anvil running).
 pub fn anvil_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("CORTENSOR_ANVIL") {
         return PathBuf::from(p);
     }
-    let relative = Path::new("chain/node_modules/.bin/anvil");
-    if relative.exists() {
-        return relative.to_path_buf();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+    let here = Path::new("chain/node_modules");
+    let modules = if here.exists() {
+        here.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(here)
+    };
+    let platform = std::fs::read_dir(modules.join("@foundry-rs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin/anvil"))
+        .find(|p| p.is_file());
+    platform.unwrap_or_else(|| modules.join(".bin/anvil"))
 }
 
 impl AnvilNode {
@@ -66,6 +76,19 @@ impl AnvilNode {
             cmd.arg("--state")
                 .arg(state)
                 .args(["--state-interval", "1"]);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death
+            // signal, so anvil stops (and saves its state) when the thread that started it
+            // ends, even if this process is killed.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT);
+                    Ok(())
+                });
+            }
         }
         let child = cmd
             .spawn()

@@ -612,6 +612,19 @@ impl Chain for EvmChain {
         })
     }
 
+    fn settled(&self, task: TaskKey) -> Result<bool, ChainError> {
+        let key = task_key(task);
+        self.call(move |c, d| {
+            Box::pin(async move {
+                SessionPayment::new(d.payment, c)
+                    .settled(key)
+                    .call()
+                    .await
+                    .map_err(|e| chain_error(task.session_id, e))
+            })
+        })
+    }
+
     fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError> {
         let address = self.nodes.address(node);
         self.call(move |c, d| {
@@ -689,9 +702,12 @@ async fn record_trace(
     let mut id = queue.task_id_by_key(key).call().await.map_err(fail)?;
     if id.is_zero() {
         let data = Bytes::from(trace.data.clone());
-        send("enqueueTaskWithKey", queue.enqueue_task_with_key(sid, key, data))
-            .await
-            .map_err(fail)?;
+        send(
+            "enqueueTaskWithKey",
+            queue.enqueue_task_with_key(sid, key, data),
+        )
+        .await
+        .map_err(fail)?;
         id = queue.task_id_by_key(key).call().await.map_err(fail)?;
     }
     let on_chain = queue.get_task(sid, id).call().await.map_err(fail)?;

@@ -133,7 +133,7 @@ impl Chain for LocalLedger {
         session.held -= hold;
         session.balance += hold - charged;
         session.spent += charged;
-        let marker = format!("settled/{}/{}", task.session_id, task.task_id);
+        let marker = settled_marker(task);
         let first_time = self.store.put_session_once(&session, &marker)?;
         self.cache.remove(&task.session_id); // re-read: a repeat left the stored one as it was
         if first_time {
@@ -142,6 +142,10 @@ impl Chain for LocalLedger {
             }
         }
         self.existing(task.session_id)
+    }
+
+    fn settled(&self, task: TaskKey) -> Result<bool, ChainError> {
+        Ok(self.store.has_marker(&settled_marker(task))?)
     }
 
     fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError> {
@@ -180,6 +184,10 @@ impl Chain for LocalLedger {
 }
 
 const WITHDRAWN_TOTAL: &str = "withdrawn-total";
+
+fn settled_marker(task: TaskKey) -> String {
+    format!("settled/{}/{}", task.session_id, task.task_id)
+}
 
 fn trace_name(task: TaskKey) -> String {
     format!("trace/{}/{}", task.session_id, task.task_id)

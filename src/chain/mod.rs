@@ -130,6 +130,8 @@ pub trait Chain: Send {
         }
         Ok(())
     }
+    /// Whether the task's settlement is on the chain.
+    fn settled(&self, task: TaskKey) -> Result<bool, ChainError>;
     /// What a node has earned and not withdrawn.
     fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError>;
     /// Pays a node everything it has earned, from its own wallet's request; the amount paid.

@@ -74,15 +74,23 @@ fn withdraw(args: WithdrawArgs) -> anyhow::Result<()> {
             )
         })?,
     };
-    let deployment: Deployment = serde_json::from_str(
-        &std::fs::read_to_string(&deployment_file)
-            .with_context(|| format!("reading the contracts' addresses {}", deployment_file.display()))?,
-    )
-    .with_context(|| format!("{} is not a deployment", deployment_file.display()))?;
+    let deployment: Deployment =
+        serde_json::from_str(&std::fs::read_to_string(&deployment_file).with_context(|| {
+            format!(
+                "reading the contracts' addresses {}",
+                deployment_file.display()
+            )
+        })?)
+        .with_context(|| format!("{} is not a deployment", deployment_file.display()))?;
     let url = match &args.rpc_url {
         Some(u) => u.clone(),
         None => std::fs::read_to_string(data_dir.join(RPC_URL_FILE))
-            .with_context(|| format!("no RPC URL recorded in {}: give --rpc-url", data_dir.display()))?
+            .with_context(|| {
+                format!(
+                    "no RPC URL recorded in {}: give --rpc-url",
+                    data_dir.display()
+                )
+            })?
             .trim()
             .to_string(),
     };

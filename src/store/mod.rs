@@ -38,6 +38,8 @@ pub struct Store {
     tasks: sled::Tree,
     meta: sled::Tree,
     outbox: sled::Tree,
+    /// Outbox entries the chain took, kept until a later check finds them still there.
+    delivered: sled::Tree,
     flusher: std::sync::Arc<Flusher>,
 }
 
@@ -111,6 +113,7 @@ impl Store {
             tasks: db.open_tree("tasks")?,
             meta: db.open_tree("meta")?,
             outbox: db.open_tree("outbox")?,
+            delivered: db.open_tree("outbox_delivered")?,
             db,
             flusher,
         })
@@ -211,6 +214,11 @@ impl Store {
         Ok(done)
     }
 
+    /// Whether a marker written by `put_session_once` is there.
+    pub fn has_marker(&self, marker: &str) -> Result<bool, StoreError> {
+        Ok(self.meta.contains_key(marker.as_bytes())?)
+    }
+
     /// Adds to an amount kept under `name` in the counters tree (node payments).
     pub fn add_amount(&self, name: &str, amount: u64) -> Result<u64, StoreError> {
         let value = self.meta.update_and_fetch(name.as_bytes(), |old| {
@@ -292,16 +300,84 @@ impl Store {
             .collect()
     }
 
-    /// Removes delivered entries.
-    pub fn outbox_remove(&self, seqs: &[u64]) -> Result<(), StoreError> {
+    /// Marks entries delivered at `at_ms`: they leave the outbox for the delivered tree, where
+    /// they wait for confirmation (see `delivered_due`).
+    pub fn outbox_delivered(&self, seqs: &[u64], at_ms: u64) -> Result<(), StoreError> {
+        self.move_entries(&self.outbox, &self.delivered, seqs, |v| {
+            let mut out = at_ms.to_be_bytes().to_vec();
+            out.extend_from_slice(v);
+            out
+        })
+    }
+
+    /// The oldest delivered entries, up to `limit`, delivered at or before `before_ms`.
+    pub fn delivered_due<T: DeserializeOwned>(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.delivered.iter().take(limit) {
+            let (k, v) = item?;
+            let seq = u64::from_be_bytes(<[u8; 8]>::try_from(&k[..]).unwrap_or([0; 8]));
+            let at =
+                u64::from_be_bytes(<[u8; 8]>::try_from(&v[..8.min(v.len())]).unwrap_or([0; 8]));
+            if at > before_ms {
+                break; // entries are in delivery order, so the rest are younger
+            }
+            let value = serde_json::from_slice(&v[8..]).map_err(|source| StoreError::Corrupt {
+                what: "delivered outbox entry".into(),
+                source,
+            })?;
+            out.push((seq, value));
+        }
+        Ok(out)
+    }
+
+    /// Confirmed: the chain still has them.
+    pub fn delivered_remove(&self, seqs: &[u64]) -> Result<(), StoreError> {
         for seq in seqs {
-            self.outbox.remove(seq.to_be_bytes())?;
+            self.delivered.remove(seq.to_be_bytes())?;
         }
         Ok(())
     }
 
+    /// Lost by the chain (a rollback): back into the outbox, under their first sequence
+    /// numbers, so they go out again before anything newer.
+    pub fn delivered_requeue(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        self.move_entries(&self.delivered, &self.outbox, seqs, |v| {
+            v[8.min(v.len())..].to_vec()
+        })
+    }
+
+    fn move_entries(
+        &self,
+        from: &sled::Tree,
+        to: &sled::Tree,
+        seqs: &[u64],
+        convert: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> Result<(), StoreError> {
+        use sled::Transactional;
+        (from, to)
+            .transaction(|(from, to)| {
+                for seq in seqs {
+                    let k = seq.to_be_bytes();
+                    if let Some(v) = from.remove(&k[..])? {
+                        to.insert(&k[..], convert(&v))?;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(transaction_error)
+    }
+
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Delivered entries not yet confirmed.
+    pub fn delivered_len(&self) -> usize {
+        self.delivered.len()
     }
 
     /// Tasks that had not reached a terminal state when last written.
