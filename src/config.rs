@@ -44,6 +44,9 @@ pub struct ChainConfig {
     pub rpc_url: String,
     pub private_key: String,
     pub confirm_after_ms: u64,
+    /// Contracts already deployed (all five addresses), to attach to instead of deploying.
+    #[serde(default)]
+    pub contracts: Option<crate::chain::deploy::Deployment>,
 }
 
 impl ChainConfig {

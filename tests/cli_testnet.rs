@@ -1,6 +1,8 @@
 //! The testnet and client commands as an operator uses them: the real binary, the real model,
 //! a client in another process, Ctrl-C, and bad input that must be named in the error.
 
+use cortensor::chain::anvil::AnvilNode;
+use cortensor::chain::evm::ANVIL_DEV_KEY;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -312,4 +314,51 @@ fn the_testnet_answers_a_prompt_on_anvil_and_keeps_its_chain_across_restarts() {
         &["node", "withdraw", "--data-dir", data, "--node", "miner-9"],
         "no key for node \"miner-9\"",
     );
+
+    // Any EVM node, with the contracts named in the configuration: a fresh data directory
+    // attaches to them (the same chain, served by an anvil this test runs) and goes on.
+    let anvil = AnvilNode::start(Some(&dir.path().join("anvil-state.json"))).unwrap();
+    let deployment: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("deployment.json")).unwrap())
+            .unwrap();
+    let mut toml = String::from("[chain.contracts]\n");
+    for name in ["payment", "queue", "sessions", "nodes", "reputation"] {
+        toml += &format!("{name} = {}\n", deployment[name]);
+    }
+    let other = tempfile::tempdir().unwrap();
+    let config = other.path().join("contracts.toml");
+    std::fs::write(&config, toml).unwrap();
+    let out = cortensor(&[
+        "testnet",
+        "--chain",
+        "rpc",
+        "--rpc-url",
+        &anvil.url,
+        "--private-key",
+        ANVIL_DEV_KEY,
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--miners",
+        "1",
+        "--redundant",
+        "1",
+        "--backend",
+        "cpu",
+        "--max-tokens",
+        "4",
+        "--data-dir",
+        other.path().join("data").to_str().unwrap(),
+        "--prompt",
+        "Say hello.",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let third = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(contracts(&third), contracts(&first));
+    assert_eq!(session(&third), session(&second) + 1, "{third}");
 }

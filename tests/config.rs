@@ -41,4 +41,29 @@ fn bad_values_are_refused_by_name() {
     );
     check("[storage]\nsomething = 1", "something");
     check("not toml at all [", "bad.toml");
+    check("[chain.contracts]\npayment = \"0x12\"", "chain");
+    check(
+        "[chain.contracts]\npayment = \"0x5FbDB2315678afecb367f032d93F642f64180aa3\"",
+        "queue",
+    );
+}
+
+#[test]
+fn deployed_contracts_are_named_in_the_configuration() {
+    let a = |n: u8| format!("\"0x{}\"", format!("{n:02x}").repeat(20));
+    let toml = format!(
+        "[chain]\nkind = \"anvil\"\n[chain.contracts]\npayment = {}\nqueue = {}\nsessions = {}\nnodes = {}\nreputation = {}",
+        a(1), a(2), a(3), a(4), a(5)
+    );
+    let c = TestnetConfig::from_toml_str(&toml, "t").unwrap();
+    let d = c.chain.contracts.expect("the addresses");
+    assert_eq!(
+        format!("{:?}", d.payment),
+        "0x0101010101010101010101010101010101010101"
+    );
+    assert_eq!(
+        format!("{:?}", d.reputation),
+        "0x0505050505050505050505050505050505050505"
+    );
+    assert!(TestnetConfig::default().chain.contracts.is_none());
 }

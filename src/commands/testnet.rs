@@ -264,7 +264,11 @@ fn chain_choice(
     config: &TestnetConfig,
     data_dir: &Path,
 ) -> anyhow::Result<(ChainChoice, Option<AnvilNode>)> {
+    // The configuration's addresses first, else those this data directory deployed before.
     let remembered = || -> anyhow::Result<Option<Deployment>> {
+        if let Some(d) = config.chain.contracts {
+            return Ok(Some(d));
+        }
         let path = data_dir.join(DEPLOYMENT_FILE);
         if !path.exists() {
             return Ok(None);
