@@ -131,6 +131,26 @@ fn the_testnet_runs_on_the_contracts() {
         assert_eq!(text, task["results"]["data"][0].as_str().unwrap());
     }
 
+    // Clients read the same record over the API.
+    let (status, v) = net.get(&format!("/api/v1/tasks/{full}/{tid}/chain"));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["recorded"], true, "{v}");
+    assert_eq!(v["miners"].as_array().unwrap().len(), 2, "{v}");
+    for m in v["miners"].as_array().unwrap() {
+        let commit = m["commit"].as_str().unwrap();
+        let hash = format!(
+            "0x{}",
+            hex::encode(ethers::utils::keccak256(commit.as_bytes()))
+        );
+        assert_eq!(m["precommit_hash"], hash.as_str());
+    }
+    let (status, v) = net.get(&format!("/api/v1/tasks/{sid}/1/chain"));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["per_stage"].as_bool(), v["recorded"].as_bool()),
+        (Some(false), Some(false))
+    );
+
     // A miner collects its earnings with its own key, into its own wallet.
     let miner = &net.testnet.miner_ids[0];
     let keys = node_keys_dir(dir.path());

@@ -5,7 +5,7 @@ use super::auth::Caller;
 use super::completion::{self, SamplingFields, StopField, StreamEvent, TaskSpec};
 use super::error::ApiError;
 use super::{views, ApiState};
-use crate::actors::chain_bridge::{GetSession, ListSessions, NodePendingPayment};
+use crate::actors::chain_bridge::{GetSession, GetTaskTrace, ListSessions, NodePendingPayment};
 use crate::actors::node_pool::ListNodes;
 use crate::actors::router::OpenSession;
 use crate::actors::session_queue::{CancelTask, GetStats, GetTask};
@@ -30,6 +30,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/tasks/{sid}", web::get().to(tasks))
             .route("/tasks/{sid}/{tid}", web::get().to(task))
             .route("/tasks/{sid}/{tid}/cancel", web::post().to(cancel))
+            .route("/tasks/{sid}/{tid}/chain", web::get().to(task_on_chain))
             .route("/completions", web::post().to(completions))
             .route("/completions/{sid}", web::post().to(completions_in_session))
             .route("/ws", web::get().to(super::ws::websocket)),
@@ -273,6 +274,23 @@ async fn task(
 ) -> Result<HttpResponse, ApiError> {
     let t = owned_task(&state, &caller, &path.0, &path.1).await?;
     Ok(HttpResponse::Ok().json(views::task(&t)))
+}
+
+/// What the chain recorded of a task's stages (sessions with `task_record: per_stage`; the
+/// record arrives with the task's settlement, shortly after the task ends).
+async fn task_on_chain(
+    state: web::Data<ApiState>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let t = owned_task(&state, &caller, &path.0, &path.1).await?;
+    let trace = state
+        .actors
+        .chain
+        .send(GetTaskTrace(t.key))
+        .await?
+        .map_err(|e| ApiError::ChainUnavailable(e.to_string(), 5))?;
+    Ok(HttpResponse::Ok().json(views::task_on_chain(&t, trace.as_ref())))
 }
 
 async fn cancel(

@@ -1,5 +1,6 @@
 //! The JSON shapes of sessions and tasks as clients see them (Cortensor's field names).
 
+use crate::chain::TaskTrace;
 use crate::session::Session;
 use crate::task::{AssignmentState, TaskRecord};
 use serde_json::{json, Value};
@@ -96,5 +97,39 @@ pub fn task(t: &TaskRecord) -> Value {
         "hold": t.hold,
         "charged": t.charged,
         "error": t.error,
+    })
+}
+
+/// A task's per-stage record on the chain: `recorded` false until it is there (or when its
+/// session records settlements only).
+pub fn task_on_chain(t: &TaskRecord, trace: Option<&TaskTrace>) -> Value {
+    let Some(trace) = trace else {
+        return json!({
+            "session_id": t.key.session_id,
+            "task_id": t.key.task_id,
+            "per_stage": t.record_stages,
+            "recorded": false,
+        });
+    };
+    let miners: Vec<Value> = trace
+        .miners
+        .iter()
+        .map(|m| {
+            json!({
+                "miner": m.node,
+                "acked": m.acked,
+                "precommit_hash": m.precommit.map(|h| format!("0x{}", hex::encode(h))),
+                "commit": m.commit.as_ref().map(|c| String::from_utf8_lossy(c).into_owned()),
+            })
+        })
+        .collect();
+    json!({
+        "session_id": t.key.session_id,
+        "task_id": t.key.task_id,
+        "per_stage": t.record_stages,
+        "recorded": true,
+        "data": String::from_utf8_lossy(&trace.data),
+        "miners": miners,
+        "force_ended": trace.force_ended,
     })
 }
