@@ -6,7 +6,7 @@ use cortensor::chain::anvil::AnvilNode;
 use cortensor::chain::evm::{EvmChain, ANVIL_DEV_KEY};
 use cortensor::chain::local_ledger::LocalLedger;
 use cortensor::chain::node_key::NodeKey;
-use cortensor::chain::{Chain, ChainError, MinerTrace, Settlement, TaskTrace};
+use cortensor::chain::{Chain, ChainError, HoldRequest, MinerTrace, Settlement, TaskTrace};
 use cortensor::session::{SessionMode, SessionParams};
 use cortensor::store::Store;
 use cortensor::task::TaskKey;
@@ -73,9 +73,12 @@ fn scenario(chain: &mut dyn Chain) {
         Err(ChainError::InvalidParams(_))
     ));
 
-    let s = chain.hold(id, 300).unwrap();
+    let s = chain.hold(key(id, 1), 300).unwrap();
     assert_eq!((s.balance, s.held), (700, 300));
-    match chain.hold(id, 800) {
+    // A repeat for the same task changes nothing.
+    let s = chain.hold(key(id, 1), 300).unwrap();
+    assert_eq!((s.balance, s.held), (700, 300));
+    match chain.hold(key(id, 9), 800) {
         Err(ChainError::InsufficientBalance {
             session_id,
             needed,
@@ -83,6 +86,8 @@ fn scenario(chain: &mut dyn Chain) {
         }) => assert_eq!((session_id, needed, available), (id, 800, 700)),
         other => panic!("expected InsufficientBalance, got {other:?}"),
     }
+    assert!(!chain.hold_recorded(key(id, 9)).unwrap());
+    assert!(chain.hold_recorded(key(id, 1)).unwrap());
     let s = chain
         .settle(key(id, 1), 300, 121, &["m1".into(), "m2".into()])
         .unwrap();
@@ -90,17 +95,41 @@ fn scenario(chain: &mut dyn Chain) {
     assert_eq!(chain.node_pending_payment("m1").unwrap(), 61);
     assert_eq!(chain.node_pending_payment("m2").unwrap(), 60);
     // Settling the same task again changes nothing.
-    chain.hold(id, 100).unwrap();
+    chain.hold(key(id, 2), 100).unwrap();
     let s = chain.settle(key(id, 1), 100, 100, &["m1".into()]).unwrap();
     assert_eq!((s.balance, s.held, s.spent), (779, 100, 121));
     assert_eq!(chain.node_pending_payment("m1").unwrap(), 61);
-    let s = chain.release_hold(id, 100).unwrap();
+    // A hold given back: its task settled with no charge.
+    let s = chain.settle(key(id, 2), 100, 0, &[]).unwrap();
     assert_eq!((s.balance, s.held), (879, 0));
+    // A keyed hold releases no more than itself.
+    chain.hold(key(id, 3), 50).unwrap();
+    let s = chain.settle(key(id, 3), 500, 500, &["m2".into()]).unwrap();
+    assert_eq!((s.balance, s.held, s.spent), (829, 0, 171));
+    assert_eq!(chain.node_pending_payment("m2").unwrap(), 110);
+    // Holds in a batch: one covered, one refused, one repeated.
+    let batch = |task_id, amount| HoldRequest {
+        task: key(id, task_id),
+        amount,
+    };
+    chain
+        .hold_batch(&[batch(4, 100), batch(5, 10_000), batch(4, 100)])
+        .unwrap();
+    let s = chain.session(id).unwrap().unwrap();
+    assert_eq!((s.balance, s.held), (729, 100));
+    assert!(chain.hold_recorded(key(id, 5)).unwrap());
+    // A refused hold's settlement releases and charges nothing.
+    let s = chain
+        .settle(key(id, 5), 10_000, 10_000, &["m1".into()])
+        .unwrap();
+    assert_eq!((s.balance, s.held, s.spent), (729, 100, 171));
+    let s = chain.settle(key(id, 4), 100, 0, &[]).unwrap();
+    assert_eq!((s.balance, s.held), (829, 0));
     let s = chain.deposit(id, 21).unwrap();
-    assert_eq!((s.balance, s.deposit), (900, 1_021));
+    assert_eq!((s.balance, s.deposit), (850, 1_021));
     assert!(chain.session(9_999).unwrap().is_none());
     assert!(matches!(
-        chain.hold(9_999, 1),
+        chain.hold(key(9_999, 1), 1),
         Err(ChainError::NoSuchSession(9_999))
     ));
     assert!(chain.sessions().unwrap().iter().any(|s| s.id == id));
@@ -117,7 +146,7 @@ fn scenario(chain: &mut dyn Chain) {
         Err(ChainError::NothingToWithdraw(_))
     ));
     assert_eq!(chain.total_withdrawn().unwrap(), 61);
-    assert_eq!(chain.node_pending_payment("m2").unwrap(), 60);
+    assert_eq!(chain.node_pending_payment("m2").unwrap(), 110);
 
     // The per-stage record: what went in comes out, and a repeat changes nothing.
     let result = br#"["four",[19],"stop",7]"#.to_vec();
@@ -147,7 +176,7 @@ fn scenario(chain: &mut dyn Chain) {
         ],
         force_ended: false,
     };
-    let task = key(id, 2);
+    let task = key(id, 10);
     assert_eq!(chain.task_trace(task).unwrap(), None);
     chain.record_trace(task, &trace).unwrap();
     assert_eq!(chain.task_trace(task).unwrap().as_ref(), Some(&trace));
@@ -161,8 +190,8 @@ fn scenario(chain: &mut dyn Chain) {
         force_ended: true,
     };
     assert!(ended.data.starts_with(b"keccak256:"));
-    chain.record_trace(key(id, 3), &ended).unwrap();
-    assert_eq!(chain.task_trace(key(id, 3)).unwrap(), Some(ended));
+    chain.record_trace(key(id, 11), &ended).unwrap();
+    assert_eq!(chain.task_trace(key(id, 11)).unwrap(), Some(ended));
 }
 
 #[test]
@@ -209,13 +238,13 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
     let (mut b, _anvil) = evm();
     let nodes = NODES;
     let mut sessions: Vec<u64> = Vec::new();
-    let mut holds: Vec<(u64, u64)> = Vec::new(); // (session, amount) held and not settled
+    let mut holds: Vec<(TaskKey, u64)> = Vec::new(); // held (or refused) and not settled
     let mut next_task = 1;
     for step in 0..40 {
         let op = if sessions.is_empty() {
             0
         } else {
-            rng.gen_range(0..8)
+            rng.gen_range(0..9)
         };
         let sid = if sessions.is_empty() {
             0
@@ -249,22 +278,22 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
             }
             2 | 3 => {
                 let amount = rng.gen_range(0..600);
-                let (x, y) = (a.hold(sid, amount), b.hold(sid, amount));
+                let k = key(sid, next_task);
+                next_task += 1;
+                let (x, y) = (a.hold(k, amount), b.hold(k, amount));
                 if x.is_ok() {
-                    holds.push((sid, amount));
+                    holds.push((k, amount));
                 }
-                (outcome(x), outcome(y), format!("hold {amount} on {sid}"))
+                (outcome(x), outcome(y), format!("hold {amount} for {k}"))
             }
             4 if !holds.is_empty() => {
-                let (hsid, hold) = holds.remove(rng.gen_range(0..holds.len()));
+                let (k, hold) = holds.remove(rng.gen_range(0..holds.len()));
                 let charge = rng.gen_range(0..hold + 50);
                 let payees: Vec<String> = nodes
                     .iter()
                     .filter(|_| rng.gen_bool(0.6))
                     .map(|n| n.to_string())
                     .collect();
-                let k = key(hsid, next_task);
-                next_task += 1;
                 (
                     outcome(a.settle(k, hold, charge, &payees)),
                     outcome(b.settle(k, hold, charge, &payees)),
@@ -275,14 +304,14 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
                 // Several settlements at once (one transaction on the EVM).
                 let mut batch = Vec::new();
                 for _ in 0..rng.gen_range(2..=holds.len().min(4)) {
-                    let (hsid, hold) = holds.remove(rng.gen_range(0..holds.len()));
+                    let (k, hold) = holds.remove(rng.gen_range(0..holds.len()));
                     let payees: Vec<String> = nodes
                         .iter()
                         .filter(|_| rng.gen_bool(0.6))
                         .map(|n| n.to_string())
                         .collect();
                     batch.push(Settlement {
-                        task: key(hsid, next_task),
+                        task: k,
                         hold,
                         charge: rng.gen_range(0..hold + 50),
                         payees,
@@ -320,10 +349,43 @@ fn both_chains_agree_on_random_operations_and_conserve_money() {
                     format!("{node} withdraws"),
                 )
             }
+            6 => {
+                // Holds in one batch, some the balance cannot cover (recorded as refused);
+                // they are settled later like the others.
+                let reqs: Vec<HoldRequest> = (0..rng.gen_range(1..=3))
+                    .map(|_| {
+                        let task = key(sid, next_task);
+                        next_task += 1;
+                        HoldRequest {
+                            task,
+                            amount: rng.gen_range(0..800),
+                        }
+                    })
+                    .collect();
+                let (x, y) = (a.hold_batch(&reqs), b.hold_batch(&reqs));
+                assert_eq!(x.is_ok(), y.is_ok(), "seed {seed}: {x:?} vs {y:?}");
+                holds.extend(reqs.iter().map(|r| (r.task, r.amount)));
+                let view = |c: &mut Box<dyn Chain>| {
+                    outcome(c.session(sid).unwrap().ok_or(ChainError::NoSuchSession(0)))
+                };
+                (view(&mut a), view(&mut b), format!("hold a batch {reqs:?}"))
+            }
+            _ if !holds.is_empty() => {
+                // A hold given back (its task never ran): settled with no charge.
+                let (k, hold) = holds.remove(rng.gen_range(0..holds.len()));
+                (
+                    outcome(a.settle(k, hold, 0, &[])),
+                    outcome(b.settle(k, hold, 0, &[])),
+                    format!("give back the hold of {k}"),
+                )
+            }
             _ => {
-                let amount = rng.gen_range(0..200);
-                let (x, y) = (a.release_hold(sid, amount), b.release_hold(sid, amount));
-                (outcome(x), outcome(y), format!("release {amount} on {sid}"))
+                let amount = rng.gen_range(0..500);
+                (
+                    outcome(a.deposit(sid, amount)),
+                    outcome(b.deposit(sid, amount)),
+                    format!("deposit {amount} to {sid}"),
+                )
             }
         };
         assert_eq!(ra, rb, "step {step} ({what}) differs; seed {seed}");

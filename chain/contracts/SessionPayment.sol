@@ -10,14 +10,19 @@ import "./Roles.sol";
 /// Conservation, at every point: totalDeposited ==
 ///     sum(sessionBalances) + sum(sessionHeld) + totalNetworkBalance + sum(nodePendingPayments)
 ///     + totalWithdrawn.
-/// `settleBatch` settles many tasks in one transaction (batch settlement); each task key is
-/// settled at most once.
+/// `holdBatch` holds for many tasks in one transaction, each task key at most once; `settleBatch`
+/// settles many tasks in one transaction (batch settlement), each task key at most once, and
+/// never releases more than the key's own hold.
 contract SessionPayment is Roles {
     mapping(uint256 => uint256) public sessionBalances;
     mapping(uint256 => uint256) public sessionHeld;
     mapping(uint256 => uint256) public sessionNetworkUsage;
     mapping(address => uint256) public nodePendingPayments;
     mapping(bytes32 => bool) public settled;
+    /// Holds made under a task key: the amount, and whether it was made or refused.
+    mapping(bytes32 => uint256) public keyedHolds;
+    mapping(bytes32 => HoldState) public keyedHoldState;
+    enum HoldState { None, Held, Refused }
     uint256 public totalNetworkBalance;
     uint256 public totalDeposited;
     uint256 public totalWithdrawn;
@@ -29,6 +34,7 @@ contract SessionPayment is Roles {
     event NodePaymentAllocated(address indexed node, uint256 amount);
     event NodePaymentWithdrawn(address indexed node, uint256 amount);
     event BatchSettled(bytes32 indexed root, uint256 tasks, uint256 charged);
+    event HoldRefused(bytes32 indexed key, uint256 indexed sessionId, uint256 needed, uint256 available);
 
     error InsufficientBalance(uint256 sessionId, uint256 needed, uint256 available);
     error InsufficientNetworkBalance(uint256 needed, uint256 available);
@@ -49,6 +55,31 @@ contract SessionPayment is Roles {
         sessionBalances[sessionId] = available - amount;
         sessionHeld[sessionId] += amount;
         emit Held(sessionId, amount);
+    }
+
+    /// Holds for many tasks at once: each key's amount moves from its session's balance to its
+    /// held funds, or the key is marked refused when the balance cannot cover it. A key seen
+    /// before is skipped, so a repeated batch changes nothing.
+    function holdBatch(bytes32[] calldata keys, uint256[] calldata sessionIds, uint256[] calldata amounts)
+        external
+        onlyRole(SESSION_CONTRACT)
+    {
+        uint256 n = keys.length;
+        if (sessionIds.length != n || amounts.length != n) revert LengthMismatch();
+        for (uint256 i = 0; i < n; i++) {
+            if (keyedHoldState[keys[i]] != HoldState.None) continue;
+            uint256 available = sessionBalances[sessionIds[i]];
+            if (available < amounts[i]) {
+                keyedHoldState[keys[i]] = HoldState.Refused;
+                emit HoldRefused(keys[i], sessionIds[i], amounts[i], available);
+                continue;
+            }
+            sessionBalances[sessionIds[i]] = available - amounts[i];
+            sessionHeld[sessionIds[i]] += amounts[i];
+            keyedHolds[keys[i]] = amounts[i];
+            keyedHoldState[keys[i]] = HoldState.Held;
+            emit Held(sessionIds[i], amounts[i]);
+        }
     }
 
     function releaseHold(uint256 sessionId, uint256 amount) external onlyRole(SESSION_CONTRACT) {
@@ -103,10 +134,18 @@ contract SessionPayment is Roles {
         if (sessionIds.length != n || holds.length != n || charges.length != n) revert LengthMismatch();
         uint256 charged;
         for (uint256 i = 0; i < n; i++) {
-            if (settled[taskKeys[i]]) continue;
-            settled[taskKeys[i]] = true;
-            _release(sessionIds[i], holds[i], charges[i]);
-            charged += charges[i] < holds[i] ? charges[i] : holds[i];
+            bytes32 key = taskKeys[i];
+            if (settled[key]) continue;
+            settled[key] = true;
+            // A keyed hold releases no more than itself; a refused one releases nothing.
+            uint256 amount = holds[i];
+            HoldState state = keyedHoldState[key];
+            if (state == HoldState.Refused) amount = 0;
+            else if (state == HoldState.Held && keyedHolds[key] < amount) amount = keyedHolds[key];
+            uint256 held = sessionHeld[sessionIds[i]];
+            if (amount > held) amount = held;
+            _release(sessionIds[i], amount, charges[i]);
+            charged += charges[i] < amount ? charges[i] : amount;
         }
         allocateNodePayments(nodes, amounts);
         emit BatchSettled(root, n, charged);

@@ -1,17 +1,17 @@
 //! The bridge to the chain: one actor owns the [`Chain`] implementation, so every session and
 //! balance change is serialized through it. The embedded ledger answers in microseconds (its
-//! only flushes are for session creation and deposits); a chain that blocks on RPC round trips
-//! must run this actor on an arbiter of its own.
+//! only flushes are for session creation and deposits). On an EVM the bridge runs on an
+//! arbiter of its own and has an [`Outbox`]: holds and settlements are persisted first and
+//! delivered by a drain loop, retried with back-off while the chain does not answer.
 
+use super::chain_outbox::{Outbox, OutboxCounts};
 use crate::chain::{Chain, ChainError, Settlement, TaskTrace};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
-use crate::task::{now_ms, TaskKey};
+use crate::task::TaskKey;
 use actix::prelude::*;
 use std::time::{Duration, Instant};
 
-/// Settlements sent in one batch at most.
-pub const OUTBOX_BATCH: usize = 64;
 /// How often the outbox is drained.
 pub const OUTBOX_DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// Longest pause between delivery attempts after failures (doubling from the drain period).
@@ -19,12 +19,7 @@ pub const OUTBOX_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct ChainBridge {
     chain: Box<dyn Chain>,
-    /// With an outbox, settlements are persisted first and delivered in batches by the drain
-    /// loop (retried with back-off until the chain takes them; each task settles once there).
-    outbox: Option<Store>,
-    /// How long a delivered settlement waits before it is checked against the chain.
-    confirm_after: Duration,
-    resent: u64,
+    outbox: Option<Outbox>,
     failures: u32,
     next_attempt: Instant,
 }
@@ -34,102 +29,43 @@ impl ChainBridge {
         Self {
             chain,
             outbox: None,
-            confirm_after: Duration::ZERO,
-            resent: 0,
             failures: 0,
             next_attempt: Instant::now(),
         }
     }
 
-    /// A bridge whose settlements go through a persisted outbox in `store`. A delivered
-    /// settlement stays there until, `confirm_after` later, the chain is found to still have it;
-    /// one the chain lost (a rollback) is sent again.
+    /// A bridge whose holds and settlements go through a persisted outbox in `store`,
+    /// confirmed `confirm_after` after delivery (see [`Outbox`]).
     pub fn with_outbox(chain: Box<dyn Chain>, store: Store, confirm_after: Duration) -> Self {
         Self {
-            outbox: Some(store),
-            confirm_after,
+            outbox: Some(Outbox::new(store, confirm_after)),
             ..Self::new(chain)
         }
     }
 
-    /// Checks delivered settlements old enough: forgets those the chain has, puts those it
-    /// lost back into the outbox (each is keyed, so sending one again cannot pay twice).
-    fn confirm(&mut self) -> Result<(), ChainError> {
-        let Some(store) = &self.outbox else {
-            return Ok(());
-        };
-        let due_before = now_ms().saturating_sub(self.confirm_after.as_millis() as u64);
-        let due: Vec<(u64, Settlement)> = store.delivered_due(due_before, OUTBOX_BATCH)?;
-        let (mut kept, mut lost) = (Vec::new(), Vec::new());
-        for (seq, s) in due {
-            if self.chain.settled(s.task)? {
-                kept.push(seq);
-            } else {
-                lost.push(seq);
-            }
-        }
-        store.delivered_remove(&kept)?;
-        if !lost.is_empty() {
-            tracing::warn!(
-                lost = lost.len(),
-                "the chain lost settlements it had taken (a rollback); sending them again"
-            );
-            store.delivered_requeue(&lost)?;
-            self.resent += lost.len() as u64;
-        }
-        Ok(())
-    }
-
-    fn failed(&mut self, e: ChainError) {
-        self.failures += 1;
-        let backoff = (OUTBOX_DRAIN_EVERY * 2u32.saturating_pow(self.failures.min(10)))
-            .min(OUTBOX_MAX_BACKOFF);
-        let pending = self.outbox.as_ref().map_or(0, Store::outbox_len);
-        tracing::warn!(error = %e, pending, ?backoff, "the chain does not answer; retrying");
-        self.next_attempt = Instant::now() + backoff;
-    }
-
-    /// Delivers the oldest batch of the outbox, if it is time to try.
+    /// One drain step, if it is time to try.
     fn drain(&mut self) {
-        let Some(store) = self.outbox.clone() else {
+        let Some(outbox) = self.outbox.as_mut() else {
             return;
         };
         if Instant::now() < self.next_attempt {
             return;
         }
-        if let Err(e) = self.confirm() {
-            return self.failed(e);
-        }
-        let batch: Vec<(u64, Settlement)> = match store.outbox_peek(OUTBOX_BATCH) {
-            Ok(b) if b.is_empty() => return,
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the chain outbox");
-                return;
-            }
-        };
-        let items: Vec<Settlement> = batch.iter().map(|(_, s)| s.clone()).collect();
-        // Stages first (a task's record ends before its settlement), then one batch.
-        let delivered = items
-            .iter()
-            .filter_map(|s| Some((s.task, s.trace.as_ref()?)))
-            .try_for_each(|(task, trace)| self.chain.record_trace(task, trace))
-            .and_then(|()| self.chain.settle_batch(&items));
-        match delivered {
+        match outbox.deliver(self.chain.as_mut()) {
             Ok(()) => {
-                let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
-                if let Err(e) = store.outbox_delivered(&seqs, now_ms()) {
-                    tracing::error!(error = %e, "cannot mark settlements delivered (they will be re-sent and skipped)");
-                }
                 if self.failures > 0 {
-                    tracing::info!(
-                        failures = self.failures,
-                        "the chain takes settlements again"
-                    );
+                    tracing::info!(failures = self.failures, "the chain answers again");
                 }
                 self.failures = 0;
             }
-            Err(e) => self.failed(e),
+            Err(e) => {
+                self.failures += 1;
+                let backoff = (OUTBOX_DRAIN_EVERY * 2u32.saturating_pow(self.failures.min(10)))
+                    .min(OUTBOX_MAX_BACKOFF);
+                let pending = outbox.counts().pending;
+                tracing::warn!(error = %e, pending, ?backoff, "the chain does not take the outbox; retrying");
+                self.next_attempt = Instant::now() + backoff;
+            }
         }
     }
 }
@@ -144,17 +80,6 @@ impl Actor for ChainBridge {
     }
 }
 
-/// Where the outbox stands.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, MessageResponse)]
-pub struct OutboxCounts {
-    /// Settlements waiting to be delivered.
-    pub pending: usize,
-    /// Delivered, not yet confirmed.
-    pub unconfirmed: usize,
-    /// Delivered, then lost by the chain and put back (since this bridge started).
-    pub resent: u64,
-}
-
 #[derive(Message)]
 #[rtype(result = "OutboxCounts")]
 pub struct GetOutboxCounts;
@@ -162,11 +87,7 @@ pub struct GetOutboxCounts;
 impl Handler<GetOutboxCounts> for ChainBridge {
     type Result = OutboxCounts;
     fn handle(&mut self, _: GetOutboxCounts, _: &mut Context<Self>) -> OutboxCounts {
-        OutboxCounts {
-            pending: self.outbox.as_ref().map_or(0, Store::outbox_len),
-            unconfirmed: self.outbox.as_ref().map_or(0, Store::delivered_len),
-            resent: self.resent,
-        }
+        self.outbox.as_ref().map(Outbox::counts).unwrap_or_default()
     }
 }
 
@@ -189,14 +110,7 @@ pub struct ListSessions;
 #[derive(Message)]
 #[rtype(result = "Result<Session, ChainError>")]
 pub struct Hold {
-    pub session_id: u64,
-    pub amount: u64,
-}
-
-#[derive(Message)]
-#[rtype(result = "Result<Session, ChainError>")]
-pub struct ReleaseHold {
-    pub session_id: u64,
+    pub task: TaskKey,
     pub amount: u64,
 }
 
@@ -224,35 +138,42 @@ pub struct GetTaskTrace(pub TaskKey);
 impl Handler<CreateSession> for ChainBridge {
     type Result = Result<Session, ChainError>;
     fn handle(&mut self, m: CreateSession, _: &mut Context<Self>) -> Self::Result {
-        self.chain.create_session(&m.owner, m.params, m.deposit)
+        let session = self.chain.create_session(&m.owner, m.params, m.deposit)?;
+        if let Some(outbox) = self.outbox.as_mut() {
+            outbox.remember(&session);
+        }
+        Ok(session)
     }
 }
 
 impl Handler<GetSession> for ChainBridge {
     type Result = Result<Option<Session>, ChainError>;
     fn handle(&mut self, m: GetSession, _: &mut Context<Self>) -> Self::Result {
-        self.chain.session(m.0)
+        match self.outbox.as_mut() {
+            Some(outbox) => outbox.session(self.chain.as_mut(), m.0),
+            None => self.chain.session(m.0),
+        }
     }
 }
 
 impl Handler<ListSessions> for ChainBridge {
     type Result = Result<Vec<Session>, ChainError>;
     fn handle(&mut self, _: ListSessions, _: &mut Context<Self>) -> Self::Result {
-        self.chain.sessions()
+        match self.outbox.as_ref() {
+            Some(outbox) => outbox.sessions(self.chain.as_ref()),
+            None => self.chain.sessions(),
+        }
     }
 }
 
 impl Handler<Hold> for ChainBridge {
     type Result = Result<Session, ChainError>;
     fn handle(&mut self, m: Hold, _: &mut Context<Self>) -> Self::Result {
-        self.chain.hold(m.session_id, m.amount)
-    }
-}
-
-impl Handler<ReleaseHold> for ChainBridge {
-    type Result = Result<Session, ChainError>;
-    fn handle(&mut self, m: ReleaseHold, _: &mut Context<Self>) -> Self::Result {
-        self.chain.release_hold(m.session_id, m.amount)
+        match self.outbox.as_mut() {
+            // Durable with the queue's flush that acknowledges the task.
+            Some(outbox) => outbox.hold(self.chain.as_mut(), m.task, m.amount),
+            None => self.chain.hold(m.task, m.amount),
+        }
     }
 }
 
@@ -266,12 +187,9 @@ impl Handler<Settle> for ChainBridge {
             payees: m.payees,
             trace: m.trace,
         };
-        match &self.outbox {
+        match self.outbox.as_mut() {
             // Durable with the queue's flush that follows this answer.
-            Some(store) => store
-                .outbox_push(&settlement)
-                .map(|_| ())
-                .map_err(ChainError::from),
+            Some(outbox) => outbox.settle(settlement),
             None => {
                 if let Some(trace) = &settlement.trace {
                     self.chain.record_trace(settlement.task, trace)?;

@@ -1,7 +1,7 @@
 //! The actors of one router and its nodes, one file each, and the messages they exchange.
 //!
 //! ```text
-//! api ─SubmitTask→ Router ─Hold→ ChainBridge
+//! api ─SubmitTask→ Router ─ReserveTaskId→ SessionQueue, ─Hold→ ChainBridge
 //!                    └─Enqueue→ SessionQueue ─SelectMiners→ NodePool
 //!                                   │ └─ToMiner::Assign/Reveal/Cancel→ Miner×k ─MinerReport→ SessionQueue
 //!                                   ├─Validate→ Validator ─Verdict→
@@ -11,6 +11,7 @@
 //! Each actor that blocks (sled flushes, inference) runs on an arbiter (thread) of its own.
 
 pub mod chain_bridge;
+pub mod chain_outbox;
 pub mod messages;
 pub mod miner;
 pub mod node_pool;

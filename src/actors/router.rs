@@ -2,8 +2,8 @@
 //! (owner, model, limits), holds the task's budget on the chain, and hands it to the session
 //! queue. Sessions are created through it too.
 
-use super::chain_bridge::{ChainBridge, CreateSession, GetSession, Hold, ReleaseHold};
-use super::session_queue::{Enqueue, NewTask, QueueError, SessionQueue, Subscriber};
+use super::chain_bridge::{ChainBridge, CreateSession, GetSession, Hold, Settle};
+use super::session_queue::{Enqueue, NewTask, QueueError, ReserveTaskId, SessionQueue, Subscriber};
 use crate::chain::ChainError;
 use crate::models::engine::GenerateRequest;
 use crate::session::{Session, SessionParams, TaskRecordMode};
@@ -170,14 +170,19 @@ impl Handler<SubmitTask> for Router {
             let hold = (max_tokens as u64)
                 .saturating_mul(params.redundant as u64)
                 .saturating_mul(settings.price_per_token);
+            let key = queue
+                .send(ReserveTaskId(session.id))
+                .await?
+                .map_err(|e| SubmitError::Internal(e.to_string()))?;
             chain
                 .send(Hold {
-                    session_id: session.id,
+                    task: key,
                     amount: hold,
                 })
                 .await??;
             let task = NewTask {
                 session_id: session.id,
+                task_id: key.task_id,
                 owner: m.owner,
                 model: model.clone(),
                 placement: crate::task::Placement {
@@ -211,11 +216,14 @@ impl Handler<SubmitTask> for Router {
             match enqueued {
                 Ok(Ok(key)) => Ok(Submitted { key, model, hold }),
                 other => {
-                    // Not accepted: give the hold back.
+                    // Not accepted: give the hold back (a settlement that charges nothing).
                     let _ = chain
-                        .send(ReleaseHold {
-                            session_id: session.id,
-                            amount: hold,
+                        .send(Settle {
+                            task: key,
+                            hold,
+                            charge: 0,
+                            payees: Vec::new(),
+                            trace: None,
                         })
                         .await;
                     Err(match other {

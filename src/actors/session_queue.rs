@@ -56,6 +56,8 @@ pub enum QueueError {
 /// Everything a new task needs; the router fills it from the session and the request.
 pub struct NewTask {
     pub session_id: u64,
+    /// From `ReserveTaskId`: the key its hold was made under.
+    pub task_id: u64,
     pub owner: String,
     pub model: String,
     pub placement: crate::task::Placement,
@@ -72,6 +74,12 @@ pub struct NewTask {
     /// Record every stage on chain (the session's `task_record: per_stage`).
     pub record_stages: bool,
 }
+
+/// The next task id of a session, for a task about to be held for and enqueued. An id
+/// reserved and never enqueued stays unused.
+#[derive(Message)]
+#[rtype(result = "Result<TaskKey, QueueError>")]
+pub struct ReserveTaskId(pub u64);
 
 #[derive(Message)]
 #[rtype(result = "Result<TaskKey, QueueError>")]
@@ -917,10 +925,9 @@ impl SessionQueue {
             return Err(QueueError::Full(self.config.max_live_tasks));
         }
         let t = m.task;
-        let task_id = self.store.next_id(&format!("task_id/{}", t.session_id))?;
         let key = TaskKey {
             session_id: t.session_id,
-            task_id,
+            task_id: t.task_id,
         };
         let mut request = t.request;
         if t.derive_seed {
@@ -961,6 +968,16 @@ impl SessionQueue {
         self.live.insert(key, live);
         self.fill(key, ctx);
         Ok(key)
+    }
+}
+
+impl Handler<ReserveTaskId> for SessionQueue {
+    type Result = Result<TaskKey, QueueError>;
+    fn handle(&mut self, m: ReserveTaskId, _: &mut Context<Self>) -> Self::Result {
+        Ok(TaskKey {
+            session_id: m.0,
+            task_id: self.store.next_id(&format!("task_id/{}", m.0))?,
+        })
     }
 }
 

@@ -14,7 +14,7 @@ use super::contracts::session_v2::{Params, SessionV2Errors};
 use super::contracts::{SessionPayment, SessionQueueV2, SessionV2};
 use super::deploy::Deployment;
 use super::node_key::NodeKey;
-use super::{split_payment, Chain, ChainError, MinerTrace, Settlement, TaskTrace};
+use super::{split_payment, Chain, ChainError, HoldRequest, MinerTrace, Settlement, TaskTrace};
 use crate::session::{Session, SessionMode, SessionParams, Sla};
 use crate::task::TaskKey;
 use ethers::abi::AbiEncode;
@@ -412,6 +412,11 @@ async fn read_session(
     }))
 }
 
+/// `SessionPayment.HoldState`.
+const HOLD_NONE: u8 = 0;
+const HOLD_MADE: u8 = 1;
+const HOLD_REFUSED: u8 = 2;
+
 /// A task's settlement key on chain: keccak256(abi.encode(sessionId, taskId)).
 pub fn task_key(task: TaskKey) -> [u8; 32] {
     ethers::utils::keccak256((U256::from(task.session_id), U256::from(task.task_id)).encode())
@@ -500,15 +505,68 @@ impl Chain for EvmChain {
         })
     }
 
-    fn hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
-        self.payment_write(session_id, "hold", move |p| {
-            p.hold(U256::from(session_id), U256::from(amount))
+    fn hold(&mut self, task: TaskKey, amount: u64) -> Result<Session, ChainError> {
+        let sid = task.session_id;
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let session = existing(c.clone(), d, sid).await?;
+                let payment = SessionPayment::new(d.payment, c.clone());
+                let key = task_key(task);
+                let recorded = payment
+                    .keyed_hold_state(key)
+                    .call()
+                    .await
+                    .map_err(|e| chain_error(sid, e))?;
+                if recorded != HOLD_NONE {
+                    return Ok(session);
+                }
+                if session.balance < amount {
+                    return Err(ChainError::InsufficientBalance {
+                        session_id: sid,
+                        needed: amount,
+                        available: session.balance,
+                    });
+                }
+                let call =
+                    payment.hold_batch(vec![key], vec![U256::from(sid)], vec![U256::from(amount)]);
+                send("holdBatch", call)
+                    .await
+                    .map_err(|e| chain_error(sid, e))?;
+                existing(c, d, sid).await
+            })
         })
     }
 
-    fn release_hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
-        self.payment_write(session_id, "releaseHold", move |p| {
-            p.release_hold(U256::from(session_id), U256::from(amount))
+    fn hold_batch(&mut self, holds: &[HoldRequest]) -> Result<(), ChainError> {
+        let holds = holds.to_vec();
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let payment = SessionPayment::new(d.payment, c.clone());
+                let keys = holds.iter().map(|h| task_key(h.task)).collect();
+                let sids = holds
+                    .iter()
+                    .map(|h| U256::from(h.task.session_id))
+                    .collect();
+                let amounts = holds.iter().map(|h| U256::from(h.amount)).collect();
+                send("holdBatch", payment.hold_batch(keys, sids, amounts))
+                    .await
+                    .map_err(|e| chain_error(0, e))?;
+                Ok(())
+            })
+        })
+    }
+
+    fn hold_recorded(&self, task: TaskKey) -> Result<bool, ChainError> {
+        let key = task_key(task);
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let state = SessionPayment::new(d.payment, c)
+                    .keyed_hold_state(key)
+                    .call()
+                    .await
+                    .map_err(|e| chain_error(task.session_id, e))?;
+                Ok(state != HOLD_NONE)
+            })
         })
     }
 
@@ -519,45 +577,16 @@ impl Chain for EvmChain {
         charge: u64,
         payees: &[String],
     ) -> Result<Session, ChainError> {
-        let payees: Vec<String> = payees.to_vec();
-        let book = self.nodes.clone();
-        self.call(move |c, d| {
-            Box::pin(async move {
-                let sid = task.session_id;
-                let before = existing(c.clone(), d, sid).await?;
-                let charged = charge.min(hold).min(hold.min(before.held));
-                let key = task_key(task);
-                let payment = SessionPayment::new(d.payment, c.clone());
-                let amounts: Vec<U256> = split_payment(charged, payees.len())
-                    .into_iter()
-                    .map(U256::from)
-                    .collect();
-                let nodes: Vec<Address> = payees.iter().map(|p| book.address(p)).collect();
-                let already = payment
-                    .settled(key)
-                    .call()
-                    .await
-                    .map_err(|e| chain_error(sid, e))?;
-                let (nodes, amounts) = if already {
-                    (vec![], vec![])
-                } else {
-                    (nodes, amounts)
-                };
-                let call = payment.settle_batch(
-                    [0u8; 32],
-                    vec![key],
-                    vec![U256::from(sid)],
-                    vec![U256::from(hold)],
-                    vec![U256::from(charge)],
-                    nodes,
-                    amounts,
-                );
-                send("settleBatch", call)
-                    .await
-                    .map_err(|e| chain_error(sid, e))?;
-                existing(c, d, sid).await
-            })
-        })
+        let one = Settlement {
+            task,
+            hold,
+            charge,
+            payees: payees.to_vec(),
+            trace: None,
+        };
+        self.settle_batch(&[one])?;
+        self.session(task.session_id)?
+            .ok_or(ChainError::NoSuchSession(task.session_id))
     }
 
     fn settle_batch(&mut self, batch: &[Settlement]) -> Result<(), ChainError> {
@@ -586,9 +615,19 @@ impl Chain for EvmChain {
                             .map_err(read)?
                             .as_u64(),
                     };
-                    // The contract's order and caps: the hold is at most what is held, the
-                    // charge at most the hold.
-                    let amount = s.hold.min(h);
+                    // The contract's order and caps: a keyed hold releases at most itself (a
+                    // refused one nothing), then at most what is held; the charge at most that.
+                    let own = match payment.keyed_hold_state(key).call().await.map_err(read)? {
+                        HOLD_REFUSED => 0,
+                        HOLD_MADE => payment
+                            .keyed_holds(key)
+                            .call()
+                            .await
+                            .map_err(read)?
+                            .as_u64(),
+                        _ => s.hold,
+                    };
+                    let amount = s.hold.min(own).min(h);
                     let charged = s.charge.min(amount);
                     held.insert(sid, h - amount);
                     for (p, a) in s.payees.iter().zip(split_payment(charged, s.payees.len())) {

@@ -6,7 +6,7 @@
 //! before that flush loses the task and its hold together, or the end and its settlement
 //! together, and the task is resumed and settled once.
 
-use super::{split_payment, Chain, ChainError, TaskTrace};
+use super::{split_payment, Chain, ChainError, HoldRequest, TaskTrace};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
 use crate::task::{now_ms, TaskKey};
@@ -94,8 +94,12 @@ impl Chain for LocalLedger {
         Ok(session)
     }
 
-    fn hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
+    fn hold(&mut self, task: TaskKey, amount: u64) -> Result<Session, ChainError> {
+        let session_id = task.session_id;
         let mut session = self.existing(session_id)?;
+        if self.store.has_marker(&hold_marker(task))? {
+            return Ok(session);
+        }
         if session.balance < amount {
             return Err(ChainError::InsufficientBalance {
                 session_id,
@@ -106,18 +110,27 @@ impl Chain for LocalLedger {
         session.balance -= amount;
         session.held += amount;
         session.tasks_submitted += 1;
-        self.write(&session)?;
+        self.store
+            .put_session_once(&session, &hold_marker(task), &amount.to_be_bytes())?;
+        self.cache.insert(session_id, session.clone());
         Ok(session)
     }
 
-    fn release_hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
-        let mut session = self.existing(session_id)?;
-        let amount = amount.min(session.held);
-        session.held -= amount;
-        session.balance += amount;
-        session.tasks_submitted = session.tasks_submitted.saturating_sub(1);
-        self.write(&session)?;
-        Ok(session)
+    fn hold_batch(&mut self, holds: &[HoldRequest]) -> Result<(), ChainError> {
+        for h in holds {
+            match self.hold(h.task, h.amount) {
+                Ok(_) => {}
+                Err(ChainError::InsufficientBalance { .. }) => {
+                    self.store.put_marker_once(&hold_marker(h.task), REFUSED)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn hold_recorded(&self, task: TaskKey) -> Result<bool, ChainError> {
+        Ok(self.store.has_marker(&hold_marker(task))?)
     }
 
     fn settle(
@@ -128,13 +141,21 @@ impl Chain for LocalLedger {
         payees: &[String],
     ) -> Result<Session, ChainError> {
         let mut session = self.existing(task.session_id)?;
+        // A keyed hold releases no more than itself; a refused one releases nothing.
+        let hold = match self.store.marker(&hold_marker(task))? {
+            Some(v) if v == REFUSED => 0,
+            Some(v) => hold.min(u64::from_be_bytes(
+                <[u8; 8]>::try_from(&v[..]).unwrap_or([0xff; 8]),
+            )),
+            None => hold,
+        };
         let hold = hold.min(session.held);
         let charged = charge.min(hold);
         session.held -= hold;
         session.balance += hold - charged;
         session.spent += charged;
         let marker = settled_marker(task);
-        let first_time = self.store.put_session_once(&session, &marker)?;
+        let first_time = self.store.put_session_once(&session, &marker, &[1])?;
         self.cache.remove(&task.session_id); // re-read: a repeat left the stored one as it was
         if first_time {
             for (payee, amount) in payees.iter().zip(split_payment(charged, payees.len())) {
@@ -184,6 +205,13 @@ impl Chain for LocalLedger {
 }
 
 const WITHDRAWN_TOTAL: &str = "withdrawn-total";
+
+/// A refused hold's marker value (a made hold's is its amount, 8 bytes).
+const REFUSED: &[u8] = b"refused";
+
+fn hold_marker(task: TaskKey) -> String {
+    format!("hold/{}/{}", task.session_id, task.task_id)
+}
 
 fn settled_marker(task: TaskKey) -> String {
     format!("settled/{}/{}", task.session_id, task.task_id)

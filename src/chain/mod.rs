@@ -60,6 +60,30 @@ pub struct Settlement {
     pub trace: Option<TaskTrace>,
 }
 
+/// A chain write as the outbox carries it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ChainWrite {
+    Settle(Settlement),
+    Hold(HoldRequest),
+}
+
+impl ChainWrite {
+    pub fn task(&self) -> TaskKey {
+        match self {
+            ChainWrite::Settle(s) => s.task,
+            ChainWrite::Hold(h) => h.task,
+        }
+    }
+}
+
+/// A task's hold, as the outbox carries it.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HoldRequest {
+    pub task: TaskKey,
+    pub amount: u64,
+}
+
 /// Prompts longer than this are recorded by their keccak256 (`keccak256:` and 64 hex digits).
 pub const TRACE_DATA_LIMIT: usize = 4096;
 
@@ -110,10 +134,16 @@ pub trait Chain: Send {
     fn session(&mut self, id: u64) -> Result<Option<Session>, ChainError>;
     fn sessions(&self) -> Result<Vec<Session>, ChainError>;
     fn deposit(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError>;
-    /// Moves `amount` from the session's balance to its held funds, or refuses.
-    fn hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError>;
-    /// Gives back a hold that never became a task (the queue refused it).
-    fn release_hold(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError>;
+    /// Moves `amount` from the task's session's balance to its held funds, under the task's
+    /// key, or refuses (and records nothing). A repeat for the same task changes nothing.
+    /// A hold that never became a task is given back by settling the task with no charge.
+    fn hold(&mut self, task: TaskKey, amount: u64) -> Result<Session, ChainError>;
+    /// Holds for many tasks; on a chain, in one transaction. A hold the balance cannot cover
+    /// is recorded as refused (its settlement then releases nothing); each task's hold is
+    /// recorded once.
+    fn hold_batch(&mut self, holds: &[HoldRequest]) -> Result<(), ChainError>;
+    /// Whether a hold (made or refused) is recorded for the task.
+    fn hold_recorded(&self, task: TaskKey) -> Result<bool, ChainError>;
     /// Ends a task's hold: `charge` (at most `hold`) is spent and split among `payees`, the rest
     /// goes back to the balance. Happens at most once per task; a repeat changes nothing.
     fn settle(

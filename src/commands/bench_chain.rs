@@ -8,7 +8,7 @@ use crate::chain::anvil::AnvilNode;
 use crate::chain::evm::{EvmChain, ANVIL_DEV_KEY};
 use crate::chain::local_ledger::LocalLedger;
 use crate::chain::node_key::NodeKey;
-use crate::chain::{Chain, MinerTrace, Settlement, TaskTrace};
+use crate::chain::{Chain, HoldRequest, MinerTrace, Settlement, TaskTrace};
 use crate::session::SessionParams;
 use crate::store::Store;
 use crate::task::TaskKey;
@@ -77,32 +77,36 @@ pub fn run(args: ChainBenchArgs) -> anyhow::Result<()> {
     let s = ledger.create_session("bench", SessionParams::default(), u64::MAX / 4)?;
     let started = Instant::now();
     for i in 0..args.ledger_ops {
-        ledger.hold(s.id, 10)?;
-        ledger.settle(
-            TaskKey {
-                session_id: s.id,
-                task_id: i + 1,
-            },
-            10,
-            6,
-            &["miner-1".into()],
-        )?;
+        let task = TaskKey {
+            session_id: s.id,
+            task_id: i + 1,
+        };
+        ledger.hold(task, 10)?;
+        ledger.settle(task, 10, 6, &["miner-1".into()])?;
     }
     let ledger_secs = started.elapsed().as_secs_f64();
     drop(ledger);
     let _ = std::fs::remove_dir_all(&dir);
 
-    // Anvil: one big hold, then the same settlements batched and one per transaction.
+    // Anvil: each task held and settled, batched (a holdBatch and a settleBatch per batch of
+    // tasks), one transaction each, and per stage.
     let anvil = AnvilNode::start(None)?;
     let keys: Vec<NodeKey> = MINERS.iter().map(|m| NodeKey::random(m)).collect();
     let mut evm = EvmChain::deploy(&anvil.url, ANVIL_DEV_KEY, 1)?.with_node_keys(&keys);
     evm.fund_nodes(ethers::types::U256::exp10(19))?;
     let s = evm.create_session("bench", SessionParams::default(), 1_000_000_000)?;
-    evm.hold(s.id, 10 * (2 * args.tasks + args.per_stage_tasks))?;
     let batched = settlements(s.id, 1, args.tasks);
     let gas_before = evm.gas_used_total()?;
     let started = Instant::now();
     for chunk in batched.chunks(args.batch.max(1)) {
+        let holds: Vec<HoldRequest> = chunk
+            .iter()
+            .map(|t| HoldRequest {
+                task: t.task,
+                amount: t.hold,
+            })
+            .collect();
+        evm.hold_batch(&holds)?;
         evm.settle_batch(chunk)?;
     }
     let batched_secs = started.elapsed().as_secs_f64();
@@ -111,6 +115,7 @@ pub fn run(args: ChainBenchArgs) -> anyhow::Result<()> {
     let gas_before = evm.gas_used_total()?;
     let started = Instant::now();
     for one in &single {
+        evm.hold(one.task, one.hold)?;
         evm.settle(one.task, one.hold, one.charge, &one.payees)?;
     }
     let single_secs = started.elapsed().as_secs_f64();
@@ -119,6 +124,7 @@ pub fn run(args: ChainBenchArgs) -> anyhow::Result<()> {
     let gas_before = evm.gas_used_total()?;
     let started = Instant::now();
     for one in &staged {
+        evm.hold(one.task, one.hold)?;
         evm.record_trace(one.task, &trace(one.task))?;
         evm.settle(one.task, one.hold, one.charge, &one.payees)?;
     }
@@ -155,19 +161,19 @@ pub fn run(args: ChainBenchArgs) -> anyhow::Result<()> {
     );
     println!(
         "{:<44} {:>12.0} {:>14}",
-        format!("anvil: settleBatch, {} tasks a transaction", args.batch),
+        format!("anvil: holdBatch + settleBatch, {} tasks each", args.batch),
         args.tasks as f64 / batched_secs,
         batched_gas / args.tasks
     );
     println!(
         "{:<44} {:>12.0} {:>14}",
-        "anvil: one settlement a transaction",
+        "anvil: one hold + one settlement a task",
         args.tasks as f64 / single_secs,
         single_gas / args.tasks
     );
     println!(
         "{:<44} {:>12.1} {:>14}",
-        "anvil: per stage (3 miners, 12 transactions)",
+        "anvil: per stage (3 miners, 14 transactions)",
         args.per_stage_tasks as f64 / staged_secs,
         staged_gas / args.per_stage_tasks.max(1)
     );

@@ -195,9 +195,15 @@ impl Store {
         scan(self.tasks.range(start..=end).take(limit), "task")
     }
 
-    /// Writes a session and a marker in one transaction, unless the marker is already there
-    /// (then nothing changes and `false` comes back). Settlements use it to happen once.
-    pub fn put_session_once(&self, session: &Session, marker: &str) -> Result<bool, StoreError> {
+    /// Writes a session and a marker (with `value`) in one transaction, unless the marker is
+    /// already there (then nothing changes and `false` comes back). Holds and settlements use
+    /// it to happen once.
+    pub fn put_session_once(
+        &self,
+        session: &Session,
+        marker: &str,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
         use sled::Transactional;
         let bytes = serde_json::to_vec(session).expect("records always serialize");
         let id = session.id.to_be_bytes();
@@ -206,7 +212,7 @@ impl Store {
                 if meta.get(marker.as_bytes())?.is_some() {
                     return Ok(false);
                 }
-                meta.insert(marker.as_bytes(), &[1u8][..])?;
+                meta.insert(marker.as_bytes(), value)?;
                 sessions.insert(&id[..], bytes.clone())?;
                 Ok(true)
             })
@@ -217,6 +223,19 @@ impl Store {
     /// Whether a marker written by `put_session_once` is there.
     pub fn has_marker(&self, marker: &str) -> Result<bool, StoreError> {
         Ok(self.meta.contains_key(marker.as_bytes())?)
+    }
+
+    /// A marker's value, if the marker is there.
+    pub fn marker(&self, marker: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(marker.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Writes a marker unless it is there; `false` if it was.
+    pub fn put_marker_once(&self, marker: &str, value: &[u8]) -> Result<bool, StoreError> {
+        Ok(self
+            .meta
+            .compare_and_swap(marker.as_bytes(), None as Option<&[u8]>, Some(value))?
+            .is_ok())
     }
 
     /// Adds to an amount kept under `name` in the counters tree (node payments).
@@ -273,11 +292,26 @@ impl Store {
         get(&self.meta, name.as_bytes(), name)
     }
 
-    /// Appends a chain write to the outbox; it is durable with the next flush.
-    pub fn outbox_push<T: Serialize>(&self, item: &T) -> Result<u64, StoreError> {
-        let seq = self.next_id("outbox_seq")?;
-        put(&self.outbox, &seq.to_be_bytes(), item)?;
-        Ok(seq)
+    /// Appends a chain write to the outbox unless `marker` says it was appended before (then
+    /// `false` comes back and nothing changes); durable with the next flush.
+    pub fn outbox_push_once<T: Serialize>(
+        &self,
+        marker: &str,
+        item: &T,
+    ) -> Result<bool, StoreError> {
+        use sled::Transactional;
+        let seq = self.next_id("outbox_seq")?.to_be_bytes();
+        let bytes = serde_json::to_vec(item).expect("records always serialize");
+        (&self.outbox, &self.meta)
+            .transaction(|(outbox, meta)| {
+                if meta.get(marker.as_bytes())?.is_some() {
+                    return Ok(false);
+                }
+                meta.insert(marker.as_bytes(), &[1u8][..])?;
+                outbox.insert(&seq[..], bytes.clone())?;
+                Ok(true)
+            })
+            .map_err(transaction_error)
     }
 
     /// The oldest `limit` entries of the outbox, with their sequence numbers.
