@@ -19,10 +19,10 @@ contract SessionPayment is Roles {
     mapping(uint256 => uint256) public sessionNetworkUsage;
     mapping(address => uint256) public nodePendingPayments;
     mapping(bytes32 => bool) public settled;
-    /// Holds made under a task key: the amount, and whether it was made or refused.
+    /// Holds made under a task key, in one slot: 0 none, REFUSED_HOLD refused, else the
+    /// amount plus one.
     mapping(bytes32 => uint256) public keyedHolds;
-    mapping(bytes32 => HoldState) public keyedHoldState;
-    enum HoldState { None, Held, Refused }
+    uint256 public constant REFUSED_HOLD = type(uint256).max;
     uint256 public totalNetworkBalance;
     uint256 public totalDeposited;
     uint256 public totalWithdrawn;
@@ -67,17 +67,16 @@ contract SessionPayment is Roles {
         uint256 n = keys.length;
         if (sessionIds.length != n || amounts.length != n) revert LengthMismatch();
         for (uint256 i = 0; i < n; i++) {
-            if (keyedHoldState[keys[i]] != HoldState.None) continue;
+            if (keyedHolds[keys[i]] != 0) continue;
             uint256 available = sessionBalances[sessionIds[i]];
-            if (available < amounts[i]) {
-                keyedHoldState[keys[i]] = HoldState.Refused;
+            if (available < amounts[i] || amounts[i] == REFUSED_HOLD) {
+                keyedHolds[keys[i]] = REFUSED_HOLD;
                 emit HoldRefused(keys[i], sessionIds[i], amounts[i], available);
                 continue;
             }
             sessionBalances[sessionIds[i]] = available - amounts[i];
             sessionHeld[sessionIds[i]] += amounts[i];
-            keyedHolds[keys[i]] = amounts[i];
-            keyedHoldState[keys[i]] = HoldState.Held;
+            keyedHolds[keys[i]] = amounts[i] + 1;
             emit Held(sessionIds[i], amounts[i]);
         }
     }
@@ -137,11 +136,7 @@ contract SessionPayment is Roles {
             bytes32 key = taskKeys[i];
             if (settled[key]) continue;
             settled[key] = true;
-            // A keyed hold releases no more than itself; a refused one releases nothing.
-            uint256 amount = holds[i];
-            HoldState state = keyedHoldState[key];
-            if (state == HoldState.Refused) amount = 0;
-            else if (state == HoldState.Held && keyedHolds[key] < amount) amount = keyedHolds[key];
+            uint256 amount = _releasable(key, holds[i]);
             uint256 held = sessionHeld[sessionIds[i]];
             if (amount > held) amount = held;
             _release(sessionIds[i], amount, charges[i]);
@@ -149,6 +144,44 @@ contract SessionPayment is Roles {
         }
         allocateNodePayments(nodes, amounts);
         emit BatchSettled(root, n, charged);
+    }
+
+    /// What `settleBatch` would charge each task, given the same arguments now (0 for a key
+    /// settled before or repeated in the batch): lets a router split the charges among nodes
+    /// with one call.
+    function settleCharges(
+        bytes32[] calldata taskKeys,
+        uint256[] calldata sessionIds,
+        uint256[] calldata holds,
+        uint256[] calldata charges
+    ) external view returns (uint256[] memory charged) {
+        uint256 n = taskKeys.length;
+        if (sessionIds.length != n || holds.length != n || charges.length != n) revert LengthMismatch();
+        charged = new uint256[](n);
+        uint256[] memory released = new uint256[](n);
+        for (uint256 i = 0; i < n; i++) {
+            bytes32 key = taskKeys[i];
+            if (settled[key]) continue;
+            bool repeated;
+            uint256 held = sessionHeld[sessionIds[i]];
+            for (uint256 j = 0; j < i; j++) {
+                if (taskKeys[j] == key) repeated = true;
+                if (sessionIds[j] == sessionIds[i]) held -= released[j];
+            }
+            if (repeated) continue;
+            uint256 amount = _releasable(key, holds[i]);
+            if (amount > held) amount = held;
+            released[i] = amount;
+            charged[i] = charges[i] < amount ? charges[i] : amount;
+        }
+    }
+
+    /// What a task's settlement may release: at most its keyed hold (nothing if refused).
+    function _releasable(bytes32 key, uint256 amount) internal view returns (uint256) {
+        uint256 k = keyedHolds[key];
+        if (k == REFUSED_HOLD) return 0;
+        if (k != 0 && k - 1 < amount) return k - 1;
+        return amount;
     }
 
     /// Ends a hold: `charge` (at most the hold) goes to the network, the rest back to the balance.

@@ -412,11 +412,6 @@ async fn read_session(
     }))
 }
 
-/// `SessionPayment.HoldState`.
-const HOLD_NONE: u8 = 0;
-const HOLD_MADE: u8 = 1;
-const HOLD_REFUSED: u8 = 2;
-
 /// A task's settlement key on chain: keccak256(abi.encode(sessionId, taskId)).
 pub fn task_key(task: TaskKey) -> [u8; 32] {
     ethers::utils::keccak256((U256::from(task.session_id), U256::from(task.task_id)).encode())
@@ -513,11 +508,11 @@ impl Chain for EvmChain {
                 let payment = SessionPayment::new(d.payment, c.clone());
                 let key = task_key(task);
                 let recorded = payment
-                    .keyed_hold_state(key)
+                    .keyed_holds(key)
                     .call()
                     .await
                     .map_err(|e| chain_error(sid, e))?;
-                if recorded != HOLD_NONE {
+                if !recorded.is_zero() {
                     return Ok(session);
                 }
                 if session.balance < amount {
@@ -560,12 +555,12 @@ impl Chain for EvmChain {
         let key = task_key(task);
         self.call(move |c, d| {
             Box::pin(async move {
-                let state = SessionPayment::new(d.payment, c)
-                    .keyed_hold_state(key)
+                let recorded = SessionPayment::new(d.payment, c)
+                    .keyed_holds(key)
                     .call()
                     .await
                     .map_err(|e| chain_error(task.session_id, e))?;
-                Ok(state != HOLD_NONE)
+                Ok(!recorded.is_zero())
             })
         })
     }
@@ -596,50 +591,35 @@ impl Chain for EvmChain {
             Box::pin(async move {
                 let payment = SessionPayment::new(d.payment, c.clone());
                 let read = |e| chain_error(0, e);
-                let mut held: HashMap<u64, u64> = HashMap::new();
                 let mut seen = HashSet::new();
-                let (mut keys, mut sids, mut holds, mut charges) = (vec![], vec![], vec![], vec![]);
+                let batch: Vec<Settlement> =
+                    batch.into_iter().filter(|s| seen.insert(s.task)).collect();
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                let keys: Vec<[u8; 32]> = batch.iter().map(|s| task_key(s.task)).collect();
+                let sids: Vec<U256> = batch
+                    .iter()
+                    .map(|s| U256::from(s.task.session_id))
+                    .collect();
+                let holds: Vec<U256> = batch.iter().map(|s| U256::from(s.hold)).collect();
+                let charges: Vec<U256> = batch.iter().map(|s| U256::from(s.charge)).collect();
+                // What the contract will charge each task (its caps, keys settled before), in
+                // one call, split among each task's payees.
+                let charged = payment
+                    .settle_charges(keys.clone(), sids.clone(), holds.clone(), charges.clone())
+                    .call()
+                    .await
+                    .map_err(read)?;
                 let mut owed: BTreeMap<Address, u64> = BTreeMap::new();
-                for s in &batch {
-                    let key = task_key(s.task);
-                    if !seen.insert(key) || payment.settled(key).call().await.map_err(read)? {
-                        continue; // settled before: the contract would skip it too
-                    }
-                    let sid = s.task.session_id;
-                    let h = match held.get(&sid) {
-                        Some(h) => *h,
-                        None => payment
-                            .session_held(U256::from(sid))
-                            .call()
-                            .await
-                            .map_err(read)?
-                            .as_u64(),
-                    };
-                    // The contract's order and caps: a keyed hold releases at most itself (a
-                    // refused one nothing), then at most what is held; the charge at most that.
-                    let own = match payment.keyed_hold_state(key).call().await.map_err(read)? {
-                        HOLD_REFUSED => 0,
-                        HOLD_MADE => payment
-                            .keyed_holds(key)
-                            .call()
-                            .await
-                            .map_err(read)?
-                            .as_u64(),
-                        _ => s.hold,
-                    };
-                    let amount = s.hold.min(own).min(h);
-                    let charged = s.charge.min(amount);
-                    held.insert(sid, h - amount);
-                    for (p, a) in s.payees.iter().zip(split_payment(charged, s.payees.len())) {
+                for (s, c) in batch.iter().zip(&charged) {
+                    for (p, a) in s
+                        .payees
+                        .iter()
+                        .zip(split_payment(c.as_u64(), s.payees.len()))
+                    {
                         *owed.entry(book.address(p)).or_default() += a;
                     }
-                    keys.push(key);
-                    sids.push(U256::from(sid));
-                    holds.push(U256::from(s.hold));
-                    charges.push(U256::from(s.charge));
-                }
-                if keys.is_empty() {
-                    return Ok(());
                 }
                 let root = ethers::utils::keccak256(keys.concat());
                 let (nodes, amounts): (Vec<Address>, Vec<U256>) =

@@ -96,11 +96,12 @@ impl Chain for LocalLedger {
 
     fn hold(&mut self, task: TaskKey, amount: u64) -> Result<Session, ChainError> {
         let session_id = task.session_id;
-        let mut session = self.existing(session_id)?;
-        if self.store.has_marker(&hold_marker(task))? {
-            return Ok(session);
-        }
+        let before = self.existing(session_id)?;
+        let mut session = before.clone();
         if session.balance < amount {
+            if self.store.task_mark(task, HOLD)?.is_some() {
+                return Ok(before); // held before: nothing changes
+            }
             return Err(ChainError::InsufficientBalance {
                 session_id,
                 needed: amount,
@@ -110,8 +111,12 @@ impl Chain for LocalLedger {
         session.balance -= amount;
         session.held += amount;
         session.tasks_submitted += 1;
-        self.store
-            .put_session_once(&session, &hold_marker(task), &amount.to_be_bytes())?;
+        let first_time =
+            self.store
+                .put_session_with_mark_once(&session, task, HOLD, &amount.to_be_bytes())?;
+        if !first_time {
+            return Ok(before); // held before: nothing changes
+        }
         self.cache.insert(session_id, session.clone());
         Ok(session)
     }
@@ -121,7 +126,7 @@ impl Chain for LocalLedger {
             match self.hold(h.task, h.amount) {
                 Ok(_) => {}
                 Err(ChainError::InsufficientBalance { .. }) => {
-                    self.store.put_marker_once(&hold_marker(h.task), REFUSED)?;
+                    self.store.put_task_mark_once(h.task, HOLD, REFUSED)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -130,7 +135,7 @@ impl Chain for LocalLedger {
     }
 
     fn hold_recorded(&self, task: TaskKey) -> Result<bool, ChainError> {
-        Ok(self.store.has_marker(&hold_marker(task))?)
+        Ok(self.store.task_mark(task, HOLD)?.is_some())
     }
 
     fn settle(
@@ -140,9 +145,10 @@ impl Chain for LocalLedger {
         charge: u64,
         payees: &[String],
     ) -> Result<Session, ChainError> {
-        let mut session = self.existing(task.session_id)?;
+        let before = self.existing(task.session_id)?;
+        let mut session = before.clone();
         // A keyed hold releases no more than itself; a refused one releases nothing.
-        let hold = match self.store.marker(&hold_marker(task))? {
+        let hold = match self.store.task_mark(task, HOLD)? {
             Some(v) if v == REFUSED => 0,
             Some(v) => hold.min(u64::from_be_bytes(
                 <[u8; 8]>::try_from(&v[..]).unwrap_or([0xff; 8]),
@@ -154,19 +160,21 @@ impl Chain for LocalLedger {
         session.held -= hold;
         session.balance += hold - charged;
         session.spent += charged;
-        let marker = settled_marker(task);
-        let first_time = self.store.put_session_once(&session, &marker, &[1])?;
-        self.cache.remove(&task.session_id); // re-read: a repeat left the stored one as it was
-        if first_time {
-            for (payee, amount) in payees.iter().zip(split_payment(charged, payees.len())) {
-                self.store.add_amount(&format!("pay/{payee}"), amount)?;
-            }
+        if !self
+            .store
+            .put_session_with_mark_once(&session, task, SETTLED, &[1])?
+        {
+            return Ok(before); // settled before: nothing changes
         }
-        self.existing(task.session_id)
+        self.cache.insert(task.session_id, session.clone());
+        for (payee, amount) in payees.iter().zip(split_payment(charged, payees.len())) {
+            self.store.add_amount(&format!("pay/{payee}"), amount)?;
+        }
+        Ok(session)
     }
 
     fn settled(&self, task: TaskKey) -> Result<bool, ChainError> {
-        Ok(self.store.has_marker(&settled_marker(task))?)
+        Ok(self.store.task_mark(task, SETTLED)?.is_some())
     }
 
     fn node_pending_payment(&self, node: &str) -> Result<u64, ChainError> {
@@ -209,13 +217,9 @@ const WITHDRAWN_TOTAL: &str = "withdrawn-total";
 /// A refused hold's marker value (a made hold's is its amount, 8 bytes).
 const REFUSED: &[u8] = b"refused";
 
-fn hold_marker(task: TaskKey) -> String {
-    format!("hold/{}/{}", task.session_id, task.task_id)
-}
-
-fn settled_marker(task: TaskKey) -> String {
-    format!("settled/{}/{}", task.session_id, task.task_id)
-}
+/// The kinds of the tasks' marks in the store.
+const HOLD: &str = "hold";
+const SETTLED: &str = "settled";
 
 fn trace_name(task: TaskKey) -> String {
     format!("trace/{}/{}", task.session_id, task.task_id)

@@ -166,7 +166,12 @@ impl Store {
     }
 
     pub fn sessions(&self) -> Result<Vec<Session>, StoreError> {
-        scan(self.sessions.iter(), "session")
+        // Sessions have 8-byte keys; the tasks' marks next to them are longer.
+        let sessions = self
+            .sessions
+            .iter()
+            .filter(|item| item.as_ref().map_or(true, |(k, _)| k.len() == 8));
+        scan(sessions, "session")
     }
 
     pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
@@ -195,47 +200,48 @@ impl Store {
         scan(self.tasks.range(start..=end).take(limit), "task")
     }
 
-    /// Writes a session and a marker (with `value`) in one transaction, unless the marker is
-    /// already there (then nothing changes and `false` comes back). Holds and settlements use
-    /// it to happen once.
-    pub fn put_session_once(
+    /// A task's mark of `kind` (the embedded ledger's holds and settlements), kept in the
+    /// sessions tree next to its session.
+    pub fn task_mark(&self, task: TaskKey, kind: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.sessions.get(mark_key(task, kind))?.map(|v| v.to_vec()))
+    }
+
+    /// Writes a task's mark unless it is there; `false` if it was.
+    pub fn put_task_mark_once(
         &self,
-        session: &Session,
-        marker: &str,
+        task: TaskKey,
+        kind: &str,
         value: &[u8],
     ) -> Result<bool, StoreError> {
-        use sled::Transactional;
-        let bytes = serde_json::to_vec(session).expect("records always serialize");
-        let id = session.id.to_be_bytes();
-        let done = (&self.sessions, &self.meta)
-            .transaction(|(sessions, meta)| {
-                if meta.get(marker.as_bytes())?.is_some() {
-                    return Ok(false);
-                }
-                meta.insert(marker.as_bytes(), value)?;
-                sessions.insert(&id[..], bytes.clone())?;
-                Ok(true)
-            })
-            .map_err(transaction_error)?;
-        Ok(done)
-    }
-
-    /// Whether a marker written by `put_session_once` is there.
-    pub fn has_marker(&self, marker: &str) -> Result<bool, StoreError> {
-        Ok(self.meta.contains_key(marker.as_bytes())?)
-    }
-
-    /// A marker's value, if the marker is there.
-    pub fn marker(&self, marker: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(marker.as_bytes())?.map(|v| v.to_vec()))
-    }
-
-    /// Writes a marker unless it is there; `false` if it was.
-    pub fn put_marker_once(&self, marker: &str, value: &[u8]) -> Result<bool, StoreError> {
         Ok(self
-            .meta
-            .compare_and_swap(marker.as_bytes(), None as Option<&[u8]>, Some(value))?
+            .sessions
+            .compare_and_swap(mark_key(task, kind), None as Option<&[u8]>, Some(value))?
             .is_ok())
+    }
+
+    /// Writes a session and a task's mark together (one atomic batch), unless the mark is
+    /// already there (then nothing changes and `false` comes back). Holds and settlements use
+    /// it to happen once. Callers serialize their writes to one session (the ledger is one
+    /// actor).
+    pub fn put_session_with_mark_once(
+        &self,
+        session: &Session,
+        task: TaskKey,
+        kind: &str,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        let mark = mark_key(task, kind);
+        if self.sessions.contains_key(&mark)? {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            &session.id.to_be_bytes()[..],
+            serde_json::to_vec(session).expect("records always serialize"),
+        );
+        batch.insert(mark, value);
+        self.sessions.apply_batch(batch)?;
+        Ok(true)
     }
 
     /// Adds to an amount kept under `name` in the counters tree (node payments).
@@ -428,6 +434,15 @@ fn task_key_bytes(key: TaskKey) -> [u8; 16] {
     bytes[..8].copy_from_slice(&key.session_id.to_be_bytes());
     bytes[8..].copy_from_slice(&key.task_id.to_be_bytes());
     bytes
+}
+
+/// A task's mark: its session's key, the kind, the task id.
+fn mark_key(task: TaskKey, kind: &str) -> Vec<u8> {
+    let mut key = task.session_id.to_be_bytes().to_vec();
+    key.push(kind.len() as u8);
+    key.extend_from_slice(kind.as_bytes());
+    key.extend_from_slice(&task.task_id.to_be_bytes());
+    key
 }
 
 fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
