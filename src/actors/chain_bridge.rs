@@ -140,7 +140,7 @@ impl Handler<CreateSession> for ChainBridge {
     fn handle(&mut self, m: CreateSession, _: &mut Context<Self>) -> Self::Result {
         let session = self.chain.create_session(&m.owner, m.params, m.deposit)?;
         if let Some(outbox) = self.outbox.as_mut() {
-            outbox.remember(&session);
+            outbox.created(&session)?;
         }
         Ok(session)
     }

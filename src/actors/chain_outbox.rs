@@ -10,9 +10,11 @@
 //! - **Rollbacks.** A delivered write moves to the store's delivered tree; `confirm_after`
 //!   later the chain is asked whether it still has it. If not (anvil killed between two state
 //!   saves, a reorganisation), it goes back into the outbox under its old sequence number,
-//!   ahead of everything newer.
+//!   ahead of everything newer. Sessions are created on the chain directly (it numbers them)
+//!   and recorded as delivered, so a lost one is created again, under the same number when
+//!   nothing else took it (otherwise the error log says so).
 
-use crate::chain::{Chain, ChainError, ChainWrite, HoldRequest, Settlement};
+use crate::chain::{Chain, ChainError, ChainWrite, CreatedSession, HoldRequest, Settlement};
 use crate::session::Session;
 use crate::store::Store;
 use crate::task::{now_ms, TaskKey};
@@ -93,9 +95,17 @@ impl Outbox {
         Ok(all)
     }
 
-    /// A session the chain has just created or changed directly.
-    pub fn remember(&mut self, session: &Session) {
+    /// A session the chain has just created: viewed from now on, and confirmed later.
+    pub fn created(&mut self, session: &Session) -> Result<(), ChainError> {
         self.views.insert(session.id, session.clone());
+        let write = ChainWrite::Create(CreatedSession {
+            session_id: session.id,
+            owner: session.owner.clone(),
+            params: session.params.clone(),
+            deposit: session.deposit,
+        });
+        self.store.record_delivered(&write, now_ms())?;
+        Ok(())
     }
 
     /// Admits a hold against the view and appends it; a repeat for the task changes nothing.
@@ -155,10 +165,20 @@ impl Outbox {
         let batch: Vec<(u64, ChainWrite)> = self.store.outbox_peek(OUTBOX_BATCH)?;
         let mut rest = &batch[..];
         while !rest.is_empty() {
+            if let ChainWrite::Create(c) = &rest[0].1 {
+                recreate(chain, c)?;
+                self.store.outbox_delivered(&[rest[0].0], now_ms())?;
+                rest = &rest[1..];
+                continue;
+            }
             let holds = matches!(rest[0].1, ChainWrite::Hold(_));
             let n = rest
                 .iter()
-                .take_while(|(_, w)| matches!(w, ChainWrite::Hold(_)) == holds)
+                .take_while(|(_, w)| match w {
+                    ChainWrite::Hold(_) => holds,
+                    ChainWrite::Settle(_) => !holds,
+                    ChainWrite::Create(_) => false,
+                })
                 .count();
             let (run, after) = rest.split_at(n);
             if holds {
@@ -166,7 +186,7 @@ impl Outbox {
                     .iter()
                     .filter_map(|(_, w)| match w {
                         ChainWrite::Hold(h) => Some(*h),
-                        ChainWrite::Settle(_) => None,
+                        _ => None,
                     })
                     .collect();
                 chain.hold_batch(&reqs)?;
@@ -175,7 +195,7 @@ impl Outbox {
                     .iter()
                     .filter_map(|(_, w)| match w {
                         ChainWrite::Settle(s) => Some(s.clone()),
-                        ChainWrite::Hold(_) => None,
+                        _ => None,
                     })
                     .collect();
                 // Stages first (a task's record ends before its settlement).
@@ -203,6 +223,9 @@ impl Outbox {
             let there = match &w {
                 ChainWrite::Hold(h) => chain.hold_recorded(h.task)?,
                 ChainWrite::Settle(s) => chain.settled(s.task)?,
+                ChainWrite::Create(c) => chain
+                    .session(c.session_id)?
+                    .is_some_and(|s| s.deposit >= c.deposit),
             };
             if there {
                 kept.push(seq);
@@ -221,6 +244,29 @@ impl Outbox {
         }
         Ok(())
     }
+}
+
+/// Gives the chain a session it lost: its deposit when only that is missing, else the whole
+/// session, which must come back under its old number.
+fn recreate(chain: &mut dyn Chain, c: &CreatedSession) -> Result<(), ChainError> {
+    match chain.session(c.session_id)? {
+        Some(s) if s.deposit < c.deposit => {
+            chain.deposit(c.session_id, c.deposit - s.deposit)?;
+        }
+        Some(_) => {}
+        None => {
+            let again = chain.create_session(&c.owner, c.params.clone(), c.deposit)?;
+            if again.id != c.session_id {
+                tracing::error!(
+                    lost = c.session_id,
+                    now = again.id,
+                    "the chain lost a session and gave its number to another; it is session {} there now",
+                    again.id
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn marker(kind: &str, task: TaskKey) -> String {

@@ -66,15 +66,17 @@ pub struct Settlement {
 pub enum ChainWrite {
     Settle(Settlement),
     Hold(HoldRequest),
+    Create(CreatedSession),
 }
 
-impl ChainWrite {
-    pub fn task(&self) -> TaskKey {
-        match self {
-            ChainWrite::Settle(s) => s.task,
-            ChainWrite::Hold(h) => h.task,
-        }
-    }
+/// A session the chain created (directly: the chain numbers sessions), kept so that a chain
+/// that loses it (a rollback) is given it again under the same number.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CreatedSession {
+    pub session_id: u64,
+    pub owner: String,
+    pub params: SessionParams,
+    pub deposit: u64,
 }
 
 /// A task's hold, as the outbox carries it.

@@ -350,6 +350,16 @@ impl Store {
         })
     }
 
+    /// Records a write made directly (not through the outbox) as delivered at `at_ms`, so that
+    /// it is confirmed like the outbox's own.
+    pub fn record_delivered<T: Serialize>(&self, item: &T, at_ms: u64) -> Result<(), StoreError> {
+        let seq = self.next_id("outbox_seq")?;
+        let mut value = at_ms.to_be_bytes().to_vec();
+        value.extend_from_slice(&serde_json::to_vec(item).expect("records always serialize"));
+        self.delivered.insert(seq.to_be_bytes(), value)?;
+        Ok(())
+    }
+
     /// The oldest delivered entries, up to `limit`, delivered at or before `before_ms`.
     pub fn delivered_due<T: DeserializeOwned>(
         &self,
