@@ -104,7 +104,10 @@ impl Outbox {
             params: session.params.clone(),
             deposit: session.deposit,
         });
+        // Flushed before the client hears of the session: the record must outlive a crash of
+        // this process that coincides with a rollback of the chain.
         self.store.record_delivered(&write, now_ms())?;
+        self.store.flush()?;
         Ok(())
     }
 
