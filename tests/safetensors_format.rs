@@ -310,11 +310,20 @@ fn bad_json_headers() {
 
 #[test]
 fn unsupported_dtype_names_tensor_and_dtype() {
-    let h = br#"{"ids":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#;
-    let e = err_single(&raw_shard(h, &[0; 8]));
+    let h = br#"{"ids":{"dtype":"F8_E4M3","shape":[1],"data_offsets":[0,1]}}"#;
+    let e = err_single(&raw_shard(h, &[0; 1]));
     assert!(matches!(e, SafetensorsError::UnsupportedDtype { .. }));
     let msg = e.to_string();
-    assert!(msg.contains("ids") && msg.contains("I64"), "{msg}");
+    assert!(msg.contains("ids") && msg.contains("F8_E4M3"), "{msg}");
+}
+
+#[test]
+fn integer_buffers_are_skipped() {
+    // BERT checkpoints carry `position_ids` as I64: a buffer, not a weight.
+    let h = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"position_ids":{"dtype":"I64","shape":[1],"data_offsets":[4,12]}}"#;
+    let dir = open_single(&raw_shard(h, &[0; 12])).unwrap();
+    assert!(dir.contains("w"));
+    assert!(!dir.contains("position_ids"));
 }
 
 #[test]

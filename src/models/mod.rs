@@ -5,6 +5,7 @@
 //! Architecture invariant: nothing here knows about actors, HTTP or the chain.
 
 pub mod backend;
+pub mod bert;
 pub mod chat;
 pub mod config;
 pub mod engine;
@@ -18,3 +19,4 @@ pub mod safetensors;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
+pub mod wordpiece;

@@ -21,6 +21,9 @@ pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Tensor element types this reader accepts.
+/// Integer dtypes: such tensors are buffers (BERT's `position_ids`), skipped when a file is read.
+const INTEGER_DTYPES: &[&str] = &["BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SafetensorsDtype {
     F32,
@@ -104,7 +107,7 @@ pub enum SafetensorsError {
         tensor: String,
         reason: String,
     },
-    /// A dtype other than F32, F16 or BF16.
+    /// A float dtype other than F32, F16 or BF16 (integer tensors are buffers and skipped).
     #[error("{path}: tensor '{tensor}' has unsupported dtype {dtype} (only F32, F16, BF16)")]
     UnsupportedDtype {
         path: PathBuf,
@@ -461,6 +464,9 @@ fn parse_header(path: &Path, buf: &[u8]) -> Result<Vec<(String, Entry)>, Safeten
                 reason: err.to_string(),
             })?;
         let Some(dtype) = SafetensorsDtype::parse(&e.dtype) else {
+            if INTEGER_DTYPES.contains(&e.dtype.as_str()) {
+                continue; // a buffer (position ids, masks), not a weight: not loaded
+            }
             return Err(SafetensorsError::UnsupportedDtype {
                 path: path.to_path_buf(),
                 tensor: name,
