@@ -15,3 +15,4 @@ pub mod store;
 pub mod task;
 pub mod testkit;
 pub mod testnet;
+pub mod validation;
