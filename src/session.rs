@@ -94,6 +94,28 @@ pub struct SessionParams {
     /// What the chain records of each task (not one of Cortensor's parameters).
     #[serde(default)]
     pub task_record: TaskRecordMode,
+    /// How validators compare the redundant results.
+    #[serde(default)]
+    pub validation: ValidationLevel,
+    /// PoI: the cosine similarity to the medoid a result needs to agree (`embedding`).
+    #[serde(default = "default_poi_threshold")]
+    pub poi_threshold: f32,
+}
+
+fn default_poi_threshold() -> f32 {
+    crate::validation::poi::DEFAULT_POI_THRESHOLD
+}
+
+/// How validators compare a task's redundant results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ValidationLevel {
+    /// The majority of identical results (by hash).
+    #[default]
+    Exact,
+    /// Proof of Inference: the results' embeddings (all-MiniLM-L6-v2); the cluster of results
+    /// within `poi_threshold` of the medoid, if it holds more than half.
+    Embedding,
 }
 
 /// What the chain records of a session's tasks.
@@ -141,6 +163,9 @@ impl SessionParams {
         }
         if self.max_task_execution_count == 0 {
             return Err("max_task_execution_count must be at least 1".into());
+        }
+        if !(self.poi_threshold > 0.0 && self.poi_threshold <= 1.0) {
+            return Err("poi_threshold must be above 0 and at most 1".into());
         }
         Ok(())
     }

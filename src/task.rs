@@ -4,7 +4,7 @@
 
 use crate::chain::{MinerTrace, TaskTrace};
 use crate::models::engine::{FinishReason, GenerateRequest, Prompt};
-use crate::session::SessionMode;
+use crate::session::{SessionMode, ValidationLevel};
 use serde::{Deserialize, Serialize};
 
 /// A task's address: (session, task). Task ids count from 1 within a session.
@@ -228,6 +228,15 @@ pub struct TaskRecord {
     /// Every stage goes on chain too (the session's `task_record: per_stage`).
     #[serde(default)]
     pub record_stages: bool,
+    /// How validators compare its results (the session's `validation`, `poi_threshold`).
+    #[serde(default)]
+    pub validation: ValidationLevel,
+    #[serde(default = "default_poi_threshold")]
+    pub poi_threshold: f32,
+}
+
+fn default_poi_threshold() -> f32 {
+    crate::validation::poi::DEFAULT_POI_THRESHOLD
 }
 
 impl TaskRecord {

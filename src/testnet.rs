@@ -17,6 +17,7 @@ use crate::chain::Chain;
 use crate::config::TestnetConfig;
 use crate::session::SessionParams;
 use crate::store::{Store, StoreError};
+use crate::validation::embedding_service::EmbeddingService;
 use actix::prelude::*;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -56,6 +57,9 @@ pub struct TestnetOptions {
     pub http_workers: usize,
     /// Where sessions, balances and payments live.
     pub chain: ChainChoice,
+    /// A BERT sentence-embedding model (all-MiniLM-L6-v2) for validators, which sessions with
+    /// `validation: embedding` need.
+    pub embedding_model: Option<PathBuf>,
 }
 
 /// The chain a testnet uses.
@@ -277,8 +281,20 @@ async fn start_actors(
     )
     .start();
 
+    let embeddings = match &options.embedding_model {
+        Some(dir) => Some(
+            EmbeddingService::start(dir, burn::tensor::Device::flex())
+                .map_err(|e| TestnetError::Start(format!("the embedding model: {e}")))?,
+        ),
+        None => None,
+    };
     let validators: Vec<Addr<Validator>> = (0..config.nodes.validators)
-        .map(|i| Supervisor::start(move |_| Validator::new(format!("validator-{}", i + 1))))
+        .map(|i| {
+            let embeddings = embeddings.clone();
+            Supervisor::start(move |_| {
+                Validator::new(format!("validator-{}", i + 1), embeddings.clone())
+            })
+        })
         .collect();
 
     let queue = SessionQueue::new(
@@ -311,6 +327,7 @@ async fn start_actors(
         max_replacements: config.queue.max_replacements,
         default_timeout: config.queue.task_timeout(),
         default_precommit_timeout: config.queue.precommit_timeout(),
+        embedding_validation: embeddings.is_some(),
     };
     let router = Router::new(settings.clone(), chain.clone(), queue.clone()).start();
 

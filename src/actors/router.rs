@@ -6,7 +6,7 @@ use super::chain_bridge::{ChainBridge, CreateSession, GetSession, Hold, Settle};
 use super::session_queue::{Enqueue, NewTask, QueueError, ReserveTaskId, SessionQueue, Subscriber};
 use crate::chain::ChainError;
 use crate::models::engine::GenerateRequest;
-use crate::session::{Session, SessionParams, TaskRecordMode};
+use crate::session::{Session, SessionParams, TaskRecordMode, ValidationLevel};
 use crate::task::TaskKey;
 use actix::prelude::*;
 use std::time::Duration;
@@ -62,6 +62,8 @@ pub struct RouterSettings {
     pub max_replacements: u32,
     pub default_timeout: Duration,
     pub default_precommit_timeout: Duration,
+    /// Whether validators can embed results (sessions may ask for `embedding` validation).
+    pub embedding_validation: bool,
 }
 
 pub struct Router {
@@ -122,8 +124,14 @@ impl Handler<OpenSession> for Router {
     type Result = ResponseFuture<Result<Session, SubmitError>>;
     fn handle(&mut self, m: OpenSession, _: &mut Context<Self>) -> Self::Result {
         let models = self.settings.models.len();
+        let embedding = self.settings.embedding_validation;
         let chain = self.chain.clone();
         Box::pin(async move {
+            if m.params.validation == ValidationLevel::Embedding && !embedding {
+                return Err(SubmitError::Invalid(
+                    "validation \"embedding\" needs the embedding model, which this network has not loaded (run `cortensor models fetch --all` and restart it)".into(),
+                ));
+            }
             if m.params.model_identifier as usize >= models {
                 return Err(SubmitError::Invalid(format!(
                     "model_identifier {} does not exist; this network serves {} model(s), numbered from 0",
@@ -206,6 +214,8 @@ impl Handler<SubmitTask> for Router {
                 hold,
                 derive_seed: !m.explicit_seed,
                 record_stages: params.task_record == TaskRecordMode::PerStage,
+                validation: params.validation,
+                poi_threshold: params.poi_threshold,
             };
             let enqueued = queue
                 .send(Enqueue {

@@ -16,6 +16,7 @@ use super::node_pool::{AdjustReputation, NodePool, Release, SelectMiners, Select
 use super::validator::{Validate, Validator};
 use crate::config::QueueConfig;
 use crate::models::engine::GenerateRequest;
+use crate::session::ValidationLevel;
 use crate::store::{Store, StoreError};
 use crate::task::{
     now_ms, Assignment, AssignmentState, TaskKey, TaskOutcome, TaskRecord, TaskResult, TaskState,
@@ -73,6 +74,8 @@ pub struct NewTask {
     pub derive_seed: bool,
     /// Record every stage on chain (the session's `task_record: per_stage`).
     pub record_stages: bool,
+    pub validation: ValidationLevel,
+    pub poi_threshold: f32,
 }
 
 /// The next task id of a session, for a task about to be held for and enqueued. An id
@@ -535,6 +538,8 @@ impl SessionQueue {
                 v.send(Validate {
                     key,
                     results: results.clone(),
+                    level: task.record.validation,
+                    poi_threshold: task.record.poi_threshold,
                 })
                 .timeout(VALIDATION_TIMEOUT),
             );
@@ -958,6 +963,8 @@ impl SessionQueue {
             error: None,
             resumed: 0,
             record_stages: t.record_stages,
+            validation: t.validation,
+            poi_threshold: t.poi_threshold,
         };
         self.store.put_task(&record)?;
         let mut live = LiveTask::new(record, timeout);

@@ -28,6 +28,8 @@ pub fn session(s: &Session) -> Value {
         "reserve_period": p.reserve_period,
         "max_task_execution_count": p.max_task_execution_count,
         "task_record": p.task_record,
+        "validation": p.validation,
+        "poi_threshold": p.poi_threshold,
         "created_at": seconds(s.created_at_ms),
         "deposit": s.deposit,
         "balance": s.balance,

@@ -329,6 +329,8 @@ fn to_params(owner: &str, p: &SessionParams) -> Params {
         "owner": owner,
         "metadata": p.metadata,
         "task_record": p.task_record,
+        "validation": p.validation,
+        "poi_threshold": p.poi_threshold,
     })
     .to_string();
     Params {
@@ -402,6 +404,10 @@ async fn read_session(
             reserve_period: p.reserve_period,
             max_task_execution_count: p.max_task_execution_count,
             task_record: serde_json::from_value(meta["task_record"].clone()).unwrap_or_default(),
+            validation: serde_json::from_value(meta["validation"].clone()).unwrap_or_default(),
+            poi_threshold: meta["poi_threshold"]
+                .as_f64()
+                .map_or(crate::validation::poi::DEFAULT_POI_THRESHOLD, |t| t as f32),
         },
         created_at_ms: s.created_at.as_u64() * 1000,
         deposit: balance + held + spent,

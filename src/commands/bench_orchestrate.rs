@@ -165,6 +165,7 @@ pub fn run(args: OrchestrateArgs) -> anyhow::Result<()> {
             faults: Default::default(),
             http_workers: args.workers,
             chain: Default::default(),
+            embedding_model: None,
         },
         TcpListener::bind("127.0.0.1:0")?,
     )?;

@@ -10,6 +10,7 @@ use crate::chain::evm::ANVIL_DEV_KEY;
 use crate::config::{ChainKind, TestnetConfig};
 use crate::models::backend::BackendChoice;
 use crate::models::engine::{EngineOptions, InferenceEngine, LlamaEngine};
+use crate::models::fetch;
 use crate::testnet::{ChainChoice, Storage, Testnet, TestnetOptions};
 use anyhow::Context;
 use std::net::{SocketAddr, TcpListener};
@@ -179,6 +180,7 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         faults: Default::default(),
         http_workers: 2,
         chain,
+        embedding_model: embedding_model(),
         config,
     };
     let rpc_url = match &options.chain {
@@ -250,6 +252,18 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     eprintln!("testnet: shutting down");
     testnet.shutdown();
     Ok(())
+}
+
+/// The embedding model for `validation: embedding` sessions, when it is in the cache.
+fn embedding_model() -> Option<PathBuf> {
+    let cache = fetch::cache_dir();
+    if fetch::is_installed(&fetch::MINILM_L6_V2, &cache) {
+        eprintln!("testnet: validators can embed results (all-MiniLM-L6-v2)");
+        Some(fetch::MINILM_L6_V2.dir(&cache))
+    } else {
+        eprintln!("testnet: no embedding model in the cache, so sessions cannot ask for validation \"embedding\" (`cortensor models fetch --all` adds it)");
+        None
+    }
 }
 
 /// Where an EVM testnet remembers its contracts, in the data directory.

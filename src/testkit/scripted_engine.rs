@@ -26,6 +26,9 @@ pub struct Script {
     pub fail: bool,
     /// Produces different text from honest engines (a dishonest or broken miner).
     pub dishonest: bool,
+    /// Answers with these words, whatever the prompt (miners whose texts differ in wording,
+    /// for embedding validation).
+    pub answer: Option<String>,
 }
 
 impl Script {
@@ -129,10 +132,15 @@ impl InferenceEngine for ScriptedEngine {
         if self.script.dishonest {
             prompt.push_str("\u{0}dishonest");
         }
-        let length = if self.script.length == 0 {
-            8
-        } else {
-            self.script.length
+        let answer: Option<Vec<&str>> = self
+            .script
+            .answer
+            .as_deref()
+            .map(|a| a.split_whitespace().collect());
+        let length = match (&answer, self.script.length) {
+            (Some(words), _) => words.len(),
+            (None, 0) => 8,
+            (None, n) => n,
         };
         let n = length.min(request.max_tokens);
         let mut text = String::new();
@@ -150,8 +158,14 @@ impl InferenceEngine for ScriptedEngine {
             if !self.script.token_delay.is_zero() {
                 std::thread::sleep(self.script.token_delay);
             }
-            let word = scripted_word(&prompt, request.params.seed, i);
-            let id: u32 = word[2..].parse().unwrap_or(0);
+            let (word, id) = match &answer {
+                Some(words) => (format!(" {}", words[i]), i as u32),
+                None => {
+                    let word = scripted_word(&prompt, request.params.seed, i);
+                    let id = word[2..].parse().unwrap_or(0);
+                    (word, id)
+                }
+            };
             on_token(&TokenEvent {
                 index: i,
                 id,

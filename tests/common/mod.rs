@@ -54,8 +54,6 @@ pub fn start_on(
     data: &Path,
     chain: ChainChoice,
 ) -> Net {
-    let miners = config.nodes.miners;
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let options = TestnetOptions {
         config,
         engine,
@@ -64,7 +62,15 @@ pub fn start_on(
         faults,
         http_workers: 2,
         chain,
+        embedding_model: None,
     };
+    start_with(options)
+}
+
+/// A testnet from options as given; returns once every miner is online.
+pub fn start_with(options: TestnetOptions) -> Net {
+    let miners = options.config.nodes.miners;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let testnet = Testnet::start(options, listener).expect("the testnet starts");
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(300))
