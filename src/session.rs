@@ -102,7 +102,7 @@ pub struct SessionParams {
     pub poi_threshold: f32,
 }
 
-fn default_poi_threshold() -> f32 {
+pub fn default_poi_threshold() -> f32 {
     crate::validation::poi::DEFAULT_POI_THRESHOLD
 }
 

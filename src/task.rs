@@ -231,12 +231,8 @@ pub struct TaskRecord {
     /// How validators compare its results (the session's `validation`, `poi_threshold`).
     #[serde(default)]
     pub validation: ValidationLevel,
-    #[serde(default = "default_poi_threshold")]
+    #[serde(default = "crate::session::default_poi_threshold")]
     pub poi_threshold: f32,
-}
-
-fn default_poi_threshold() -> f32 {
-    crate::validation::poi::DEFAULT_POI_THRESHOLD
 }
 
 impl TaskRecord {

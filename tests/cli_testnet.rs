@@ -15,6 +15,24 @@ fn cortensor(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `cortensor node withdraw` for miner-1: what it printed, after checking it paid something.
+fn withdraw_miner_1(data: &str) -> String {
+    let out = cortensor(&["node", "withdraw", "--data-dir", data, "--node", "miner-1"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let amount: u64 = said
+        .strip_prefix("miner-1 withdrew ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(amount > 0, "{said}");
+    said
+}
+
 fn fails_naming(args: &[&str], needle: &str) {
     let out = cortensor(args);
     assert!(!out.status.success(), "{args:?} succeeded");
@@ -177,19 +195,7 @@ fn an_operator_runs_a_testnet_talks_to_it_and_stops_it_with_ctrl_c() {
     assert!(status.success(), "exit status {status:?}");
     // With the testnet stopped, a miner collects its earnings from the embedded ledger, once.
     let data = dir.path().to_str().unwrap();
-    let out = cortensor(&["node", "withdraw", "--data-dir", data, "--node", "miner-1"]);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let amount: u64 = said
-        .strip_prefix("miner-1 withdrew ")
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{said}"));
-    assert!(amount > 0, "{said}");
+    withdraw_miner_1(data);
     fails_naming(
         &["node", "withdraw", "--data-dir", data, "--node", "miner-1"],
         "nothing to withdraw",
@@ -292,19 +298,7 @@ fn the_testnet_answers_a_prompt_on_anvil_and_keeps_its_chain_across_restarts() {
         .find_map(|l| l.strip_prefix("node:    miner-1 is paid at "))
         .unwrap_or_else(|| panic!("{first}"))
         .to_string();
-    let out = cortensor(&["node", "withdraw", "--data-dir", data, "--node", "miner-1"]);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let amount: u64 = said
-        .strip_prefix("miner-1 withdrew ")
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{said}"));
-    assert!(amount > 0, "{said}");
+    let said = withdraw_miner_1(data);
     assert!(said.contains(&format!("to {address}")), "{said}");
     fails_naming(
         &["node", "withdraw", "--data-dir", data, "--node", "miner-1"],

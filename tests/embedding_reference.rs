@@ -34,13 +34,8 @@ fn cases() -> Vec<Case> {
 }
 
 fn embedder(device: &Device) -> Embedder {
-    let dir = fetch::ensure(&fetch::MINILM_L6_V2, &fetch::cache_dir(), &mut |_| {})
+    let dir = fetch::embedding_model_dir(&fetch::cache_dir())
         .expect("all-MiniLM-L6-v2 in the cache (scripts/setup fetches it)");
-    let dir = if dir.is_dir() {
-        dir
-    } else {
-        dir.parent().unwrap().to_path_buf()
-    };
     Embedder::load(&dir, device).expect("the model loads")
 }
 

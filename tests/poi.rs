@@ -7,13 +7,8 @@ use cortensor::models::fetch;
 use cortensor::validation::poi::{poi, DEFAULT_POI_THRESHOLD};
 
 fn embed_all(texts: &[&str]) -> Vec<Vec<f32>> {
-    let dir = fetch::ensure(&fetch::MINILM_L6_V2, &fetch::cache_dir(), &mut |_| {})
+    let dir = fetch::embedding_model_dir(&fetch::cache_dir())
         .expect("all-MiniLM-L6-v2 in the cache (scripts/setup fetches it)");
-    let dir = if dir.is_dir() {
-        dir
-    } else {
-        dir.parent().unwrap().to_path_buf()
-    };
     let e = Embedder::load(&dir, &Device::flex()).unwrap();
     texts.iter().map(|t| e.embed(t).unwrap()).collect()
 }

@@ -79,13 +79,7 @@ fn the_testnet_runs_on_the_contracts() {
         (on_chain.balance, on_chain.held, on_chain.spent),
         (10_000 - 18, 0, 18)
     );
-    let (_, miners) = net.get("/api/v1/miners");
-    let paid: u64 = miners["nodes"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|m| m["pending_payment"].as_u64().unwrap())
-        .sum();
+    let paid = paid_to_miners(&net);
     assert_eq!(paid, 18);
 
     // A session that records every stage: the chain has the prompt, each miner's ack,
@@ -292,14 +286,19 @@ fn anvil_killed_mid_run_loses_no_settlement_and_repeats_none() {
         (on_chain.held, on_chain.spent, on_chain.balance),
         (0, charged, 100_000 - charged)
     );
+    let paid = paid_to_miners(&net);
+    assert_eq!(paid, charged);
+}
+
+/// What the miners are owed in all, as the router reports it (read from the chain).
+fn paid_to_miners(net: &common::Net) -> u64 {
     let (_, miners) = net.get("/api/v1/miners");
-    let paid: u64 = miners["nodes"]
+    miners["nodes"]
         .as_object()
         .unwrap()
         .values()
         .map(|m| m["pending_payment"].as_u64().unwrap())
-        .sum();
-    assert_eq!(paid, charged);
+        .sum()
 }
 
 /// A session as the chain itself has it (the API shows the router's view, which includes
@@ -422,12 +421,6 @@ fn writes_a_rollback_took_back_are_sent_again() {
         (on_chain.held, on_chain.spent, on_chain.balance),
         (0, charged, 100_000 - charged)
     );
-    let (_, miners) = net.get("/api/v1/miners");
-    let paid: u64 = miners["nodes"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|m| m["pending_payment"].as_u64().unwrap())
-        .sum();
+    let paid = paid_to_miners(&net);
     assert_eq!(paid, charged);
 }

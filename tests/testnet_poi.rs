@@ -32,10 +32,8 @@ fn network(dir: &std::path::Path, embedding: bool) -> common::Net {
         Ok(Box::new(ScriptedEngine::new(script)) as Box<dyn InferenceEngine>)
     });
     let embedding_model = embedding.then(|| {
-        let cache = fetch::cache_dir();
-        fetch::ensure(&fetch::MINILM_L6_V2, &cache, &mut |_| {})
-            .expect("all-MiniLM-L6-v2 in the cache (scripts/setup fetches it)");
-        fetch::MINILM_L6_V2.dir(&cache)
+        fetch::embedding_model_dir(&fetch::cache_dir())
+            .expect("all-MiniLM-L6-v2 in the cache (scripts/setup fetches it)")
     });
     common::start_with(TestnetOptions {
         config: TestnetConfig::from_toml_str("nodes.miners = 3\nqueue.tick_ms = 10", "test")

@@ -62,7 +62,7 @@ impl Outbox {
     }
 
     fn idle(&self) -> bool {
-        self.store.outbox_len() == 0 && self.store.delivered_len() == 0
+        self.store.outbox_idle()
     }
 
     /// The session as it will be: read from the chain when nothing is in flight (so deposits

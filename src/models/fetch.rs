@@ -143,6 +143,12 @@ pub const MINILM_L6_V2: Artifact = Artifact {
     ],
 };
 
+/// The embedding model's directory in `cache_dir`, fetched first if it is not there.
+pub fn embedding_model_dir(cache_dir: &Path) -> Result<PathBuf, FetchError> {
+    ensure(&MINILM_L6_V2, cache_dir, &mut |_| {})?;
+    Ok(MINILM_L6_V2.dir(cache_dir))
+}
+
 /// Every known artifact, for the CLI.
 pub const ARTIFACTS: &[&Artifact] = &[&SMOLLM2_135M_Q4_1, &LLAMA3_TOKENIZER, &MINILM_L6_V2];
 

@@ -421,8 +421,14 @@ impl Store {
             .map_err(transaction_error)
     }
 
+    /// Counts by walking the tree: for reports, not for hot paths (see `outbox_idle`).
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Nothing waits for delivery or confirmation (cheap: looks at one entry of each tree).
+    pub fn outbox_idle(&self) -> bool {
+        self.outbox.is_empty() && self.delivered.is_empty()
     }
 
     /// Delivered entries not yet confirmed.
