@@ -77,11 +77,22 @@ impl Outbox {
                 return Ok(Some(view.clone()));
             }
         }
-        let fresh = chain.session(id)?;
-        if let Some(s) = &fresh {
-            self.views.insert(id, s.clone());
+        let Some(mut view) = chain.session(id)? else {
+            return Ok(None);
+        };
+        // Writes still waiting (from before a restart, or while the chain is away) are not on
+        // the chain yet: the view includes them.
+        for (_, write) in self.store.outbox_peek::<ChainWrite>(usize::MAX)? {
+            match write {
+                ChainWrite::Hold(h) if h.task.session_id == id => apply_hold(&mut view, h.amount),
+                ChainWrite::Settle(s) if s.task.session_id == id => {
+                    apply_settlement(&mut view, s.hold, s.charge)
+                }
+                _ => {}
+            }
         }
-        Ok(fresh)
+        self.views.insert(id, view.clone());
+        Ok(Some(view))
     }
 
     /// Every session, with the views kept here in place of the chain's.
@@ -131,9 +142,7 @@ impl Outbox {
         }
         let write = ChainWrite::Hold(HoldRequest { task, amount });
         if self.store.outbox_push_once(&marker("hold", task), &write)? {
-            view.balance -= amount;
-            view.held += amount;
-            view.tasks_submitted += 1;
+            apply_hold(&mut view, amount);
             self.views.insert(sid, view.clone());
         }
         Ok(view)
@@ -149,11 +158,7 @@ impl Outbox {
             .outbox_push_once(&marker("settle", task), &write)?
         {
             if let Some(view) = self.views.get_mut(&task.session_id) {
-                let released = hold.min(view.held);
-                let charged = charge.min(released);
-                view.held -= released;
-                view.balance += released - charged;
-                view.spent += charged;
+                apply_settlement(view, hold, charge);
             }
         }
         Ok(())
@@ -270,6 +275,23 @@ fn recreate(chain: &mut dyn Chain, c: &CreatedSession) -> Result<(), ChainError>
         }
     }
     Ok(())
+}
+
+/// A hold's effect on a session, as the chain will apply it.
+fn apply_hold(view: &mut Session, amount: u64) {
+    let amount = amount.min(view.balance);
+    view.balance -= amount;
+    view.held += amount;
+    view.tasks_submitted += 1;
+}
+
+/// A settlement's effect on a session, with the contract's caps.
+fn apply_settlement(view: &mut Session, hold: u64, charge: u64) {
+    let released = hold.min(view.held);
+    let charged = charge.min(released);
+    view.held -= released;
+    view.balance += released - charged;
+    view.spent += charged;
 }
 
 fn marker(kind: &str, task: TaskKey) -> String {
