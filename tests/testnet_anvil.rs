@@ -23,25 +23,12 @@ use std::sync::Arc;
 #[test]
 fn the_testnet_runs_on_the_contracts() {
     let anvil = AnvilNode::start(None).expect("anvil starts");
-    let config =
-        TestnetConfig::from_toml_str("nodes.miners = 3\nqueue.tick_ms = 10", "test").unwrap();
-    let engine: EngineFactory = Arc::new(|_: &str| {
-        Ok(Box::new(ScriptedEngine::new(Script::default())) as Box<dyn InferenceEngine>)
-    });
     let dir = tempfile::tempdir().unwrap();
-    let chain = ChainChoice::Evm {
-        rpc_url: anvil.url.clone(),
-        private_key: ANVIL_DEV_KEY.into(),
-        deployment: None,
-        fund_nodes: true,
-    };
-    let net = common::start_on(
-        config,
-        engine,
-        SCRIPTED_MODEL,
-        Default::default(),
+    let net = on_anvil(
+        &anvil.url,
+        "nodes.miners = 3\nqueue.tick_ms = 10",
+        Script::default(),
         dir.path(),
-        chain,
     );
     assert!(net.testnet.deployment.is_some());
     let (_, info) = net.get("/api/v1/info");
@@ -194,32 +181,16 @@ fn anvil_killed_mid_run_loses_no_settlement_and_repeats_none() {
     let state = dir.path().join("anvil-state.json");
     let mut anvil = AnvilNode::start(Some(&state)).expect("anvil starts");
     let port = anvil.port;
-    let config = TestnetConfig::from_toml_str(
-        "nodes.miners = 3\nqueue.tick_ms = 10\nchain.confirm_after_ms = 1500",
-        "test",
-    )
-    .unwrap();
     let slow = Script {
         length: 20,
         token_delay: Duration::from_millis(150),
         ..Script::default()
     };
-    let engine: EngineFactory = Arc::new(move |_: &str| {
-        Ok(Box::new(ScriptedEngine::new(slow.clone())) as Box<dyn InferenceEngine>)
-    });
-    let chain = ChainChoice::Evm {
-        rpc_url: anvil.url.clone(),
-        private_key: ANVIL_DEV_KEY.into(),
-        deployment: None,
-        fund_nodes: true,
-    };
-    let net = Arc::new(common::start_on(
-        config,
-        engine,
-        SCRIPTED_MODEL,
-        Default::default(),
+    let net = Arc::new(on_anvil(
+        &anvil.url,
+        "nodes.miners = 3\nqueue.tick_ms = 10\nchain.confirm_after_ms = 1500",
+        slow,
         &dir.path().join("data"),
-        chain,
     ));
     let sid = net.session(1, 100_000);
     let outbox = |net: &common::Net| outbox_counts(net).pending;
@@ -290,6 +261,29 @@ fn anvil_killed_mid_run_loses_no_settlement_and_repeats_none() {
     assert_eq!(paid, charged);
 }
 
+/// A testnet of scripted miners (all running `script`) on fresh contracts at `rpc_url`, with
+/// funded node wallets.
+fn on_anvil(rpc_url: &str, overlay: &str, script: Script, data: &std::path::Path) -> common::Net {
+    let config = TestnetConfig::from_toml_str(overlay, "test").unwrap();
+    let engine: EngineFactory = Arc::new(move |_: &str| {
+        Ok(Box::new(ScriptedEngine::new(script.clone())) as Box<dyn InferenceEngine>)
+    });
+    let chain = ChainChoice::Evm {
+        rpc_url: rpc_url.into(),
+        private_key: ANVIL_DEV_KEY.into(),
+        deployment: None,
+        fund_nodes: true,
+    };
+    common::start_on(
+        config,
+        engine,
+        SCRIPTED_MODEL,
+        Default::default(),
+        data,
+        chain,
+    )
+}
+
 /// What the miners are owed in all, as the router reports it (read from the chain).
 fn paid_to_miners(net: &common::Net) -> u64 {
     let (_, miners) = net.get("/api/v1/miners");
@@ -341,33 +335,17 @@ fn rpc(url: &str, method: &str, params: serde_json::Value) -> serde_json::Value 
 fn writes_a_rollback_took_back_are_sent_again() {
     use std::time::Duration;
     let anvil = AnvilNode::start(None).expect("anvil starts");
-    let config = TestnetConfig::from_toml_str(
-        "nodes.miners = 2\nqueue.tick_ms = 10\nchain.confirm_after_ms = 4000",
-        "test",
-    )
-    .unwrap();
     let slow = Script {
         length: 6,
         token_delay: Duration::from_millis(100),
         ..Script::default()
     };
-    let engine: EngineFactory = Arc::new(move |_: &str| {
-        Ok(Box::new(ScriptedEngine::new(slow.clone())) as Box<dyn InferenceEngine>)
-    });
     let dir = tempfile::tempdir().unwrap();
-    let chain = ChainChoice::Evm {
-        rpc_url: anvil.url.clone(),
-        private_key: ANVIL_DEV_KEY.into(),
-        deployment: None,
-        fund_nodes: true,
-    };
-    let net = Arc::new(common::start_on(
-        config,
-        engine,
-        SCRIPTED_MODEL,
-        Default::default(),
+    let net = Arc::new(on_anvil(
+        &anvil.url,
+        "nodes.miners = 2\nqueue.tick_ms = 10\nchain.confirm_after_ms = 4000",
+        slow,
         dir.path(),
-        chain,
     ));
     // The chain as it is before the session; everything after will be taken back.
     let snapshot = rpc(&anvil.url, "evm_snapshot", json!([]));
