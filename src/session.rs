@@ -1,6 +1,8 @@
 //! Sessions: what a user opens (Cortensor's SessionV2.create parameters), its owner and its
 //! balance. The ledger (`chain/`) keeps them; everything else reads copies.
 
+use crate::validation::consensus::{Consensus, DisagreementPolicy, Levels, ValidationPlan};
+use crate::validation::likelihood::LikelihoodThresholds;
 use serde::{Deserialize, Serialize};
 
 /// Most miners one session may ask for; bounds fan-out per task.
@@ -94,28 +96,34 @@ pub struct SessionParams {
     /// What the chain records of each task (not one of Cortensor's parameters).
     #[serde(default)]
     pub task_record: TaskRecordMode,
-    /// How validators compare the redundant results.
+    /// How results are checked: `none`, `exact`, `embedding`, `likelihood`, `judge`, or a
+    /// list of them (all must pass).
     #[serde(default)]
-    pub validation: ValidationLevel,
+    pub validation: Levels,
+    /// How agreeing results are weighed: `majority`, `reputation_weighted`,
+    /// `median_of_means`.
+    #[serde(default)]
+    pub consensus: Consensus,
+    /// When no consensus forms: `fail_hard`, `return_all`, `best_effort`.
+    #[serde(default)]
+    pub disagreement_policy: DisagreementPolicy,
     /// PoI: the cosine similarity to the medoid a result needs to agree (`embedding`).
     #[serde(default = "default_poi_threshold")]
     pub poi_threshold: f32,
+    /// PoUW: the pooled grade (1-10) a result needs (`judge`).
+    #[serde(default = "default_judge_threshold")]
+    pub judge_threshold: f32,
+}
+
+/// The pooled grade a result needs under `judge` validation.
+pub const DEFAULT_JUDGE_THRESHOLD: f32 = 5.0;
+
+pub fn default_judge_threshold() -> f32 {
+    DEFAULT_JUDGE_THRESHOLD
 }
 
 pub fn default_poi_threshold() -> f32 {
     crate::validation::poi::DEFAULT_POI_THRESHOLD
-}
-
-/// How validators compare a task's redundant results.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ValidationLevel {
-    /// The majority of identical results (by hash).
-    #[default]
-    Exact,
-    /// Proof of Inference: the results' embeddings (all-MiniLM-L6-v2); the cluster of results
-    /// within `poi_threshold` of the medoid, if it holds more than half.
-    Embedding,
 }
 
 /// What the chain records of a session's tasks.
@@ -137,6 +145,18 @@ impl Default for SessionParams {
 }
 
 impl SessionParams {
+    /// How its tasks' results are validated.
+    pub fn validation_plan(&self) -> ValidationPlan {
+        ValidationPlan {
+            levels: self.validation.clone(),
+            consensus: self.consensus,
+            policy: self.disagreement_policy,
+            poi_threshold: self.poi_threshold,
+            judge_threshold: self.judge_threshold,
+            likelihood: LikelihoodThresholds::default(),
+        }
+    }
+
     /// Checks the parameters against each other; the message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         if self.name.len() > 256 || self.metadata.len() > 4096 {
@@ -166,6 +186,9 @@ impl SessionParams {
         }
         if !(self.poi_threshold > 0.0 && self.poi_threshold <= 1.0) {
             return Err("poi_threshold must be above 0 and at most 1".into());
+        }
+        if !(1.0..=10.0).contains(&self.judge_threshold) {
+            return Err("judge_threshold must be between 1 and 10".into());
         }
         Ok(())
     }

@@ -4,7 +4,11 @@
 
 use crate::chain::{MinerTrace, TaskTrace};
 use crate::models::engine::{FinishReason, GenerateRequest, Prompt};
-use crate::session::{SessionMode, ValidationLevel};
+use crate::session::SessionMode;
+use crate::validation::consensus::{
+    Consensus, Decision, DisagreementPolicy, Levels, ValidationPlan,
+};
+use crate::validation::likelihood::LikelihoodThresholds;
 use serde::{Deserialize, Serialize};
 
 /// A task's address: (session, task). Task ids count from 1 within a session.
@@ -119,12 +123,30 @@ impl TaskResult {
         ))
         .expect("a result always serializes")
     }
-    /// keccak256 of the canonical encoding: what a miner precommits and the queue verifies.
+    /// keccak256 of the canonical encoding: equal results have equal hashes.
     pub fn hash(&self) -> [u8; 32] {
         ethers::utils::keccak256(self.canonical_bytes())
     }
-    pub fn hash_hex(&self) -> String {
-        format!("0x{}", hex::encode(self.hash()))
+    /// What `miner` commits on chain: the canonical encoding bound to the miner's id (JSON of
+    /// miner, text, token ids, finish reason, prompt tokens).
+    pub fn commitment_bytes(&self, miner: &str) -> Vec<u8> {
+        serde_json::to_vec(&(
+            miner,
+            &self.text,
+            &self.token_ids,
+            self.finish_reason,
+            self.prompt_tokens,
+        ))
+        .expect("a result always serializes")
+    }
+    /// keccak256 of [`TaskResult::commitment_bytes`]: what a miner precommits and the queue
+    /// verifies at the reveal. Because it names the miner, copying another miner's precommit
+    /// gains nothing: the only reveal that matches it is the other miner's, under its name.
+    pub fn commitment(&self, miner: &str) -> [u8; 32] {
+        ethers::utils::keccak256(self.commitment_bytes(miner))
+    }
+    pub fn commitment_hex(&self, miner: &str) -> String {
+        format!("0x{}", hex::encode(self.commitment(miner)))
     }
 }
 
@@ -187,10 +209,13 @@ pub struct Placement {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskOutcome {
     pub result: TaskResult,
-    /// Miners whose results matched the accepted one.
+    /// Miners whose results were accepted (and are paid).
     pub agreeing: Vec<String>,
-    /// Miners whose results differed.
+    /// Miners whose results were not.
     pub disagreeing: Vec<String>,
+    /// Under `disagreement_policy: return_all` without consensus: every result, by miner.
+    #[serde(default)]
+    pub alternatives: Vec<(String, TaskResult)>,
 }
 
 /// Everything the queue knows about one task; persisted on every transition.
@@ -228,14 +253,36 @@ pub struct TaskRecord {
     /// Every stage goes on chain too (the session's `task_record: per_stage`).
     #[serde(default)]
     pub record_stages: bool,
-    /// How validators compare its results (the session's `validation`, `poi_threshold`).
+    /// How its results are validated (the session's `validation`, `consensus`,
+    /// `disagreement_policy`, `poi_threshold`, `judge_threshold`).
     #[serde(default)]
-    pub validation: ValidationLevel,
+    pub validation: Levels,
+    #[serde(default)]
+    pub consensus: Consensus,
+    #[serde(default)]
+    pub disagreement_policy: DisagreementPolicy,
     #[serde(default = "crate::session::default_poi_threshold")]
     pub poi_threshold: f32,
+    #[serde(default = "crate::session::default_judge_threshold")]
+    pub judge_threshold: f32,
+    /// How validation decided, miner by miner (absent before validation, and in records
+    /// older than it).
+    #[serde(default)]
+    pub decision: Option<Decision>,
 }
 
 impl TaskRecord {
+    /// What validating its results depends on.
+    pub fn validation_plan(&self) -> ValidationPlan {
+        ValidationPlan {
+            levels: self.validation.clone(),
+            consensus: self.consensus,
+            policy: self.disagreement_policy,
+            poi_threshold: self.poi_threshold,
+            judge_threshold: self.judge_threshold,
+            likelihood: LikelihoodThresholds::default(),
+        }
+    }
     pub fn active(&self) -> impl Iterator<Item = &Assignment> {
         self.assignments.iter().filter(|a| a.state.is_active())
     }
@@ -273,8 +320,8 @@ impl TaskRecord {
             if let (None, Some(result), AssignmentState::Committed) =
                 (&m.commit, &a.result, a.state)
             {
-                if m.precommit == Some(result.hash()) {
-                    m.commit = Some(result.canonical_bytes());
+                if m.precommit == Some(result.commitment(&a.miner)) {
+                    m.commit = Some(result.commitment_bytes(&a.miner));
                 }
             }
         }
@@ -295,34 +342,6 @@ impl TaskRecord {
 fn parse_hash(hex_hash: &str) -> Option<[u8; 32]> {
     let bytes = hex::decode(hex_hash.trim_start_matches("0x")).ok()?;
     <[u8; 32]>::try_from(bytes).ok()
-}
-
-/// The result most committed miners agree on, if more than half of `results` agree.
-/// Ties and splits give `None`.
-pub fn majority<'a>(results: &[(&'a str, &'a TaskResult)]) -> Option<TaskOutcome> {
-    let mut groups: Vec<([u8; 32], Vec<&str>, &TaskResult)> = Vec::new();
-    for (miner, result) in results {
-        let hash = result.hash();
-        match groups.iter_mut().find(|g| g.0 == hash) {
-            Some(g) => g.1.push(miner),
-            None => groups.push((hash, vec![miner], result)),
-        }
-    }
-    let best = groups.iter().max_by_key(|g| g.1.len())?;
-    if best.1.len() * 2 <= results.len() {
-        return None;
-    }
-    let agreeing: Vec<String> = best.1.iter().map(|m| m.to_string()).collect();
-    let disagreeing = results
-        .iter()
-        .map(|(m, _)| m.to_string())
-        .filter(|m| !agreeing.contains(m))
-        .collect();
-    Some(TaskOutcome {
-        result: best.2.clone(),
-        agreeing,
-        disagreeing,
-    })
 }
 
 pub fn now_ms() -> u64 {

@@ -18,6 +18,7 @@ use crate::config::TestnetConfig;
 use crate::session::SessionParams;
 use crate::store::{Store, StoreError};
 use crate::validation::embedding_service::EmbeddingService;
+use crate::validation::engine_service::EngineService;
 use actix::prelude::*;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -94,6 +95,7 @@ pub struct Actors {
     pub queue: Addr<SessionQueue>,
     pub pool: Addr<NodePool>,
     pub chain: Addr<ChainBridge>,
+    pub validators: Vec<Addr<Validator>>,
 }
 
 /// A running testnet. Dropping it shuts it down.
@@ -288,11 +290,26 @@ async fn start_actors(
         ),
         None => None,
     };
+    // The validators share one copy of the miners' model (likelihood re-scoring and judging).
+    let validator_engine = match (options.engine)("validators") {
+        Ok(engine) => Some(
+            EngineService::start(engine)
+                .map_err(|e| TestnetError::Start(format!("the validators' engine: {e}")))?,
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "validators get no model: likelihood and judge validation are off");
+            None
+        }
+    };
     let validators: Vec<Addr<Validator>> = (0..config.nodes.validators)
         .map(|i| {
-            let embeddings = embeddings.clone();
+            let (embeddings, engine) = (embeddings.clone(), validator_engine.clone());
             Supervisor::start(move |_| {
-                Validator::new(format!("validator-{}", i + 1), embeddings.clone())
+                Validator::new(
+                    format!("validator-{}", i + 1),
+                    embeddings.clone(),
+                    engine.clone(),
+                )
             })
         })
         .collect();
@@ -303,7 +320,7 @@ async fn start_actors(
         store.clone(),
         pool.clone(),
         chain.clone(),
-        validators,
+        validators.clone(),
     )
     .start();
 
@@ -328,6 +345,7 @@ async fn start_actors(
         default_timeout: config.queue.task_timeout(),
         default_precommit_timeout: config.queue.precommit_timeout(),
         embedding_validation: embeddings.is_some(),
+        model_validation: validator_engine.is_some(),
     };
     let router = Router::new(settings.clone(), chain.clone(), queue.clone()).start();
 
@@ -375,6 +393,7 @@ async fn start_actors(
         queue,
         pool,
         chain,
+        validators,
     };
     let state = ApiState::new(
         &config,

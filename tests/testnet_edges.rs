@@ -266,7 +266,7 @@ fn late_and_duplicate_reports_change_nothing() {
     for kind in [
         ReportKind::Ack,
         ReportKind::Precommit {
-            hash: forged.hash_hex(),
+            hash: forged.commitment_hex("miner-1"),
         },
         ReportKind::Commit {
             result: forged.clone(),

@@ -3,7 +3,7 @@
 //! what miners report, and what subscribers (API clients) receive.
 
 use crate::models::engine::GenerateRequest;
-use crate::task::{TaskKey, TaskOutcome, TaskRecord, TaskResult, TaskState};
+use crate::task::{TaskKey, TaskRecord, TaskResult, TaskState};
 use actix::prelude::*;
 
 /// The queue's instructions to a miner. A miner is addressed as a `Recipient<ToMiner>`, so a
@@ -64,6 +64,3 @@ pub enum TaskEvent {
     },
     Finished(Box<TaskRecord>),
 }
-
-/// The validator's decision: the accepted outcome, or none when the miners do not agree.
-pub type Verdict = Option<TaskOutcome>;

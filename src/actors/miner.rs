@@ -8,7 +8,11 @@
 
 use super::messages::{MinerReport, ReportKind, ToMiner};
 use super::node_pool::{GoOffline, Heartbeat, NodePool, Register};
-use crate::models::engine::{CancelToken, EngineError, GenerateRequest, InferenceEngine};
+use crate::models::engine::{
+    CancelToken, EngineError, FinishReason, GenerateRequest, Generation, InferenceEngine,
+    TokenEvent,
+};
+use crate::models::sampling::SamplingParams;
 use crate::task::{TaskKey, TaskResult};
 use actix::prelude::*;
 use std::collections::HashMap;
@@ -40,6 +44,98 @@ pub struct MinerFaults {
     pub duplicate_reports: bool,
     /// Send no heartbeats (the pool should mark it offline).
     pub no_heartbeats: bool,
+    /// Acknowledge assignments, then do nothing (a stalled or copying miner).
+    pub stall_after_ack: bool,
+    /// Produce a dishonest result (validation tests).
+    pub byzantine: Option<Byzantine>,
+}
+
+/// Ways a miner's result can be dishonest while looking like a result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Byzantine {
+    /// Token ids drawn at random (seeded by the task's seed), with their text.
+    RandomText,
+    /// A real generation with another seed.
+    OtherSeed,
+    /// A real generation with other sampling (greedy for a sampled task, temperature 1 for a
+    /// greedy one).
+    OtherSetting,
+    /// The honest output cut in half, claimed to have stopped there.
+    Truncated,
+}
+
+impl Byzantine {
+    pub const ALL: [Byzantine; 4] = [
+        Byzantine::RandomText,
+        Byzantine::OtherSeed,
+        Byzantine::OtherSetting,
+        Byzantine::Truncated,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Byzantine::RandomText => "random text",
+            Byzantine::OtherSeed => "another seed",
+            Byzantine::OtherSetting => "another sampling setting",
+            Byzantine::Truncated => "truncated",
+        }
+    }
+}
+
+/// Runs `request` as a miner with `fault` would: the generation it reports.
+fn dishonest_generate(
+    engine: &mut dyn InferenceEngine,
+    fault: Byzantine,
+    request: &GenerateRequest,
+    cancel: &CancelToken,
+    on_token: &mut dyn FnMut(&TokenEvent),
+) -> Result<Generation, EngineError> {
+    use rand::{Rng, SeedableRng};
+    let mut request = request.clone();
+    match fault {
+        Byzantine::OtherSeed => request.params.seed ^= 0x5eed,
+        Byzantine::OtherSetting => {
+            request.params = if request.params.temperature > 0.0 {
+                SamplingParams::greedy()
+            } else {
+                SamplingParams {
+                    temperature: 1.0,
+                    seed: request.params.seed,
+                    ..SamplingParams::default()
+                }
+            }
+        }
+        Byzantine::RandomText => {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(request.params.seed);
+            let vocab = engine.info().vocab_size as u32;
+            let n = request.max_tokens.clamp(1, 16);
+            let token_ids: Vec<u32> = (0..n).map(|_| rng.gen_range(0..vocab)).collect();
+            let text = engine.detokenize(&token_ids);
+            on_token(&TokenEvent {
+                index: 0,
+                id: token_ids[0],
+                text: &text,
+            });
+            return Ok(Generation {
+                token_ids,
+                text,
+                finish_reason: FinishReason::Length,
+                prompt_tokens: engine.tokenize(&request.prompt)?.len(),
+                prefill_ms: 0.0,
+                decode_ms: 0.0,
+                prefill_tok_s: 0.0,
+                decode_tok_s: 0.0,
+            });
+        }
+        Byzantine::Truncated => {
+            let mut g = engine.generate(&request, cancel, on_token)?;
+            g.token_ids.truncate(g.token_ids.len() / 2);
+            g.text = engine.detokenize(&g.token_ids);
+            g.finish_reason = FinishReason::Stop;
+            return Ok(g);
+        }
+    }
+    engine.generate(&request, cancel, on_token)
 }
 
 #[derive(Clone)]
@@ -122,9 +218,10 @@ impl Miner {
         let factory = self.factory.clone();
         let id = self.spec.id.clone();
         let generation = self.generation;
+        let byzantine = self.spec.faults.byzantine;
         let spawned = std::thread::Builder::new()
             .name(format!("engine-{id}"))
-            .spawn(move || engine_thread(id, factory, rx, addr, generation));
+            .spawn(move || engine_thread(id, factory, rx, addr, generation, byzantine));
         if let Err(e) = spawned {
             tracing::error!(miner = %self.spec.id, error = %e, "cannot start the engine thread");
             ctx.stop();
@@ -186,6 +283,10 @@ impl Handler<ToMiner> for Miner {
                 stream_tokens,
             } => {
                 if self.spec.faults.ignore_assignments {
+                    return;
+                }
+                if self.spec.faults.stall_after_ack {
+                    self.report(key, ReportKind::Ack);
                     return;
                 }
                 if !self.ready || self.held.contains_key(&key) {
@@ -325,7 +426,7 @@ impl Handler<EngineEvent> for Miner {
                 };
                 match result {
                     Ok(result) => {
-                        let hash = result.hash_hex();
+                        let hash = result.commitment_hex(&self.spec.id);
                         held.result = Some(result);
                         self.report(key, ReportKind::Precommit { hash });
                     }
@@ -370,6 +471,7 @@ fn engine_thread(
     jobs: std::sync::mpsc::Receiver<Job>,
     addr: Addr<Miner>,
     generation: u64,
+    byzantine: Option<Byzantine>,
 ) {
     let mut engine = match catch_unwind(AssertUnwindSafe(|| factory(&id))) {
         Ok(Ok(engine)) => engine,
@@ -401,7 +503,7 @@ fn engine_thread(
         let key = job.key;
         let stream = job.stream_tokens;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            engine.generate(&job.request, &job.cancel, &mut |t| {
+            let mut on_token = |t: &TokenEvent| {
                 if stream && !t.text.is_empty() {
                     addr.do_send(EngineEvent::Token {
                         generation,
@@ -410,7 +512,17 @@ fn engine_thread(
                         text: t.text.to_string(),
                     });
                 }
-            })
+            };
+            match byzantine {
+                Some(fault) => dishonest_generate(
+                    engine.as_mut(),
+                    fault,
+                    &job.request,
+                    &job.cancel,
+                    &mut on_token,
+                ),
+                None => engine.generate(&job.request, &job.cancel, &mut on_token),
+            }
         }));
         match outcome {
             Ok(Ok(g)) => addr.do_send(EngineEvent::Done {

@@ -6,8 +6,9 @@ use super::chain_bridge::{ChainBridge, CreateSession, GetSession, Hold, Settle};
 use super::session_queue::{Enqueue, NewTask, QueueError, ReserveTaskId, SessionQueue, Subscriber};
 use crate::chain::ChainError;
 use crate::models::engine::GenerateRequest;
-use crate::session::{Session, SessionParams, TaskRecordMode, ValidationLevel};
+use crate::session::{Session, SessionParams, TaskRecordMode};
 use crate::task::TaskKey;
+use crate::validation::consensus::Level;
 use actix::prelude::*;
 use std::time::Duration;
 
@@ -64,6 +65,8 @@ pub struct RouterSettings {
     pub default_precommit_timeout: Duration,
     /// Whether validators can embed results (sessions may ask for `embedding` validation).
     pub embedding_validation: bool,
+    /// Whether validators run the model (sessions may ask for `likelihood` and `judge`).
+    pub model_validation: bool,
 }
 
 pub struct Router {
@@ -125,12 +128,21 @@ impl Handler<OpenSession> for Router {
     fn handle(&mut self, m: OpenSession, _: &mut Context<Self>) -> Self::Result {
         let models = self.settings.models.len();
         let embedding = self.settings.embedding_validation;
+        let model_validation = self.settings.model_validation;
         let chain = self.chain.clone();
         Box::pin(async move {
-            if m.params.validation == ValidationLevel::Embedding && !embedding {
+            if m.params.validation.has(Level::Embedding) && !embedding {
                 return Err(SubmitError::Invalid(
                     "validation \"embedding\" needs the embedding model, which this network has not loaded (run `cortensor models fetch --all` and restart it)".into(),
                 ));
+            }
+            for level in [Level::Likelihood, Level::Judge] {
+                if m.params.validation.has(level) && !model_validation {
+                    return Err(SubmitError::Invalid(format!(
+                        "validation \"{}\" needs validators that run the model, which this network does not give them",
+                        serde_json::to_value(level).unwrap_or_default().as_str().unwrap_or_default()
+                    )));
+                }
             }
             if m.params.model_identifier as usize >= models {
                 return Err(SubmitError::Invalid(format!(
@@ -214,8 +226,7 @@ impl Handler<SubmitTask> for Router {
                 hold,
                 derive_seed: !m.explicit_seed,
                 record_stages: params.task_record == TaskRecordMode::PerStage,
-                validation: params.validation,
-                poi_threshold: params.poi_threshold,
+                validation: params.validation_plan(),
             };
             let enqueued = queue
                 .send(Enqueue {

@@ -11,15 +11,17 @@
 //! store's flusher thread (group commit), so the queue never blocks on the disk.
 
 use super::chain_bridge::{ChainBridge, Settle};
-use super::messages::{MinerReport, ReportKind, TaskEvent, ToMiner, Verdict};
-use super::node_pool::{AdjustReputation, NodePool, Release, SelectMiners, Selection};
+use super::messages::{MinerReport, ReportKind, TaskEvent, ToMiner};
+use super::node_pool::{AdjustReputation, ListNodes, NodePool, Release, SelectMiners, Selection};
 use super::validator::{Validate, Validator};
 use crate::config::QueueConfig;
 use crate::models::engine::GenerateRequest;
-use crate::session::ValidationLevel;
 use crate::store::{Store, StoreError};
 use crate::task::{
     now_ms, Assignment, AssignmentState, TaskKey, TaskOutcome, TaskRecord, TaskResult, TaskState,
+};
+use crate::validation::consensus::{
+    decide, Consensus, DisagreementPolicy, Evidence, ValidationPlan,
 };
 use actix::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -74,8 +76,7 @@ pub struct NewTask {
     pub derive_seed: bool,
     /// Record every stage on chain (the session's `task_record: per_stage`).
     pub record_stages: bool,
-    pub validation: ValidationLevel,
-    pub poi_threshold: f32,
+    pub validation: ValidationPlan,
 }
 
 /// The next task id of a session, for a task about to be held for and enqueued. An id
@@ -170,6 +171,8 @@ struct LiveTask {
     /// The miner whose tokens are streamed, and how many tokens went out.
     stream_source: Option<String>,
     streamed_tokens: usize,
+    /// Validators whose evidence decided the task: paid alongside the accepted miners.
+    paid_validators: Vec<String>,
 }
 
 impl LiveTask {
@@ -191,6 +194,7 @@ impl LiveTask {
             finishing: false,
             stream_source: None,
             streamed_tokens: 0,
+            paid_validators: Vec::new(),
         }
     }
 
@@ -529,62 +533,104 @@ impl SessionQueue {
             .filter(|a| a.state == AssignmentState::Committed)
             .filter_map(|a| a.result.clone().map(|r| (a.miner.clone(), r)))
             .collect();
-        let k = (task.record.validators as usize).clamp(1, self.validators.len());
-        let mut asks = Vec::with_capacity(k);
-        for _ in 0..k {
-            let v = &self.validators[self.next_validator % self.validators.len()];
-            self.next_validator = self.next_validator.wrapping_add(1);
-            asks.push(
-                v.send(Validate {
-                    key,
-                    results: results.clone(),
-                    level: task.record.validation,
-                    poi_threshold: task.record.poi_threshold,
-                })
-                .timeout(VALIDATION_TIMEOUT),
-            );
-        }
-        let all = futures_util::future::join_all(asks);
-        ctx.spawn(all.into_actor(self).map(move |answers, queue, ctx| {
-            let verdicts: Vec<Verdict> = answers.into_iter().filter_map(Result::ok).collect();
-            queue.on_verdicts(key, verdicts, ctx);
-        }));
-    }
-
-    /// Combines the validators' verdicts: the one most of them returned, if more than half did.
-    fn on_verdicts(&mut self, key: TaskKey, verdicts: Vec<Verdict>, ctx: &mut Context<Self>) {
-        let asked = verdicts.len().max(1);
-        let mut tally: Vec<(Verdict, usize)> = Vec::new();
-        for v in verdicts {
-            match tally.iter_mut().find(|(seen, _)| *seen == v) {
-                Some(entry) => entry.1 += 1,
-                None => tally.push((v, 1)),
+        let plan = task.record.validation_plan();
+        let mut asks = Vec::new();
+        if plan.levels.needs_validators() && !self.validators.is_empty() {
+            let k = (task.record.validators as usize).clamp(1, self.validators.len());
+            for _ in 0..k {
+                let v = &self.validators[self.next_validator % self.validators.len()];
+                self.next_validator = self.next_validator.wrapping_add(1);
+                asks.push(
+                    v.send(Validate {
+                        key,
+                        request: task.record.request.clone(),
+                        results: results.clone(),
+                        plan: plan.clone(),
+                        seeded: true,
+                    })
+                    .timeout(VALIDATION_TIMEOUT),
+                );
             }
         }
-        let chosen = tally
-            .into_iter()
-            .max_by_key(|(_, n)| *n)
-            .filter(|(_, n)| n * 2 > asked)
-            .and_then(|(v, _)| v);
-        let Some(outcome) = chosen else {
-            let error = "the miners' results disagree and no majority emerged".to_string();
+        let reputations =
+            (plan.consensus == Consensus::ReputationWeighted).then(|| self.pool.send(ListNodes));
+        let gather = async move {
+            let evidence: Vec<Evidence> = futures_util::future::join_all(asks)
+                .await
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect();
+            let reputation: HashMap<String, i64> = match reputations {
+                Some(nodes) => nodes
+                    .await
+                    .map(|nodes| nodes.into_iter().map(|n| (n.id, n.reputation)).collect())
+                    .unwrap_or_default(),
+                None => HashMap::new(),
+            };
+            (results, evidence, reputation)
+        };
+        ctx.spawn(gather.into_actor(self).map(
+            move |(results, evidence, reputation), queue, ctx| {
+                queue.on_evidence(key, results, evidence, reputation, ctx);
+            },
+        ));
+    }
+
+    /// Decides on a task's results from the validators' evidence (`validation::consensus`),
+    /// moves reputations, and ends the task.
+    fn on_evidence(
+        &mut self,
+        key: TaskKey,
+        results: Vec<(String, TaskResult)>,
+        evidence: Vec<Evidence>,
+        reputation: HashMap<String, i64>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
+        let plan = task.record.validation_plan();
+        let decision = decide(&results, &evidence, &plan, &reputation);
+        for m in &decision.miners {
+            let (delta, reason) = if m.accepted {
+                (REPUTATION_AGREED, "result accepted")
+            } else if m.valid && !decision.consensus {
+                continue; // valid, in a split vote: nothing shows it was wrong
+            } else {
+                (REPUTATION_DISAGREED, "result rejected")
+            };
+            self.pool.do_send(AdjustReputation {
+                miner: m.miner.clone(),
+                delta,
+                reason,
+            });
+        }
+        let validators: Vec<String> = evidence
+            .iter()
+            .filter(|e| e.errors.is_empty())
+            .map(|e| e.validator.clone())
+            .collect();
+        let chosen = decision.chosen;
+        let alternatives = if !decision.consensus && plan.policy == DisagreementPolicy::ReturnAll {
+            results.clone()
+        } else {
+            vec![]
+        };
+        let (agreeing, disagreeing) = (decision.accepted_miners(), decision.rejected_miners());
+        let reasons = decision.reasons.join("; ");
+        task.record.decision = Some(decision);
+        task.paid_validators = validators;
+        let Some(chosen) = chosen else {
+            let error = format!("validation failed: {reasons}");
             self.finish(key, TaskState::Failed, None, Some(error), ctx);
             return;
         };
-        for miner in &outcome.agreeing {
-            self.pool.do_send(AdjustReputation {
-                miner: miner.clone(),
-                delta: REPUTATION_AGREED,
-                reason: "agreed with the majority",
-            });
-        }
-        for miner in &outcome.disagreeing {
-            self.pool.do_send(AdjustReputation {
-                miner: miner.clone(),
-                delta: REPUTATION_DISAGREED,
-                reason: "disagreed with the majority",
-            });
-        }
+        let outcome = TaskOutcome {
+            result: results[chosen].1.clone(),
+            agreeing,
+            disagreeing,
+            alternatives,
+        };
         self.transition(key, TaskState::Validated);
         self.finish(key, TaskState::Completed, Some(outcome), None, ctx);
     }
@@ -627,10 +673,14 @@ impl SessionQueue {
             .saturating_mul(task.record.redundancy as u64)
             .saturating_mul(price)
             .min(task.record.hold);
-        let payees = outcome
+        // The accepted miners, and the validators whose evidence decided it.
+        let mut payees = outcome
             .as_ref()
             .map(|o| o.agreeing.clone())
             .unwrap_or_default();
+        if !payees.is_empty() {
+            payees.extend(task.paid_validators.iter().cloned());
+        }
         task.record.outcome = outcome;
         task.record.error = error;
         task.record.state = state;
@@ -772,7 +822,7 @@ impl SessionQueue {
                 if !revealed || a.state != AssignmentState::Precommitted {
                     return; // a commit before the reveal is a protocol error: ignored
                 }
-                if a.precommit_hash.as_deref() != Some(result.hash_hex().as_str()) {
+                if a.precommit_hash.as_deref() != Some(result.commitment_hex(&miner).as_str()) {
                     self.stats.rejected_reveals += 1;
                     let note = "its reveal does not match its precommitted hash".to_string();
                     self.remove_miner(
@@ -963,8 +1013,12 @@ impl SessionQueue {
             error: None,
             resumed: 0,
             record_stages: t.record_stages,
-            validation: t.validation,
-            poi_threshold: t.poi_threshold,
+            validation: t.validation.levels,
+            consensus: t.validation.consensus,
+            disagreement_policy: t.validation.policy,
+            poi_threshold: t.validation.poi_threshold,
+            judge_threshold: t.validation.judge_threshold,
+            decision: None,
         };
         self.store.put_task(&record)?;
         let mut live = LiveTask::new(record, timeout);

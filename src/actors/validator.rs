@@ -1,28 +1,39 @@
-//! A validator: decides which committed results a task accepts, as the task's session asks:
-//! `exact`, the majority of equal results (by their keccak256); `embedding`, Proof of
-//! Inference: the results' embeddings, and the cluster within `poi_threshold` of the medoid
-//! if it holds more than half (its medoid's result is the one accepted).
+//! A validator: gathers the evidence a task's session asks for about its committed results
+//! (see `validation::consensus`): `embedding`, each result's cosine similarity to the medoid of
+//! all results (Proof of Inference); `likelihood`, each result replayed through the
+//! validator's own model under the task's sampling and seed; `judge`, each result graded by
+//! the validator's model (Proof of Useful Work). `none` and `exact` need no evidence: the
+//! queue decides them from the results alone.
 
-use super::messages::Verdict;
-use crate::session::ValidationLevel;
-use crate::task::{majority, TaskKey, TaskOutcome, TaskResult};
+use crate::models::engine::{GenerateRequest, InferenceEngine, Prompt};
+use crate::task::{TaskKey, TaskResult};
+use crate::validation::consensus::{Evidence, Level, MinerEvidence, ValidationPlan};
 use crate::validation::embedding_service::EmbeddingService;
+use crate::validation::engine_service::EngineService;
 use crate::validation::poi::poi;
+use crate::validation::{judge, likelihood};
 use actix::prelude::*;
 
 pub struct Validator {
     pub id: String,
-    pub verdicts: u64,
+    pub requests: u64,
     /// The embedder, when the network has one (needed for `embedding`).
     embeddings: Option<EmbeddingService>,
+    /// The model, when the network gives validators one (needed for `likelihood`, `judge`).
+    engine: Option<EngineService>,
 }
 
 impl Validator {
-    pub fn new(id: String, embeddings: Option<EmbeddingService>) -> Self {
+    pub fn new(
+        id: String,
+        embeddings: Option<EmbeddingService>,
+        engine: Option<EngineService>,
+    ) -> Self {
         Self {
             id,
-            verdicts: 0,
+            requests: 0,
             embeddings,
+            engine,
         }
     }
 }
@@ -33,58 +44,148 @@ impl Actor for Validator {
 
 impl Supervised for Validator {}
 
-/// Decide on the committed results of one task: (miner, result) pairs.
+/// Gather evidence about the committed results of one task: (miner, result) pairs.
 #[derive(Message, Clone)]
-#[rtype(result = "Verdict")]
+#[rtype(result = "Evidence")]
 pub struct Validate {
     pub key: TaskKey,
+    pub request: GenerateRequest,
     pub results: Vec<(String, TaskResult)>,
-    pub level: ValidationLevel,
-    pub poi_threshold: f32,
+    pub plan: ValidationPlan,
+    /// The replay may use the request's seed (a task's own; not a client's output checked
+    /// through `/api/v1/validate`, whose seed is unknown).
+    pub seeded: bool,
 }
 
 impl Handler<Validate> for Validator {
-    type Result = ResponseFuture<Verdict>;
+    type Result = ResponseFuture<Evidence>;
     fn handle(&mut self, m: Validate, _: &mut Context<Self>) -> Self::Result {
-        self.verdicts += 1;
-        match m.level {
-            ValidationLevel::Exact => {
-                let pairs: Vec<(&str, &TaskResult)> = m
+        self.requests += 1;
+        let embeddings = self.embeddings.clone();
+        let engine = self.engine.clone();
+        let validator = self.id.clone();
+        Box::pin(async move {
+            let mut evidence = Evidence {
+                validator,
+                miners: m
                     .results
                     .iter()
-                    .map(|(miner, r)| (miner.as_str(), r))
-                    .collect();
-                let verdict = majority(&pairs);
-                Box::pin(async move { verdict })
-            }
-            ValidationLevel::Embedding => {
-                let service = self.embeddings.clone();
-                Box::pin(async move {
-                    let Some(service) = service else {
-                        tracing::error!(task = %m.key, "embedding validation asked, but this network has no embedder");
-                        return None;
-                    };
-                    let texts = m.results.iter().map(|(_, r)| r.text.clone()).collect();
-                    let vectors = match service.embed(texts).await {
-                        Ok(v) => v,
-                        Err(e) => {
-                            tracing::error!(task = %m.key, error = %e, "embedding failed");
-                            return None;
-                        }
-                    };
-                    let out = poi(&vectors, m.poi_threshold)?;
-                    if !out.has_majority() {
-                        return None;
-                    }
-                    let miners =
-                        |ix: &[usize]| ix.iter().map(|&i| m.results[i].0.clone()).collect();
-                    Some(TaskOutcome {
-                        result: m.results[out.medoid].1.clone(),
-                        agreeing: miners(&out.cluster),
-                        disagreeing: miners(&out.outliers),
+                    .map(|(miner, _)| MinerEvidence {
+                        miner: miner.clone(),
+                        ..MinerEvidence::default()
                     })
-                })
+                    .collect(),
+                errors: vec![],
+            };
+            if m.plan.levels.has(Level::Embedding) {
+                embedding_evidence(&m, embeddings.as_ref(), &mut evidence).await;
             }
+            if m.plan.levels.has(Level::Likelihood) || m.plan.levels.has(Level::Judge) {
+                match engine.as_ref() {
+                    Some(engine) => model_evidence(&m, engine, &mut evidence).await,
+                    None => evidence
+                        .errors
+                        .push("this network gives validators no model".into()),
+                }
+            }
+            evidence
+        })
+    }
+}
+
+async fn embedding_evidence(
+    m: &Validate,
+    service: Option<&EmbeddingService>,
+    evidence: &mut Evidence,
+) {
+    let Some(service) = service else {
+        evidence
+            .errors
+            .push("embedding: this network has no embedder".into());
+        return;
+    };
+    let texts = m.results.iter().map(|(_, r)| r.text.clone()).collect();
+    match service.embed(texts).await {
+        Ok(vectors) => {
+            if let Some(out) = poi(&vectors, m.plan.poi_threshold) {
+                for (e, s) in evidence.miners.iter_mut().zip(out.similarity_to_medoid) {
+                    e.similarity = Some(s);
+                }
+            }
+        }
+        Err(e) => evidence.errors.push(format!("embedding: {e}")),
+    }
+}
+
+/// The question a judge reads: the prompt's text, or its last user message.
+fn question(engine: &dyn InferenceEngine, prompt: &Prompt) -> String {
+    match prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(messages) => messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .or(messages.last())
+            .map(|m| m.content.clone())
+            .unwrap_or_default(),
+        Prompt::Tokens(ids) => engine.detokenize(ids),
+    }
+}
+
+/// The token ids of an output given as text (`/api/v1/validate`): its tokenization without
+/// the BOS the tokenizer may put first.
+fn output_tokens(
+    engine: &mut dyn InferenceEngine,
+    text: &str,
+) -> Result<Vec<u32>, crate::models::engine::EngineError> {
+    let ids = engine.tokenize(&Prompt::Text(text.to_string()))?;
+    let lead = engine
+        .tokenize(&Prompt::Text(String::new()))
+        .unwrap_or_default();
+    Ok(match ids.strip_prefix(lead.as_slice()) {
+        Some(rest) if !lead.is_empty() => rest.to_vec(),
+        _ => ids,
+    })
+}
+
+async fn model_evidence(m: &Validate, engine: &EngineService, evidence: &mut Evidence) {
+    let likely = m.plan.levels.has(Level::Likelihood);
+    let judged = m.plan.levels.has(Level::Judge);
+    for (i, (_, result)) in m.results.iter().enumerate() {
+        let (request, result, plan, seeded) =
+            (m.request.clone(), result.clone(), m.plan.clone(), m.seeded);
+        let found = engine
+            .run(move |engine| {
+                let mut out = MinerEvidence::default();
+                if likely {
+                    let ids = if result.token_ids.is_empty() {
+                        output_tokens(engine, &result.text)?
+                    } else {
+                        result.token_ids.clone()
+                    };
+                    let replay = engine.replay(&request, &ids)?;
+                    let e = likelihood::evidence(&replay, &request, &ids, result.finish_reason);
+                    out.likelihood_failures =
+                        likelihood::judge(&e, &request, seeded, &plan.likelihood);
+                    out.likelihood = Some(e);
+                }
+                if judged {
+                    let q = question(engine, &request.prompt);
+                    out.grade = Some(judge::grade(engine, &q, &result.text)?);
+                }
+                Ok(out)
+            })
+            .await;
+        match found {
+            Ok(found) => {
+                let e = &mut evidence.miners[i];
+                e.likelihood = found.likelihood;
+                e.likelihood_failures = found.likelihood_failures;
+                e.grade = found.grade;
+            }
+            Err(err) => evidence
+                .errors
+                .push(format!("{}: {err}", evidence.miners[i].miner)),
         }
     }
 }

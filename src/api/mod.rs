@@ -10,6 +10,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod router_v1;
+pub mod validate;
 pub mod views;
 pub mod ws;
 

@@ -32,6 +32,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/tasks/{sid}/{tid}/cancel", web::post().to(cancel))
             .route("/tasks/{sid}/{tid}/chain", web::get().to(task_on_chain))
             .route("/completions", web::post().to(completions))
+            .route("/validate", web::post().to(super::validate::validate))
             .route("/completions/{sid}", web::post().to(completions_in_session))
             .route("/ws", web::get().to(super::ws::websocket)),
     );

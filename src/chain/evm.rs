@@ -330,7 +330,10 @@ fn to_params(owner: &str, p: &SessionParams) -> Params {
         "metadata": p.metadata,
         "task_record": p.task_record,
         "validation": p.validation,
+        "consensus": p.consensus,
+        "disagreement_policy": p.disagreement_policy,
         "poi_threshold": p.poi_threshold,
+        "judge_threshold": p.judge_threshold,
     })
     .to_string();
     Params {
@@ -405,9 +408,15 @@ async fn read_session(
             max_task_execution_count: p.max_task_execution_count,
             task_record: serde_json::from_value(meta["task_record"].clone()).unwrap_or_default(),
             validation: serde_json::from_value(meta["validation"].clone()).unwrap_or_default(),
+            consensus: serde_json::from_value(meta["consensus"].clone()).unwrap_or_default(),
+            disagreement_policy: serde_json::from_value(meta["disagreement_policy"].clone())
+                .unwrap_or_default(),
             poi_threshold: meta["poi_threshold"]
                 .as_f64()
                 .map_or(crate::validation::poi::DEFAULT_POI_THRESHOLD, |t| t as f32),
+            judge_threshold: meta["judge_threshold"]
+                .as_f64()
+                .map_or(crate::session::DEFAULT_JUDGE_THRESHOLD, |t| t as f32),
         },
         created_at_ms: s.created_at.as_u64() * 1000,
         deposit: balance + held + spent,

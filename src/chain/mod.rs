@@ -109,7 +109,7 @@ pub struct MinerTrace {
     pub acked: bool,
     /// keccak256 of the result it precommitted to.
     pub precommit: Option<[u8; 32]>,
-    /// The revealed result (its canonical bytes), only when it matched the precommit.
+    /// The revealed result (its commitment bytes, naming the miner), only when it matched the precommit.
     pub commit: Option<Vec<u8>>,
 }
 

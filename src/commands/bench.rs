@@ -25,6 +25,9 @@ pub enum BenchCommand {
     /// Settlements per second and gas per task on anvil (batched and one per transaction),
     /// and the embedded ledger's operations per second.
     Chain(super::bench_chain::ChainBenchArgs),
+    /// The distributions behind the validators' likelihood thresholds: honest and dishonest
+    /// outputs of the real model, replayed as validators do.
+    Likelihood(super::bench_likelihood::LikelihoodArgs),
     /// One configuration, printed as one JSON line (what `generate` runs in each child).
     #[command(hide = true)]
     GenerateOne(OneArgs),
@@ -101,6 +104,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Generate(args) => run_all(args),
         BenchCommand::Orchestrate(args) => super::bench_orchestrate::run(args),
         BenchCommand::Chain(args) => super::bench_chain::run(args),
+        BenchCommand::Likelihood(args) => super::bench_likelihood::run(args),
     }
 }
 

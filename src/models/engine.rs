@@ -8,7 +8,7 @@ use super::backend::{self, BackendChoice, BackendError, BackendKind};
 use super::chat::{ChatError, ChatMessage, ChatTemplate};
 use super::gguf::GgufFile;
 use super::llama::{ForwardError, Llama, Session};
-use super::sampling::{logprob_and_rank, Sampler, SamplingError, SamplingParams};
+use super::sampling::{logprob_and_rank, Sampler, SamplingError, SamplingParams, TokenCheck};
 use super::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
 use super::weights::{self, LoadError};
 use serde::{Deserialize, Serialize};
@@ -94,6 +94,22 @@ impl Score {
     }
 }
 
+/// A claimed output replayed under its request's own sampling settings and seed, in one
+/// teacher-forced pass: what a validator needs to tell whether this model produced it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Replay {
+    /// One per claimed token.
+    pub checks: Vec<TokenCheck>,
+    /// Tokens in the prompt, as the validator's engine renders it.
+    pub prompt_tokens: usize,
+    /// What the seeded sampler draws after the last claimed token ends the generation (an
+    /// end-of-turn token); `None` when the context is full.
+    pub next_is_end: Option<bool>,
+    /// How many tokens the generation could have made at most (`max_tokens`, or what the
+    /// context leaves).
+    pub budget: usize,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct EngineInfo {
     pub model: String,
@@ -162,6 +178,19 @@ pub trait InferenceEngine: Send {
     ) -> Result<Generation, EngineError>;
     /// Scores `continuation` after `prompt` in one teacher-forced forward pass.
     fn score(&mut self, prompt: &Prompt, continuation: &[u32]) -> Result<Score, EngineError>;
+    /// Replays `continuation` as the output of `request` (its sampling settings and seed) in
+    /// one teacher-forced forward pass.
+    fn replay(
+        &mut self,
+        request: &GenerateRequest,
+        continuation: &[u32],
+    ) -> Result<Replay, EngineError>;
+    /// The log-probabilities (temperature 1) of `candidates` as the token after `prompt`.
+    fn next_logprobs(
+        &mut self,
+        prompt: &Prompt,
+        candidates: &[u32],
+    ) -> Result<Vec<f32>, EngineError>;
 }
 
 #[derive(Clone, Debug)]
@@ -492,6 +521,85 @@ impl InferenceEngine for LlamaEngine {
                 logprobs,
                 ranks,
             })
+        })
+    }
+
+    fn next_logprobs(
+        &mut self,
+        prompt: &Prompt,
+        candidates: &[u32],
+    ) -> Result<Vec<f32>, EngineError> {
+        let tokens = self.tokenize(prompt)?;
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let limit = self.model.max_context();
+        if tokens.len() > limit {
+            return Err(EngineError::PromptTooLong {
+                prompt: tokens.len(),
+                max_tokens: 0,
+                limit,
+            });
+        }
+        let logits = self.last_logits(&tokens)?;
+        Ok(candidates
+            .iter()
+            .map(|&t| logprob_and_rank(&logits, t).0)
+            .collect())
+    }
+
+    fn replay(
+        &mut self,
+        request: &GenerateRequest,
+        continuation: &[u32],
+    ) -> Result<Replay, EngineError> {
+        let prompt = self.tokenize(&request.prompt)?;
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let limit = self.model.max_context();
+        let total = prompt.len() + continuation.len();
+        if total > limit {
+            return Err(EngineError::PromptTooLong {
+                prompt: prompt.len(),
+                max_tokens: continuation.len(),
+                limit,
+            });
+        }
+        let mut sampler = Sampler::new(request.params.clone())?;
+        let stop_ids = self.tokenizer.stop_ids();
+        let vocab = self.model.config().vocab_size;
+        let model = &self.model;
+        let mut input = prompt.clone();
+        input.extend_from_slice(continuation);
+        // Row p predicts token p + 1; the last row (when it fits) predicts what follows the
+        // claimed output. The numerics are generation's: the prompt in one pass as prefill
+        // does, then the claimed tokens with the kernels decoding uses (one pass all the same).
+        let rows = if total < limit { total } else { total - 1 };
+        let logits = self.pool.install(|| -> Result<Vec<f32>, ForwardError> {
+            let mut session = model.new_session(total);
+            let mut logits = model.forward(&mut session, &prompt, false)?;
+            if rows > prompt.len() {
+                session.decode_numerics = true;
+                logits.extend(model.forward(&mut session, &input[prompt.len()..rows], true)?);
+            }
+            Ok(logits)
+        })?;
+        let mut checks = Vec::with_capacity(continuation.len());
+        for (i, &token) in continuation.iter().enumerate() {
+            let mut row_logits = logits[i * vocab..(i + 1) * vocab].to_vec();
+            checks.push(sampler.check(&mut row_logits, &input[..prompt.len() + i], token));
+        }
+        let next_is_end = (rows == total).then(|| {
+            let row = continuation.len();
+            let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+            stop_ids.contains(&sampler.sample(&mut row_logits, &input))
+        });
+        Ok(Replay {
+            checks,
+            prompt_tokens: prompt.len(),
+            next_is_end,
+            budget: request.max_tokens.min(limit.saturating_sub(prompt.len())),
         })
     }
 }

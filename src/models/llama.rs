@@ -62,13 +62,15 @@ impl Linear {
         })
     }
 
-    fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>, ForwardError> {
+    /// `dense_ok`: many rows may go through the dequantised weights (see
+    /// [`Session::decode_numerics`]).
+    fn forward(&self, x: Tensor<2>, dense_ok: bool) -> Result<Tensor<2>, ForwardError> {
         match self {
             Linear::Dense(w) => Ok(x.matmul(w.clone().transpose())),
             Linear::Quant(q) => {
                 let [n, cols] = x.dims();
                 let device = x.device();
-                if n >= DENSE_FROM_ROWS {
+                if dense_ok && n >= DENSE_FROM_ROWS {
                     let w = Tensor::<2>::from_data(
                         TensorData::new(
                             q.dequantize().map_err(QMatmulError::from)?,
@@ -189,6 +191,11 @@ pub struct Session {
     caches: Vec<LayerCache>,
     pos: usize,
     max_context: usize,
+    /// Multi-token passes keep the quantised kernels (activations quantised per row, as one
+    /// token at a time does) instead of multiplying by dequantised weights, so each row's
+    /// logits are what generation computed for it: replaying an output then draws the same
+    /// tokens. Slower for long prompts; only validators' replays ask for it.
+    pub decode_numerics: bool,
 }
 
 impl Session {
@@ -335,6 +342,7 @@ impl Llama {
             caches,
             pos: 0,
             max_context,
+            decode_numerics: false,
         }
     }
 
@@ -372,6 +380,7 @@ impl Llama {
         }
         let mut x = Tensor::<2>::from_data(TensorData::new(emb, [n, dim]), &self.device);
         let pos0 = session.pos;
+        let dense_ok = !session.decode_numerics;
         let mask = (n > 1).then(|| self.causal_mask(pos0, n));
         for (layer, cache) in self.layers.iter().zip(session.caches.iter_mut()) {
             let h = self.attention(
@@ -380,12 +389,13 @@ impl Llama {
                 layer.attn_norm.forward(x.clone()),
                 pos0,
                 mask.clone(),
+                dense_ok,
             )?;
             x = x + h;
             let h = layer.ffn_norm.forward(x.clone());
-            let gate = silu(layer.w_gate.forward(h.clone())?);
-            let up = layer.w_up.forward(h)?;
-            x = x + layer.w_down.forward(gate * up)?;
+            let gate = silu(layer.w_gate.forward(h.clone(), dense_ok)?);
+            let up = layer.w_up.forward(h, dense_ok)?;
+            x = x + layer.w_down.forward(gate * up, dense_ok)?;
         }
         session.pos += n;
         let x = if all_logits {
@@ -393,7 +403,7 @@ impl Llama {
         } else {
             x.slice([n - 1..n, 0..dim])
         };
-        let logits = self.output.forward(self.output_norm.forward(x))?;
+        let logits = self.output.forward(self.output_norm.forward(x), dense_ok)?;
         to_vec(logits)
     }
 
@@ -418,31 +428,61 @@ impl Llama {
         x: Tensor<2>,
         pos0: usize,
         mask: Option<Tensor<2, Bool>>,
+        dense_ok: bool,
     ) -> Result<Tensor<2>, ForwardError> {
         let c = &self.config;
         let (n, hd, nh, nkv) = (x.dims()[0], c.head_dim, c.n_heads, c.n_kv_heads);
         let q = layer
             .wq
-            .forward(x.clone())?
+            .forward(x.clone(), dense_ok)?
             .reshape([n, nh, hd])
             .swap_dims(0, 1); // [nh, n, hd]
         let k = layer
             .wk
-            .forward(x.clone())?
+            .forward(x.clone(), dense_ok)?
             .reshape([n, nkv, hd])
             .swap_dims(0, 1);
-        let v = layer.wv.forward(x)?.reshape([n, nkv, hd]).swap_dims(0, 1);
+        let v = layer
+            .wv
+            .forward(x, dense_ok)?
+            .reshape([n, nkv, hd])
+            .swap_dims(0, 1);
         let q = self.rope(q, pos0);
         let k = self.rope(k, pos0);
         let end = pos0 + n;
         let k_all = take_cache(&mut cache.k)?.slice_assign([0..nkv, pos0..end, 0..hd], k);
         let v_all = take_cache(&mut cache.v)?.slice_assign([0..nkv, pos0..end, 0..hd], v);
+        let g = c.group_size();
+        if !dense_ok && n > 1 {
+            // One query at a time with the shapes decoding uses, so every row is bit for bit
+            // what generation computed (quantised activations turn the smallest difference
+            // in summation order into a different token a few layers on).
+            let rows: Vec<Tensor<2>> = (0..n)
+                .map(|i| {
+                    let qi = q
+                        .clone()
+                        .slice([0..nh, i..i + 1, 0..hd])
+                        .reshape([nkv, g, hd]);
+                    let end_i = pos0 + i + 1;
+                    let keys = k_all.clone().slice([0..nkv, 0..end_i, 0..hd]);
+                    let values = v_all.clone().slice([0..nkv, 0..end_i, 0..hd]);
+                    let scores = qi.matmul(keys.swap_dims(1, 2)) * (1.0 / (hd as f64).sqrt());
+                    softmax(scores, 2)
+                        .matmul(values)
+                        .reshape([nh, 1, hd])
+                        .swap_dims(0, 1)
+                        .reshape([1, nh * hd])
+                })
+                .collect();
+            cache.k = Some(k_all);
+            cache.v = Some(v_all);
+            return layer.wo.forward(Tensor::cat(rows, 0), dense_ok);
+        }
         let keys = k_all.clone().slice([0..nkv, 0..end, 0..hd]);
         let values = v_all.clone().slice([0..nkv, 0..end, 0..hd]);
         cache.k = Some(k_all);
         cache.v = Some(v_all);
         // Heads sharing a key/value head are contiguous: [nh, n, hd] -> [nkv, g * n, hd].
-        let g = c.group_size();
         let q = q.reshape([nkv, g * n, hd]);
         let scores = q.matmul(keys.swap_dims(1, 2)) * (1.0 / (hd as f64).sqrt()); // [nkv, g*n, end]
         let scores = match mask {
@@ -457,7 +497,7 @@ impl Llama {
             .reshape([nh, n, hd])
             .swap_dims(0, 1)
             .reshape([n, nh * hd]);
-        layer.wo.forward(out)
+        layer.wo.forward(out, dense_ok)
     }
 
     /// Rotates `x` (`[heads, n, head_dim]`) for positions `pos0..pos0 + n`.

@@ -103,6 +103,20 @@ impl SamplingParams {
     }
 }
 
+/// One claimed token, checked by [`Sampler::check`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenCheck {
+    /// 0 = the most likely token (after the penalties).
+    pub rank: u32,
+    /// Log-probability under the sampler's temperature (temperature 1 for greedy), before
+    /// top-k and top-p.
+    pub logprob: f32,
+    /// Top-k and top-p keep it (greedy: it is the argmax).
+    pub in_support: bool,
+    /// What the sampler draws here itself.
+    pub drawn: u32,
+}
+
 /// A seeded sampler; one per generation.
 pub struct Sampler {
     params: SamplingParams,
@@ -129,6 +143,50 @@ impl Sampler {
     /// penalties look at its last `repeat_last_n`. `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.apply_penalties(logits, history);
+        self.draw(logits)
+    }
+
+    /// Checks a claimed `token` at one position: where it ranks, its log-probability, whether
+    /// this sampler could have drawn it at all, and what this sampler draws itself there. The
+    /// random stream advances exactly as in [`Sampler::sample`], so replaying a whole output
+    /// position by position with the generation's seed draws the generation's tokens.
+    pub fn check(&mut self, logits: &mut [f32], history: &[u32], token: u32) -> TokenCheck {
+        self.apply_penalties(logits, history);
+        let t = if self.params.temperature > 0.0 {
+            self.params.temperature
+        } else {
+            1.0
+        };
+        let target = logits
+            .get(token as usize)
+            .copied()
+            .unwrap_or(f32::NEG_INFINITY);
+        let rank = logits.iter().filter(|&&l| l > target).count() as u32;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max / t
+            + logits
+                .iter()
+                .map(|l| ((l - max) / t).exp())
+                .sum::<f32>()
+                .ln();
+        let logprob = target / t - lse;
+        let drawn = self.draw(logits);
+        let in_support = if self.params.temperature <= 0.0 {
+            token == drawn
+        } else {
+            self.candidates.iter().any(|c| c.0 == token)
+        };
+        TokenCheck {
+            rank,
+            logprob,
+            in_support,
+            drawn,
+        }
+    }
+
+    /// Draws from logits the penalties were already applied to. For sampling, leaves the
+    /// tokens it could have drawn (after top-k and top-p) in `self.candidates`.
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }

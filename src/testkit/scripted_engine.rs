@@ -5,8 +5,9 @@
 use crate::models::backend::BackendKind;
 use crate::models::engine::{
     CancelToken, EngineError, EngineInfo, FinishReason, GenerateRequest, Generation,
-    InferenceEngine, Prompt, Score, TokenEvent,
+    InferenceEngine, Prompt, Replay, Score, TokenEvent,
 };
+use crate::models::sampling::TokenCheck;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -192,6 +193,55 @@ impl InferenceEngine for ScriptedEngine {
             token_ids: continuation.to_vec(),
             logprobs: vec![0.0; continuation.len()],
             ranks: vec![0; continuation.len()],
+        })
+    }
+
+    /// Favours one candidate, chosen by a hash of the prompt (a judge's grade that is stable
+    /// but says nothing about quality).
+    fn next_logprobs(
+        &mut self,
+        prompt: &Prompt,
+        candidates: &[u32],
+    ) -> Result<Vec<f32>, EngineError> {
+        let h = ethers::utils::keccak256(prompt_text(prompt).as_bytes());
+        let favoured = h[0] as usize % candidates.len().max(1);
+        Ok((0..candidates.len())
+            .map(|i| if i == favoured { -0.1 } else { -5.0 })
+            .collect())
+    }
+
+    /// What an honest scripted engine with this script's length and answer would generate,
+    /// compared token by token: a claimed token that differs ranks 1 with log-probability -20.
+    fn replay(
+        &mut self,
+        request: &GenerateRequest,
+        continuation: &[u32],
+    ) -> Result<Replay, EngineError> {
+        let mut honest = ScriptedEngine::new(Script {
+            length: self.script.length,
+            answer: self.script.answer.clone(),
+            ..Script::default()
+        });
+        let expected = honest.generate(request, &CancelToken::new(), &mut |_| {})?;
+        let checks = continuation
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| {
+                let drawn = expected.token_ids.get(i).copied().unwrap_or(u32::MAX);
+                let same = drawn == token;
+                TokenCheck {
+                    rank: u32::from(!same),
+                    logprob: if same { 0.0 } else { -20.0 },
+                    in_support: same,
+                    drawn,
+                }
+            })
+            .collect();
+        Ok(Replay {
+            checks,
+            prompt_tokens: expected.prompt_tokens,
+            next_is_end: Some(continuation.len() >= expected.token_ids.len()),
+            budget: request.max_tokens,
         })
     }
 }
