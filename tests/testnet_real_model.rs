@@ -193,3 +193,119 @@ fn tokens_stream_over_sse_and_websocket() {
     assert_eq!(completed["miners"].as_array().unwrap().len(), 2);
     let _ = ws.close(None);
 }
+
+/// Likelihood and judge validation with real miners, and `POST /api/v1/validate` over HTTP:
+/// the model's own seeded output is VALID, random text is INVALID,
+/// a missing input NEEDS_SPEC, and nonsense gets a 400 with a JSON error.
+#[test]
+fn model_validation_accepts_real_miners_and_the_validate_endpoint_judges_outputs() {
+    let (net, _dir, model) = real_net(2);
+    let (status, v) = net.post(
+        "/api/v1/sessions",
+        &json!({"redundant": 2, "deposit": 1_000_000, "validation": ["likelihood", "judge"],
+                "judge_threshold": 1.0}),
+    );
+    assert_eq!(status, 201, "{v}");
+    let sid = v["session_id"].as_u64().unwrap();
+    let prompt = "Name a large city in Japan.";
+    let (status, v) = net.post(
+        &format!("/api/v1/completions/{sid}"),
+        &json!({"prompt": prompt, "max_tokens": 16, "temperature": 0.9, "top_k": 40}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let task = net.task(sid, v["task_id"].as_u64().unwrap());
+    assert_eq!(task["status"], "Completed", "{task}");
+    let verdict = &task["validation"];
+    assert_eq!(verdict["verdict"], "VALID", "{verdict}");
+    for m in verdict["miners"].as_array().unwrap() {
+        assert_eq!(m["valid"], true, "{m}");
+        assert_eq!(m["likelihood"]["seed_match_fraction"], 1.0, "{m}");
+        assert!(m["grade"].as_f64().unwrap() >= 1.0, "{m}");
+    }
+
+    // The endpoint: the model's own output for a seed, replayed with that seed.
+    let question = "What is the capital of Italy?";
+    let mut engine = LlamaEngine::load(&EngineOptions::new(&model)).unwrap();
+    let request = GenerateRequest {
+        prompt: Prompt::Chat(vec![ChatMessage::user(question)]),
+        params: SamplingParams {
+            temperature: 0.7,
+            seed: 1234,
+            ..SamplingParams::default()
+        },
+        max_tokens: 20,
+        stop: vec![],
+    };
+    let honest = engine
+        .generate(&request, &CancelToken::new(), &mut |_| {})
+        .unwrap();
+    let (status, v) = net.post(
+        "/api/v1/validate",
+        &json!({
+            "task_request_input": question,
+            "task_result_output": [
+                {"miner": "honest", "output": honest.text},
+                {"miner": "random", "output": "qua7 zzkq ;; }} lorem 1919 vvx"},
+            ],
+            "task_domain": "geography",
+            "task_type": "chat",
+            "evaluation_mode": "likelihood",
+            "temperature": 0.7,
+            "seed": 1234,
+            "disagreement_policy": "best_effort",
+        }),
+    );
+    assert_eq!(status, 200, "{v}");
+    let results = v["results"].as_array().unwrap();
+    let by = |name: &str| results.iter().find(|r| r["miner"] == name).unwrap().clone();
+    assert_eq!(by("honest")["valid"], true, "{v}");
+    assert_eq!(by("random")["valid"], false, "{v}");
+    assert_eq!(v["verdict"], "VALID", "{v}");
+    assert_eq!(v["accepted_output"], 0, "{v}");
+
+    // One output alone, with the seed: random text is INVALID; without the seed the honest
+    // output still passes on ranks and log-probabilities.
+    let (_, v) = net.post(
+        "/api/v1/validate",
+        &json!({"task_request_input": question, "task_result_output": "zzkq vvx 1919 ;;",
+                "temperature": 0.7, "seed": 1234}),
+    );
+    assert_eq!(v["verdict"], "INVALID", "{v}");
+    let (_, v) = net.post(
+        "/api/v1/validate",
+        &json!({"task_request_input": question, "task_result_output": honest.text,
+                "temperature": 0.7}),
+    );
+    assert_eq!(v["verdict"], "VALID", "{v}");
+
+    // What the request leaves out is a verdict; what it gets wrong is a 400.
+    let (status, v) = net.post(
+        "/api/v1/validate",
+        &json!({"task_request_input": "  ", "task_result_output": "x"}),
+    );
+    assert_eq!(
+        (status, v["verdict"].as_str()),
+        (200, Some("NEEDS_SPEC")),
+        "{v}"
+    );
+    let (status, v) = net.post(
+        "/api/v1/validate",
+        &json!({"task_request_input": "q", "task_result_output": "one", "evaluation_mode": "exact"}),
+    );
+    assert_eq!(
+        (status, v["verdict"].as_str()),
+        (200, Some("NEEDS_SPEC")),
+        "{v}"
+    );
+    for bad in [
+        json!({"task_request_input": "q", "task_result_output": "a", "evaluation_mode": "fuzzy"}),
+        json!({"task_request_input": "q", "task_result_output": "a", "temperature": -1.0}),
+        json!({"task_request_input": "q", "task_result_output": "a", "task_type": "poem"}),
+        json!({"task_request_input": "q", "task_result_output": "a", "unknown_field": 1}),
+        json!({"task_request_input": "q", "task_result_output": "a", "evaluation_mode": "embedding"}),
+    ] {
+        let (status, v) = net.post("/api/v1/validate", &bad);
+        assert_eq!(status, 400, "{bad} -> {v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+}

@@ -48,7 +48,7 @@ enum Outputs {
 pub struct ValidateBody {
     task_request_input: Option<String>,
     task_result_output: Option<Outputs>,
-    /// Free text ("general", "math", "code"...): given to the judge as context.
+    /// Free text ("general", "math", "code"...): echoed in the verdict.
     #[serde(default)]
     task_domain: Option<String>,
     /// "chat" (default: the input is a user message) or "completion" (raw text).
@@ -186,14 +186,9 @@ pub async fn validate(
 
     let prompt = match task_type {
         "completion" => Prompt::Text(input.clone()),
-        _ => {
-            let mut messages = Vec::new();
-            if let Some(domain) = b.task_domain.as_deref().filter(|d| !d.trim().is_empty()) {
-                messages.push(ChatMessage::system(format!("Domain: {domain}")));
-            }
-            messages.push(ChatMessage::user(input.clone()));
-            Prompt::Chat(messages)
-        }
+        // The input exactly as the outputs' generation saw it (a user message): anything added
+        // here would change what the replay expects.
+        _ => Prompt::Chat(vec![ChatMessage::user(input.clone())]),
     };
     let request = GenerateRequest {
         prompt,
@@ -257,7 +252,10 @@ pub async fn validate(
     }
     let reputation: HashMap<String, i64> = HashMap::new();
     let decision = decide(&results, &evidence, &plan, &reputation);
-    Ok(HttpResponse::Ok().json(view(&decision, &plan, &evidence)))
+    let mut out = view(&decision, &plan, &evidence);
+    out["task_domain"] = json!(b.task_domain);
+    out["task_type"] = json!(task_type);
+    Ok(HttpResponse::Ok().json(out))
 }
 
 fn view(
