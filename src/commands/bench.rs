@@ -28,6 +28,9 @@ pub enum BenchCommand {
     /// The distributions behind the validators' likelihood thresholds: honest and dishonest
     /// outputs of the real model, replayed as validators do.
     Likelihood(super::bench_likelihood::LikelihoodArgs),
+    /// Detection and false-positive rates of each validation strategy against byzantine
+    /// miners running the real model.
+    Byzantine(super::bench_byzantine::ByzantineArgs),
     /// One configuration, printed as one JSON line (what `generate` runs in each child).
     #[command(hide = true)]
     GenerateOne(OneArgs),
@@ -105,6 +108,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Orchestrate(args) => super::bench_orchestrate::run(args),
         BenchCommand::Chain(args) => super::bench_chain::run(args),
         BenchCommand::Likelihood(args) => super::bench_likelihood::run(args),
+        BenchCommand::Byzantine(args) => super::bench_byzantine::run(args),
     }
 }
 
