@@ -10,6 +10,7 @@ pub mod chain;
 pub mod commands;
 pub mod config;
 pub mod models;
+pub mod reputation;
 pub mod session;
 pub mod store;
 pub mod task;

@@ -280,6 +280,7 @@ async fn start_actors(
     let pool = NodePool::new(
         Duration::from_millis(config.nodes.offline_after_ms),
         config.nodes.selection_seed,
+        crate::reputation::ReputationRules::default(),
     )
     .start();
 

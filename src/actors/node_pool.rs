@@ -1,7 +1,7 @@
 //! The node pool: which miners exist, what they serve, whether they are alive, how loaded and
-//! how reputable they are, and which sessions hold them. Selection prefers online miners of the
-//! right model with the least load and the best reputation; remaining ties are broken by a
-//! seeded random order.
+//! how reputable they are (`crate::reputation`), and which sessions hold them. Selection takes
+//! online, unsuspended miners of the right model, least loaded first; among equally loaded ones
+//! the order is drawn at random with weights proportional to reputation (seeded).
 //!
 //! Node states: **ephemeral** (in the shared pool), **reserved** (held by a hybrid session for
 //! its reserve period, still shared), **dedicated** (held exclusively by a dedicated session),
@@ -9,19 +9,15 @@
 //! keep sending heartbeats), **offline** (silent past its heartbeat deadline, or restarting).
 
 use super::messages::ToMiner;
+use crate::reputation::{Change, Counters, NodeReputation, Outcome, ReputationRules};
 use crate::session::SessionMode;
 use crate::task::Placement;
 use actix::prelude::*;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-
-/// Reputation a new node starts with; it moves by the amounts below and stays in 0..=1000.
-pub const INITIAL_REPUTATION: i64 = 100;
-pub const REPUTATION_MAX: i64 = 1000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -36,6 +32,8 @@ pub enum NodeState {
     Released,
     /// Silent past its heartbeat deadline, or restarting.
     Offline,
+    /// Its reputation fell too low: not selected for a while.
+    Suspended,
 }
 
 struct Node {
@@ -44,7 +42,7 @@ struct Node {
     backend: String,
     load: usize,
     max_load: usize,
-    reputation: i64,
+    reputation: NodeReputation,
     online: bool,
     dedicated: bool,
     reserved_for: Option<u64>,
@@ -53,7 +51,6 @@ struct Node {
     last_heartbeat: Instant,
     registered_at_ms: u64,
     tasks_done: u64,
-    misses: u64,
 }
 
 /// A node as the API shows it.
@@ -66,30 +63,57 @@ pub struct NodeView {
     /// The session holding it (reserved or dedicated).
     pub reserved_for: Option<u64>,
     pub load: usize,
+    /// The decayed score, 0..=1000.
     pub reputation: i64,
+    /// Cognitive level, 0..=10.
+    pub level: u8,
+    /// Successes among its last task outcomes (0..=1).
+    pub success_rate: f64,
+    pub counters: Counters,
+    /// Not selected until then (ms since the epoch).
+    pub suspended_until_ms: Option<u64>,
     pub registered_at_ms: u64,
     pub tasks_done: u64,
-    pub misses: u64,
 }
 
 pub struct NodePool {
     nodes: BTreeMap<String, Node>,
     offline_after: Duration,
     rng: ChaCha8Rng,
+    rules: ReputationRules,
 }
 
 impl NodePool {
-    pub fn new(offline_after: Duration, selection_seed: u64) -> Self {
+    pub fn new(offline_after: Duration, selection_seed: u64, rules: ReputationRules) -> Self {
         Self {
             nodes: BTreeMap::new(),
             offline_after,
             rng: ChaCha8Rng::seed_from_u64(selection_seed),
+            rules,
         }
+    }
+
+    /// `ids` least loaded first; equally loaded ones in a random order drawn with weights
+    /// proportional to reputation (Efraimidis-Spirakis keys, u^(1/w)).
+    fn order(&mut self, ids: Vec<String>) -> Vec<String> {
+        let mut keyed: Vec<(usize, f64, String)> = ids
+            .into_iter()
+            .map(|id| {
+                let n = &self.nodes[&id];
+                let weight = (n.reputation.score).max(0.001);
+                let u: f64 = self.rng.gen_range(f64::EPSILON..1.0);
+                (n.load, u.powf(1.0 / weight), id)
+            })
+            .collect();
+        keyed.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
+        keyed.into_iter().map(|(_, _, id)| id).collect()
     }
 
     fn state_of(node: &Node) -> NodeState {
         if !node.online {
             NodeState::Offline
+        } else if node.reputation.suspended(crate::task::now_ms()) {
+            NodeState::Suspended
         } else if node.released_until.is_some_and(|t| t > Instant::now()) {
             NodeState::Released
         } else if node.reserved_for.is_some() && node.dedicated {
@@ -112,15 +136,15 @@ impl NodePool {
             return;
         }
         let now = Instant::now();
-        let mut free: Vec<String> = self
+        let free: Vec<String> = self
             .nodes
             .iter()
             .filter(|(_, n)| n.online && n.model == model && n.reserved_for.is_none())
             .filter(|(_, n)| !n.released_until.is_some_and(|t| t > now))
+            .filter(|(_, n)| !n.reputation.suspended(crate::task::now_ms()))
             .map(|(id, _)| id.clone())
             .collect();
-        free.shuffle(&mut self.rng);
-        free.sort_by_key(|id| (self.nodes[id].load, -self.nodes[id].reputation));
+        let free = self.order(free);
         let until = now + Duration::from_secs(placement.reserve_period_s);
         let dedicated = placement.mode == SessionMode::Dedicated;
         for id in free.into_iter().take(placement.max_nodes as usize) {
@@ -206,12 +230,12 @@ pub struct Release {
     pub miners: Vec<String>,
 }
 
+/// What a miner did, for its reputation.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AdjustReputation {
+pub struct RecordOutcome {
     pub miner: String,
-    pub delta: i64,
-    pub reason: &'static str,
+    pub outcome: Outcome,
 }
 
 #[derive(Message)]
@@ -243,7 +267,7 @@ impl Handler<Register> for NodePool {
                         backend: m.backend,
                         load: 0,
                         max_load: m.max_load,
-                        reputation: INITIAL_REPUTATION,
+                        reputation: NodeReputation::new(&self.rules),
                         online: true,
                         dedicated: false,
                         reserved_for: None,
@@ -252,7 +276,6 @@ impl Handler<Register> for NodePool {
                         last_heartbeat: now,
                         registered_at_ms: crate::task::now_ms(),
                         tasks_done: 0,
-                        misses: 0,
                     },
                 );
             }
@@ -289,8 +312,13 @@ impl Handler<SelectMiners> for NodePool {
         self.ensure_reservation(&m.placement, &m.model);
         let now = Instant::now();
         let session = m.placement.session_id;
-        let usable =
-            |id: &String, n: &Node| n.online && n.model == m.model && !m.exclude.contains(id);
+        let now_ms = crate::task::now_ms();
+        let usable = |id: &String, n: &Node| {
+            n.online
+                && n.model == m.model
+                && !m.exclude.contains(id)
+                && !n.reputation.suspended(now_ms)
+        };
         // The session's own reservation first, then (unless dedicated) the shared pool.
         let mut groups: Vec<Vec<String>> = vec![self
             .nodes
@@ -312,10 +340,8 @@ impl Handler<SelectMiners> for NodePool {
         let eligible = groups.iter().map(Vec::len).sum();
         let mut chosen = Vec::new();
         for mut group in groups {
-            group.shuffle(&mut self.rng);
             group.retain(|id| self.nodes[id].load < self.nodes[id].max_load);
-            // Stable sort after the shuffle: least loaded first, then best reputation.
-            group.sort_by_key(|id| (self.nodes[id].load, -self.nodes[id].reputation));
+            let group = self.order(group);
             chosen.extend(group.into_iter().take(m.count - chosen.len().min(m.count)));
         }
         chosen.truncate(m.count);
@@ -343,14 +369,26 @@ impl Handler<Release> for NodePool {
     }
 }
 
-impl Handler<AdjustReputation> for NodePool {
+impl Handler<RecordOutcome> for NodePool {
     type Result = ();
-    fn handle(&mut self, m: AdjustReputation, _: &mut Context<Self>) {
+    fn handle(&mut self, m: RecordOutcome, _: &mut Context<Self>) {
+        let rules = self.rules;
         if let Some(node) = self.nodes.get_mut(&m.miner) {
-            node.reputation = (node.reputation + m.delta).clamp(0, REPUTATION_MAX);
-            if m.delta < 0 {
-                node.misses += 1;
-                tracing::info!(miner = %m.miner, delta = m.delta, reason = m.reason, reputation = node.reputation, "reputation lowered");
+            for change in node
+                .reputation
+                .record(m.outcome, crate::task::now_ms(), &rules)
+            {
+                match change {
+                    Change::Level { from, to } => {
+                        tracing::info!(miner = %m.miner, from, to, "level changed")
+                    }
+                    Change::Suspended { until_ms } => {
+                        tracing::warn!(miner = %m.miner, until_ms, "reputation too low: suspended")
+                    }
+                }
+            }
+            if !m.outcome.success() {
+                tracing::info!(miner = %m.miner, outcome = ?m.outcome, reputation = node.reputation.points(), "reputation lowered");
             }
         }
     }
@@ -369,10 +407,16 @@ impl Handler<ListNodes> for NodePool {
                     state: Self::state_of(n),
                     reserved_for: n.reserved_for,
                     load: n.load,
-                    reputation: n.reputation,
+                    reputation: n.reputation.points(),
+                    level: n.reputation.level,
+                    success_rate: n.reputation.success_rate(),
+                    counters: n.reputation.counters.clone(),
+                    suspended_until_ms: n
+                        .reputation
+                        .suspended_until_ms
+                        .filter(|t| *t > crate::task::now_ms()),
                     registered_at_ms: n.registered_at_ms,
                     tasks_done: n.tasks_done,
-                    misses: n.misses,
                 })
                 .collect(),
         )

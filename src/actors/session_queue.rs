@@ -12,10 +12,11 @@
 
 use super::chain_bridge::{ChainBridge, Settle};
 use super::messages::{MinerReport, ReportKind, TaskEvent, ToMiner};
-use super::node_pool::{AdjustReputation, ListNodes, NodePool, Release, SelectMiners, Selection};
+use super::node_pool::{ListNodes, NodePool, RecordOutcome, Release, SelectMiners, Selection};
 use super::validator::{Validate, Validator};
 use crate::config::QueueConfig;
 use crate::models::engine::GenerateRequest;
+use crate::reputation::{Outcome, Stage};
 use crate::store::{Store, StoreError};
 use crate::task::{
     now_ms, Assignment, AssignmentState, TaskKey, TaskOutcome, TaskRecord, TaskResult, TaskState,
@@ -27,13 +28,6 @@ use actix::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-
-/// Reputation changes (see node_pool for the range).
-pub const REPUTATION_AGREED: i64 = 1;
-pub const REPUTATION_MISSED_DEADLINE: i64 = -5;
-pub const REPUTATION_FAILED: i64 = -3;
-pub const REPUTATION_WRONG_REVEAL: i64 = -20;
-pub const REPUTATION_DISAGREED: i64 = -10;
 
 /// Capacity of each subscriber's channel; token events beyond it are dropped for that
 /// subscriber (the final record, which carries the whole text, always arrives).
@@ -479,7 +473,7 @@ impl SessionQueue {
         miner: &str,
         state: AssignmentState,
         note: String,
-        reputation: (i64, &'static str),
+        outcome: Outcome,
         ctx: &mut Context<Self>,
     ) {
         let Some(task) = self.live.get_mut(&key) else {
@@ -512,10 +506,9 @@ impl SessionQueue {
         self.pool.do_send(Release {
             miners: vec![miner.to_string()],
         });
-        self.pool.do_send(AdjustReputation {
+        self.pool.do_send(RecordOutcome {
             miner: miner.to_string(),
-            delta: reputation.0,
-            reason: reputation.1,
+            outcome,
         });
         self.fill(key, ctx);
         self.advance(key, ctx);
@@ -592,17 +585,16 @@ impl SessionQueue {
         let plan = task.record.validation_plan();
         let decision = decide(&results, &evidence, &plan, &reputation);
         for m in &decision.miners {
-            let (delta, reason) = if m.accepted {
-                (REPUTATION_AGREED, "result accepted")
+            let outcome = if m.accepted {
+                Outcome::Accepted
             } else if m.valid && !decision.consensus {
                 continue; // valid, in a split vote: nothing shows it was wrong
             } else {
-                (REPUTATION_DISAGREED, "result rejected")
+                Outcome::Rejected
             };
-            self.pool.do_send(AdjustReputation {
+            self.pool.do_send(RecordOutcome {
                 miner: m.miner.clone(),
-                delta,
-                reason,
+                outcome,
             });
         }
         let validators: Vec<String> = evidence
@@ -830,7 +822,7 @@ impl SessionQueue {
                         &miner,
                         AssignmentState::Rejected,
                         note,
-                        (REPUTATION_WRONG_REVEAL, "wrong reveal"),
+                        Outcome::WrongReveal,
                         ctx,
                     );
                     return;
@@ -850,7 +842,7 @@ impl SessionQueue {
                     &miner,
                     AssignmentState::Replaced,
                     note,
-                    (REPUTATION_FAILED, "failed a task"),
+                    Outcome::Failed,
                     ctx,
                 );
                 return;
@@ -883,11 +875,11 @@ impl SessionQueue {
                         .rev()
                         .find(|a| &a.miner == miner)
                         .map(|a| match a.state {
-                            AssignmentState::Assigned => "ack",
-                            AssignmentState::Acked => "precommit",
-                            _ => "commit",
+                            AssignmentState::Assigned => Stage::Ack,
+                            AssignmentState::Acked => Stage::Precommit,
+                            _ => Stage::Commit,
                         })
-                        .unwrap_or("ack");
+                        .unwrap_or(Stage::Ack);
                     missed.push((*key, miner.clone(), stage));
                 }
             }
@@ -900,13 +892,13 @@ impl SessionQueue {
             self.finish(key, TaskState::Ended, None, Some(error), ctx);
         }
         for (key, miner, stage) in missed {
-            let note = format!("missed the {stage} deadline");
+            let note = format!("missed the {} deadline", stage.name());
             self.remove_miner(
                 key,
                 &miner,
                 AssignmentState::Replaced,
                 note,
-                (REPUTATION_MISSED_DEADLINE, "missed a deadline"),
+                Outcome::Missed(stage),
                 ctx,
             );
         }

@@ -78,7 +78,8 @@ pub fn run(args: ByzantineArgs) -> anyhow::Result<()> {
             std::process::id(),
             kind
         ));
-        let config = TestnetConfig::from_toml_str("nodes.miners = 3\nnodes.validators = 1", "bench")?;
+        let config =
+            TestnetConfig::from_toml_str("nodes.miners = 3\nnodes.validators = 1", "bench")?;
         let mut faults = HashMap::new();
         faults.insert(
             "miner-3".to_string(),
@@ -139,19 +140,33 @@ pub fn run(args: ByzantineArgs) -> anyhow::Result<()> {
                 let v = call(
                     "POST",
                     &format!("/api/v1/completions/{sid}"),
-                    Some(json!({"prompt": PROMPTS[i % PROMPTS.len()], "max_tokens": args.max_tokens,
-                                "temperature": args.temperature, "seed": seed_base + i as u64})),
+                    Some(
+                        json!({"prompt": PROMPTS[i % PROMPTS.len()], "max_tokens": args.max_tokens,
+                                "temperature": args.temperature, "seed": seed_base + i as u64}),
+                    ),
                 )?;
-                let Some(tid) = v["task_id"].as_u64().or_else(|| v["error"]["task_id"].as_u64())
+                let Some(tid) = v["task_id"]
+                    .as_u64()
+                    .or_else(|| v["error"]["task_id"].as_u64())
                 else {
                     // A failed task answers with an error; find it in the session's list.
                     let list = call("GET", &format!("/api/v1/tasks/{sid}"), None)?;
                     let last = list["tasks"].as_array().and_then(|l| l.last()).cloned();
                     let Some(last) = last else { continue };
-                    tally(&mut t, &call("GET", &format!("/api/v1/tasks/{sid}/{}", last["task_id"]), None)?);
+                    tally(
+                        &mut t,
+                        &call(
+                            "GET",
+                            &format!("/api/v1/tasks/{sid}/{}", last["task_id"]),
+                            None,
+                        )?,
+                    );
                     continue;
                 };
-                tally(&mut t, &call("GET", &format!("/api/v1/tasks/{sid}/{tid}"), None)?);
+                tally(
+                    &mut t,
+                    &call("GET", &format!("/api/v1/tasks/{sid}/{tid}"), None)?,
+                );
             }
             rows.push((kind.name().to_string(), name, t));
         }
