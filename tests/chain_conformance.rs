@@ -6,7 +6,9 @@ use cortensor::chain::anvil::AnvilNode;
 use cortensor::chain::evm::{EvmChain, ANVIL_DEV_KEY};
 use cortensor::chain::local_ledger::LocalLedger;
 use cortensor::chain::node_key::NodeKey;
-use cortensor::chain::{Chain, ChainError, HoldRequest, MinerTrace, Settlement, TaskTrace};
+use cortensor::chain::{
+    Chain, ChainError, HoldRequest, MinerTrace, NodeOutcome, NodeStats, Settlement, TaskTrace,
+};
 use cortensor::session::{SessionMode, SessionParams};
 use cortensor::store::Store;
 use cortensor::task::TaskKey;
@@ -192,6 +194,31 @@ fn scenario(chain: &mut dyn Chain) {
     assert!(ended.data.starts_with(b"keccak256:"));
     chain.record_trace(key(id, 11), &ended).unwrap();
     assert_eq!(chain.task_trace(key(id, 11)).unwrap(), Some(ended));
+
+    // Nodes' records: counters, tokens and the level (up after 5 successes in a row, down
+    // after 2 failures in a row), reported in batches.
+    assert_eq!(chain.node_stats("m3").unwrap(), NodeStats::default());
+    let report = |node: &str, success: bool, tokens: u64| NodeOutcome {
+        node: node.into(),
+        success,
+        tokens,
+    };
+    let mut batch: Vec<NodeOutcome> = (0..5).map(|_| report("m1", true, 10)).collect();
+    batch.push(report("m2", false, 0));
+    chain.report_node_outcomes(&batch).unwrap();
+    chain.report_node_outcomes(&[]).unwrap();
+    let m1 = chain.node_stats("m1").unwrap();
+    assert_eq!(
+        (m1.successes, m1.failures, m1.tokens, m1.level),
+        (5, 0, 50, 1)
+    );
+    chain
+        .report_node_outcomes(&[report("m1", false, 0), report("m1", false, 0)])
+        .unwrap();
+    let m1 = chain.node_stats("m1").unwrap();
+    assert_eq!((m1.successes, m1.failures, m1.level), (5, 2, 0));
+    let m2 = chain.node_stats("m2").unwrap();
+    assert_eq!((m2.failures, m2.consecutive_failures, m2.level), (1, 1, 0));
 }
 
 #[test]

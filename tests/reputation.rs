@@ -9,6 +9,7 @@ use cortensor::reputation::*;
 use cortensor::testkit::scripted_engine::Script;
 use serde_json::json;
 use std::collections::HashMap;
+use std::time::Duration;
 
 fn rules() -> ReputationRules {
     ReputationRules::default()
@@ -151,4 +152,19 @@ fn a_miner_whose_results_keep_being_rejected_is_suspended_and_honest_ones_rise()
         assert_eq!(m["counters"]["rejected"], 0, "{m}");
         assert!(m["reputation"].as_i64().unwrap() > 500, "{m}");
     }
+    // The outcomes reach the chain's records (in batches, within a second).
+    net.wait_for(Duration::from_secs(10), "outcomes on chain", |n| {
+        let (_, miners) = n.get("/api/v1/miners");
+        let failures = miners["nodes"]["miner-3"]["chain_record"]["failures"].as_u64();
+        let rejected = miners["nodes"]["miner-3"]["counters"]["rejected"].as_u64();
+        failures.is_some() && failures == rejected
+    });
+    let (_, miners) = net.get("/api/v1/miners");
+    let record = &miners["nodes"]["miner-1"]["chain_record"];
+    assert_eq!(record["failures"], 0, "{record}");
+    assert_eq!(
+        record["successes"],
+        miners["nodes"]["miner-1"]["counters"]["accepted"]
+    );
+    assert!(record["tokens"].as_u64().unwrap() > 0, "{record}");
 }

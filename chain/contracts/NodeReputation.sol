@@ -31,7 +31,24 @@ contract NodeReputation is Roles {
         downgradeStreak = downgradeStreak_;
     }
 
+    error LengthMismatch();
+
     function reportTaskCompletion(address node, bool success, uint256 tokenCount) external onlyRole(REPORTER) {
+        _report(node, success, tokenCount);
+    }
+
+    /// Many outcomes in one transaction (the router reports each task's miners in batches).
+    function reportBatch(address[] calldata nodes, bool[] calldata success, uint256[] calldata tokenCounts)
+        external
+        onlyRole(REPORTER)
+    {
+        if (nodes.length != success.length || nodes.length != tokenCounts.length) revert LengthMismatch();
+        for (uint256 i = 0; i < nodes.length; i++) {
+            _report(nodes[i], success[i], tokenCounts[i]);
+        }
+    }
+
+    function _report(address node, bool success, uint256 tokenCount) internal {
         Stats storage s = stats[node];
         uint8 before = s.level;
         if (success) {

@@ -5,7 +5,7 @@
 //! delivered by a drain loop, retried with back-off while the chain does not answer.
 
 use super::chain_outbox::{Outbox, OutboxCounts};
-use crate::chain::{Chain, ChainError, Settlement, TaskTrace};
+use crate::chain::{Chain, ChainError, NodeOutcome, NodeStats, Settlement, TaskTrace};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
 use crate::task::TaskKey;
@@ -16,12 +16,18 @@ use std::time::{Duration, Instant};
 pub const OUTBOX_DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// Longest pause between delivery attempts after failures (doubling from the drain period).
 pub const OUTBOX_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often nodes' task outcomes go on chain (one transaction each time on an EVM).
+pub const REPORT_OUTCOMES_EVERY: Duration = Duration::from_millis(500);
+/// Outcomes waiting at most; the oldest are dropped past it (the pool's own reputation, which
+/// selection uses, is unaffected: the chain's record is a summary).
+pub const MAX_PENDING_OUTCOMES: usize = 10_000;
 
 pub struct ChainBridge {
     chain: Box<dyn Chain>,
     outbox: Option<Outbox>,
     failures: u32,
     next_attempt: Instant,
+    outcomes: std::collections::VecDeque<NodeOutcome>,
 }
 
 impl ChainBridge {
@@ -31,6 +37,21 @@ impl ChainBridge {
             outbox: None,
             failures: 0,
             next_attempt: Instant::now(),
+            outcomes: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Sends the waiting task outcomes in one report; on failure they wait for the next.
+    fn report_outcomes(&mut self) {
+        if self.outcomes.is_empty() {
+            return;
+        }
+        let batch: Vec<NodeOutcome> = self.outcomes.iter().cloned().collect();
+        match self.chain.report_node_outcomes(&batch) {
+            Ok(()) => self.outcomes.clear(),
+            Err(e) => {
+                tracing::warn!(error = %e, pending = batch.len(), "nodes' outcomes not recorded on chain; retrying")
+            }
         }
     }
 
@@ -77,6 +98,39 @@ impl Actor for ChainBridge {
         if self.outbox.is_some() {
             ctx.run_interval(OUTBOX_DRAIN_EVERY, |bridge, _| bridge.drain());
         }
+        ctx.run_interval(REPORT_OUTCOMES_EVERY, |bridge, _| bridge.report_outcomes());
+    }
+
+    fn stopping(&mut self, _: &mut Context<Self>) -> Running {
+        self.report_outcomes();
+        Running::Stop
+    }
+}
+
+/// Nodes' task outcomes for their records on chain; sent in batches.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReportOutcomes(pub Vec<NodeOutcome>);
+
+impl Handler<ReportOutcomes> for ChainBridge {
+    type Result = ();
+    fn handle(&mut self, m: ReportOutcomes, _: &mut Context<Self>) {
+        self.outcomes.extend(m.0);
+        while self.outcomes.len() > MAX_PENDING_OUTCOMES {
+            self.outcomes.pop_front();
+        }
+    }
+}
+
+/// A node's record on chain.
+#[derive(Message)]
+#[rtype(result = "Result<NodeStats, ChainError>")]
+pub struct GetNodeStats(pub String);
+
+impl Handler<GetNodeStats> for ChainBridge {
+    type Result = Result<NodeStats, ChainError>;
+    fn handle(&mut self, m: GetNodeStats, _: &mut Context<Self>) -> Self::Result {
+        self.chain.node_stats(&m.0)
     }
 }
 

@@ -10,7 +10,7 @@
 //! tick and before every flush, which is what a crash could observe either way. Flushes go to the
 //! store's flusher thread (group commit), so the queue never blocks on the disk.
 
-use super::chain_bridge::{ChainBridge, Settle};
+use super::chain_bridge::{ChainBridge, ReportOutcomes, Settle};
 use super::messages::{MinerReport, ReportKind, TaskEvent, ToMiner};
 use super::node_pool::{ListNodes, NodePool, RecordOutcome, Release, SelectMiners, Selection};
 use super::validator::{Validate, Validator};
@@ -716,6 +716,10 @@ impl SessionQueue {
         self.write(&task.record);
         self.record_stage("total", task.created.elapsed());
         *self.stats.ended.entry(state.name()).or_default() += 1;
+        let outcomes = node_outcomes(&task.record);
+        if !outcomes.is_empty() {
+            self.chain.do_send(ReportOutcomes(outcomes));
+        }
         if let Some(outcome) = &task.record.outcome {
             let tokens = outcome.result.completion_tokens();
             self.stats.tokens_generated += tokens as u64;
@@ -1117,4 +1121,38 @@ impl Handler<GetStats> for SessionQueue {
         }
         MessageResult(stats)
     }
+}
+
+/// What a finished task says of each miner, for the nodes' records on chain: an accepted
+/// result is a success; a rejected result, a missed deadline, a failure or a forged reveal is
+/// a failure; a valid result in a split vote, or a miner dropped because the task ended, says
+/// nothing.
+fn node_outcomes(record: &TaskRecord) -> Vec<crate::chain::NodeOutcome> {
+    record
+        .assignments
+        .iter()
+        .filter_map(|a| {
+            let success = match a.state {
+                AssignmentState::Committed => {
+                    let decision = record.decision.as_ref()?;
+                    let verdict = decision.miners.iter().find(|m| m.miner == a.miner)?;
+                    if verdict.valid && !verdict.accepted && !decision.consensus {
+                        return None;
+                    }
+                    verdict.accepted
+                }
+                AssignmentState::Replaced | AssignmentState::Rejected => false,
+                _ => return None,
+            };
+            let tokens = match (&a.result, success) {
+                (Some(r), true) => r.completion_tokens() as u64,
+                _ => 0,
+            };
+            Some(crate::chain::NodeOutcome {
+                node: a.miner.clone(),
+                success,
+                tokens,
+            })
+        })
+        .collect()
 }

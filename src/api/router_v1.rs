@@ -5,7 +5,9 @@ use super::auth::Caller;
 use super::completion::{self, SamplingFields, StopField, StreamEvent, TaskSpec};
 use super::error::ApiError;
 use super::{views, ApiState};
-use crate::actors::chain_bridge::{GetSession, GetTaskTrace, ListSessions, NodePendingPayment};
+use crate::actors::chain_bridge::{
+    GetNodeStats, GetSession, GetTaskTrace, ListSessions, NodePendingPayment,
+};
 use crate::actors::node_pool::ListNodes;
 use crate::actors::router::OpenSession;
 use crate::actors::session_queue::{CancelTask, GetStats, GetTask};
@@ -99,8 +101,16 @@ async fn miners(state: web::Data<ApiState>, _: Caller) -> Result<HttpResponse, A
             .send(NodePendingPayment(n.id.clone()))
             .await?
             .unwrap_or(0);
+        let on_chain = state
+            .actors
+            .chain
+            .send(GetNodeStats(n.id.clone()))
+            .await?
+            .ok();
         let mut view = serde_json::to_value(n).expect("node views serialize");
         view["pending_payment"] = json!(pending);
+        // The node's record on chain (NodeReputation): counters and the contract's level.
+        view["chain_record"] = json!(on_chain);
         by_id.insert(n.id.clone(), view);
         let key = serde_json::to_value(n.state).expect("states serialize");
         let entry = by_state

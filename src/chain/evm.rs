@@ -11,10 +11,13 @@
 
 use super::contracts::session_payment::SessionPaymentErrors;
 use super::contracts::session_v2::{Params, SessionV2Errors};
-use super::contracts::{SessionPayment, SessionQueueV2, SessionV2};
+use super::contracts::{NodeReputation, SessionPayment, SessionQueueV2, SessionV2};
 use super::deploy::Deployment;
 use super::node_key::NodeKey;
-use super::{split_payment, Chain, ChainError, HoldRequest, MinerTrace, Settlement, TaskTrace};
+use super::{
+    split_payment, Chain, ChainError, HoldRequest, MinerTrace, NodeOutcome, NodeStats, Settlement,
+    TaskTrace,
+};
 use crate::session::{Session, SessionMode, SessionParams, Sla};
 use crate::task::TaskKey;
 use ethers::abi::AbiEncode;
@@ -718,6 +721,51 @@ impl Chain for EvmChain {
     fn task_trace(&self, task: TaskKey) -> Result<Option<TaskTrace>, ChainError> {
         let book = self.nodes.clone();
         self.call(move |c, d| Box::pin(read_trace(c, d, book, task)))
+    }
+
+    fn report_node_outcomes(&mut self, outcomes: &[NodeOutcome]) -> Result<(), ChainError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let nodes: Vec<Address> = outcomes
+            .iter()
+            .map(|o| self.nodes.address(&o.node))
+            .collect();
+        let success: Vec<bool> = outcomes.iter().map(|o| o.success).collect();
+        let tokens: Vec<U256> = outcomes.iter().map(|o| U256::from(o.tokens)).collect();
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let reputation = NodeReputation::new(d.reputation, c);
+                send(
+                    "reportBatch",
+                    reputation.report_batch(nodes, success, tokens),
+                )
+                .await
+                .map_err(|e| chain_error(0, e))?;
+                Ok(())
+            })
+        })
+    }
+
+    fn node_stats(&self, node: &str) -> Result<NodeStats, ChainError> {
+        let address = self.nodes.address(node);
+        self.call(move |c, d| {
+            Box::pin(async move {
+                let s = NodeReputation::new(d.reputation, c)
+                    .stats(address)
+                    .call()
+                    .await
+                    .map_err(|e| chain_error(0, e))?;
+                Ok(NodeStats {
+                    successes: s.0,
+                    failures: s.1,
+                    consecutive_successes: s.2,
+                    consecutive_failures: s.3,
+                    tokens: s.4 as u64,
+                    level: s.5,
+                })
+            })
+        })
     }
 }
 

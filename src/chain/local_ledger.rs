@@ -6,7 +6,7 @@
 //! before that flush loses the task and its hold together, or the end and its settlement
 //! together, and the task is resumed and settled once.
 
-use super::{split_payment, Chain, ChainError, HoldRequest, TaskTrace};
+use super::{split_payment, Chain, ChainError, HoldRequest, NodeOutcome, NodeStats, TaskTrace};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
 use crate::task::{now_ms, TaskKey};
@@ -209,6 +209,32 @@ impl Chain for LocalLedger {
 
     fn task_trace(&self, task: TaskKey) -> Result<Option<TaskTrace>, ChainError> {
         Ok(self.store.chain_record(&trace_name(task))?)
+    }
+
+    fn report_node_outcomes(&mut self, outcomes: &[NodeOutcome]) -> Result<(), ChainError> {
+        let mut touched: Vec<(String, NodeStats)> = Vec::new();
+        for o in outcomes {
+            let i = match touched.iter().position(|(n, _)| *n == o.node) {
+                Some(i) => i,
+                None => {
+                    touched.push((o.node.clone(), self.node_stats(&o.node)?));
+                    touched.len() - 1
+                }
+            };
+            touched[i].1.apply(o.success, o.tokens);
+        }
+        for (node, stats) in touched {
+            self.store
+                .put_chain_record(&format!("nodestats/{node}"), &stats)?;
+        }
+        Ok(())
+    }
+
+    fn node_stats(&self, node: &str) -> Result<NodeStats, ChainError> {
+        Ok(self
+            .store
+            .chain_record(&format!("nodestats/{node}"))?
+            .unwrap_or_default())
     }
 }
 

@@ -125,6 +125,54 @@ impl TaskTrace {
     }
 }
 
+/// One node's outcome of one task, for its record on chain (Cortensor's
+/// `reportTaskCompletion`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeOutcome {
+    pub node: String,
+    pub success: bool,
+    /// Tokens it served (its accepted result's).
+    pub tokens: u64,
+}
+
+/// A node's record on chain (Cortensor's NodeStats / NodeReputation): counters and a level
+/// 0..=10 that rises after [`deploy::UPGRADE_STREAK`] successes in a row and falls after
+/// [`deploy::DOWNGRADE_STREAK`] failures in a row. The node pool's own reputation
+/// (`crate::reputation`) is finer; this is the shared, durable summary.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeStats {
+    pub successes: u64,
+    pub failures: u64,
+    pub consecutive_successes: u64,
+    pub consecutive_failures: u64,
+    pub tokens: u64,
+    pub level: u8,
+}
+
+impl NodeStats {
+    /// The contract's rule, for the embedded ledger.
+    pub fn apply(&mut self, success: bool, tokens: u64) {
+        if success {
+            self.successes += 1;
+            self.consecutive_successes += 1;
+            self.consecutive_failures = 0;
+            self.tokens += tokens;
+            if self.consecutive_successes >= deploy::UPGRADE_STREAK && self.level < 10 {
+                self.level += 1;
+                self.consecutive_successes = 0;
+            }
+        } else {
+            self.failures += 1;
+            self.consecutive_failures += 1;
+            self.consecutive_successes = 0;
+            if self.consecutive_failures >= deploy::DOWNGRADE_STREAK && self.level > 0 {
+                self.level -= 1;
+                self.consecutive_failures = 0;
+            }
+        }
+    }
+}
+
 /// What the network's contracts do for us, in one interface.
 pub trait Chain: Send {
     fn create_session(
@@ -174,4 +222,8 @@ pub trait Chain: Send {
     fn record_trace(&mut self, task: TaskKey, trace: &TaskTrace) -> Result<(), ChainError>;
     /// The stages recorded for a task, if any were.
     fn task_trace(&self, task: TaskKey) -> Result<Option<TaskTrace>, ChainError>;
+    /// Adds task outcomes to the nodes' records, in order (one transaction on an EVM).
+    fn report_node_outcomes(&mut self, outcomes: &[NodeOutcome]) -> Result<(), ChainError>;
+    /// A node's record (zeros for a node never reported).
+    fn node_stats(&self, node: &str) -> Result<NodeStats, ChainError>;
 }
