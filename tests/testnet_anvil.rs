@@ -115,7 +115,10 @@ fn the_testnet_runs_on_the_contracts() {
         assert!(m.acked);
         let commit = m.commit.as_ref().expect("a commit");
         assert_eq!(m.precommit, Some(ethers::utils::keccak256(commit)));
-        let (text, ..): (String, Vec<u32>, String, usize) = serde_json::from_slice(commit).unwrap();
+        // The commitment names its miner, so no other miner can claim it.
+        let (miner, text, ..): (String, String, Vec<u32>, String, usize) =
+            serde_json::from_slice(commit).unwrap();
+        assert_eq!(miner, m.node);
         assert_eq!(text, task["results"]["data"][0].as_str().unwrap());
     }
 

@@ -58,7 +58,7 @@ impl Default for LikelihoodThresholds {
             max_outside_support: 0.05,
             min_argmax_greedy: 0.9,
             max_rare: 0.05,
-            min_mean_logprob: -4.0,
+            min_mean_logprob: -6.0,
         }
     }
 }
@@ -112,8 +112,10 @@ pub fn evidence(
 }
 
 /// Why an output fails; empty when it passes. `seeded`: the replay used the generation's own
-/// seed (task validation), so seed matches count; without it (a client's output checked
-/// through `/api/v1/validate`) only ranks and log-probabilities do.
+/// seed (task validation), so the seed match decides (an honest output matches token for
+/// token; ranks and log-probabilities add nothing and would only reject short, unlikely but
+/// honest draws). Without the seed (a client's output checked through `/api/v1/validate`)
+/// ranks and log-probabilities decide.
 pub fn judge(
     e: &LikelihoodEvidence,
     request: &GenerateRequest,
@@ -122,12 +124,21 @@ pub fn judge(
 ) -> Vec<String> {
     let mut reasons = Vec::new();
     let greedy = request.params.temperature <= 0.0;
-    if seeded && e.seed_match_fraction < t.min_seed_match {
-        reasons.push(format!(
-            "only {:.0}% of its tokens are what the task's seeded sampler draws (at least {:.0}% needed)",
-            e.seed_match_fraction * 100.0,
-            t.min_seed_match * 100.0
-        ));
+    if !e.end_consistent {
+        reasons.push("where it ends does not match its finish reason (truncated or padded)".into());
+    }
+    if seeded {
+        if e.seed_match_fraction < t.min_seed_match {
+            reasons.insert(
+                0,
+                format!(
+                    "only {:.0}% of its tokens are what the task's seeded sampler draws (at least {:.0}% needed)",
+                    e.seed_match_fraction * 100.0,
+                    t.min_seed_match * 100.0
+                ),
+            );
+        }
+        return reasons;
     }
     if greedy && e.argmax_fraction < t.min_argmax_greedy {
         reasons.push(format!(
@@ -155,9 +166,6 @@ pub fn judge(
             "mean log-probability {:.2} is below {:.2}",
             e.mean_logprob, t.min_mean_logprob
         ));
-    }
-    if !e.end_consistent {
-        reasons.push("where it ends does not match its finish reason (truncated or padded)".into());
     }
     reasons
 }
