@@ -106,6 +106,7 @@ pub struct NodesConfig {
     pub offline_after_ms: u64,
     pub max_tasks_per_miner: usize,
     pub selection_seed: u64,
+    pub probes_required: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -203,6 +203,10 @@ pub struct Placement {
     pub min_nodes: u32,
     pub max_nodes: u32,
     pub reserve_period_s: u64,
+    /// A network task for this one node, whatever its pool state (probing a new or released
+    /// node).
+    #[serde(default)]
+    pub only: Option<String>,
 }
 
 /// The accepted outcome of a task.

@@ -5,7 +5,7 @@
 
 use crate::actors::chain_bridge::{ChainBridge, CreateSession, ListSessions};
 use crate::actors::miner::{EngineFactory, Miner, MinerFaults, MinerSpec};
-use crate::actors::node_pool::NodePool;
+use crate::actors::node_pool::{NodePool, SetProber};
 use crate::actors::router::{Router, RouterSettings};
 use crate::actors::session_queue::{SessionQueue, Shutdown};
 use crate::actors::validator::Validator;
@@ -17,6 +17,7 @@ use crate::chain::Chain;
 use crate::config::TestnetConfig;
 use crate::session::SessionParams;
 use crate::store::{Store, StoreError};
+use crate::validation::consensus::{Level, Levels};
 use crate::validation::embedding_service::EmbeddingService;
 use crate::validation::engine_service::EngineService;
 use actix::prelude::*;
@@ -281,6 +282,7 @@ async fn start_actors(
         Duration::from_millis(config.nodes.offline_after_ms),
         config.nodes.selection_seed,
         crate::reputation::ReputationRules::default(),
+        config.nodes.probes_required,
     )
     .start();
 
@@ -323,7 +325,14 @@ async fn start_actors(
         chain.clone(),
         validators.clone(),
     )
+    // A node joins the pool once its answers replay under the validators' model.
+    .with_probe_validation(if validator_engine.is_some() {
+        Levels::new([Level::Likelihood])
+    } else {
+        Levels::default()
+    })
     .start();
+    pool.do_send(SetProber(queue.clone().recipient()));
 
     for index in 0..config.nodes.miners {
         let id = miner_id(index);

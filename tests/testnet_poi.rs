@@ -36,8 +36,11 @@ fn network(dir: &std::path::Path, embedding: bool) -> common::Net {
             .expect("all-MiniLM-L6-v2 in the cache (scripts/setup fetches it)")
     });
     common::start_with(TestnetOptions {
-        config: TestnetConfig::from_toml_str("nodes.miners = 3\nqueue.tick_ms = 10", "test")
-            .unwrap(),
+        config: TestnetConfig::from_toml_str(
+            "nodes.miners = 3\nnodes.probes_required = 0\nqueue.tick_ms = 10",
+            "test",
+        )
+        .unwrap(),
         engine,
         model: SCRIPTED_MODEL.into(),
         storage: Storage::Dir(dir.to_path_buf()),

@@ -64,3 +64,14 @@ pub enum TaskEvent {
     },
     Finished(Box<TaskRecord>),
 }
+
+/// The session network (cognitive) tasks belong to: no client owns it and nothing is paid.
+pub const NETWORK_SESSION: u64 = u64::MAX;
+
+/// The node pool asks the queue to test a node with a network task.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct Probe {
+    pub miner: String,
+    pub model: String,
+}

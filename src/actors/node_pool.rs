@@ -3,12 +3,15 @@
 //! online, unsuspended miners of the right model, least loaded first; among equally loaded ones
 //! the order is drawn at random with weights proportional to reputation (seeded).
 //!
-//! Node states: **ephemeral** (in the shared pool), **reserved** (held by a hybrid session for
-//! its reserve period, still shared), **dedicated** (held exclusively by a dedicated session),
-//! **released** (its reservation ended; it rejoins the pool after a cool-down in which it must
-//! keep sending heartbeats), **offline** (silent past its heartbeat deadline, or restarting).
+//! Node states: **validating** (new, or released: it must pass `probes_required` network
+//! tasks, run by the queue, before it joins the pool), **ephemeral** (in the shared pool),
+//! **reserved** (held by a hybrid session for its reserve period, still shared), **dedicated**
+//! (held exclusively by a dedicated session; a node pinned to a session skips validation and
+//! the pool), **released** (its reservation ended; it revalidates and rejoins after a
+//! cool-down), **suspended** (its reputation fell too low), **offline** (silent past its
+//! heartbeat deadline, or restarting).
 
-use super::messages::ToMiner;
+use super::messages::{Probe, ToMiner};
 use crate::reputation::{Change, Counters, NodeReputation, Outcome, ReputationRules};
 use crate::session::SessionMode;
 use crate::task::Placement;
@@ -34,7 +37,14 @@ pub enum NodeState {
     Offline,
     /// Its reputation fell too low: not selected for a while.
     Suspended,
+    /// New or released: passing network tasks before it joins the pool.
+    Validating,
 }
+
+/// Longest wait before a failed probe is tried again (doubling from a second).
+pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(30);
+/// A probe not answered in this long is given up and tried again.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(120);
 
 struct Node {
     addr: Recipient<ToMiner>,
@@ -51,6 +61,15 @@ struct Node {
     last_heartbeat: Instant,
     registered_at_ms: u64,
     tasks_done: u64,
+    /// Passed its network tasks since it registered or was released.
+    validated: bool,
+    /// A probe is running since then.
+    probing: Option<Instant>,
+    probes_passed: u32,
+    probes_failed: u32,
+    next_probe_at: Instant,
+    /// Pinned to a dedicated session: never in the pool.
+    pinned: Option<u64>,
 }
 
 /// A node as the API shows it.
@@ -74,6 +93,11 @@ pub struct NodeView {
     pub suspended_until_ms: Option<u64>,
     pub registered_at_ms: u64,
     pub tasks_done: u64,
+    /// Network tasks passed since it registered or was released, and failed in all.
+    pub probes_passed: u32,
+    pub probes_failed: u32,
+    /// The dedicated session it is pinned to.
+    pub pinned_to: Option<u64>,
 }
 
 pub struct NodePool {
@@ -81,15 +105,52 @@ pub struct NodePool {
     offline_after: Duration,
     rng: ChaCha8Rng,
     rules: ReputationRules,
+    probes_required: u32,
+    prober: Option<Recipient<Probe>>,
 }
 
 impl NodePool {
-    pub fn new(offline_after: Duration, selection_seed: u64, rules: ReputationRules) -> Self {
+    pub fn new(
+        offline_after: Duration,
+        selection_seed: u64,
+        rules: ReputationRules,
+        probes_required: u32,
+    ) -> Self {
         Self {
             nodes: BTreeMap::new(),
             offline_after,
             rng: ChaCha8Rng::seed_from_u64(selection_seed),
             rules,
+            probes_required,
+            prober: None,
+        }
+    }
+
+    /// Starts the network tasks that are due.
+    fn probe_due(&mut self) {
+        let Some(prober) = self.prober.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        for (id, n) in self.nodes.iter_mut() {
+            if n.probing
+                .is_some_and(|t| now.duration_since(t) > PROBE_TIMEOUT)
+            {
+                tracing::warn!(miner = %id, "a network task went unanswered: trying again");
+                n.probing = None;
+            }
+            if n.online
+                && !n.validated
+                && n.pinned.is_none()
+                && n.probing.is_none()
+                && now >= n.next_probe_at
+            {
+                n.probing = Some(now);
+                prober.do_send(Probe {
+                    miner: id.clone(),
+                    model: n.model.clone(),
+                });
+            }
         }
     }
 
@@ -112,8 +173,12 @@ impl NodePool {
     fn state_of(node: &Node) -> NodeState {
         if !node.online {
             NodeState::Offline
+        } else if node.pinned.is_some() {
+            NodeState::Dedicated
         } else if node.reputation.suspended(crate::task::now_ms()) {
             NodeState::Suspended
+        } else if !node.validated && node.pinned.is_none() {
+            NodeState::Validating
         } else if node.released_until.is_some_and(|t| t > Instant::now()) {
             NodeState::Released
         } else if node.reserved_for.is_some() && node.dedicated {
@@ -139,7 +204,9 @@ impl NodePool {
         let free: Vec<String> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.online && n.model == model && n.reserved_for.is_none())
+            .filter(|(_, n)| {
+                n.online && n.validated && n.model == model && n.reserved_for.is_none()
+            })
             .filter(|(_, n)| !n.released_until.is_some_and(|t| t > now))
             .filter(|(_, n)| !n.reputation.suspended(crate::task::now_ms()))
             .map(|(id, _)| id.clone())
@@ -171,13 +238,18 @@ impl Actor for NodePool {
                     node.online = false;
                 }
                 if node.reserved_until.is_some_and(|t| t <= now) {
-                    tracing::info!(miner = %id, session = ?node.reserved_for, "reservation ended: miner released");
+                    tracing::info!(miner = %id, session = ?node.reserved_for, "reservation ended: miner released; it revalidates");
                     node.reserved_for = None;
                     node.reserved_until = None;
                     node.dedicated = false;
                     node.released_until = Some(now + cooldown);
+                    if pool.probes_required > 0 {
+                        node.validated = false;
+                        node.probes_passed = 0;
+                    }
                 }
             }
+            pool.probe_due();
         });
     }
 }
@@ -276,6 +348,12 @@ impl Handler<Register> for NodePool {
                         last_heartbeat: now,
                         registered_at_ms: crate::task::now_ms(),
                         tasks_done: 0,
+                        validated: self.probes_required == 0,
+                        probing: None,
+                        probes_passed: 0,
+                        probes_failed: 0,
+                        next_probe_at: now,
+                        pinned: None,
                     },
                 );
             }
@@ -312,12 +390,25 @@ impl Handler<SelectMiners> for NodePool {
         self.ensure_reservation(&m.placement, &m.model);
         let now = Instant::now();
         let session = m.placement.session_id;
+        if let Some(only) = &m.placement.only {
+            // A network task: that node alone, whatever its pool state.
+            let node = self.nodes.get_mut(only);
+            let miners = match node {
+                Some(n) if n.online && n.load < n.max_load && !m.exclude.contains(only) => {
+                    n.load += 1;
+                    vec![(only.clone(), n.addr.clone())]
+                }
+                _ => vec![],
+            };
+            let eligible = miners.len();
+            return MessageResult(Selection { miners, eligible });
+        }
         let now_ms = crate::task::now_ms();
         let usable = |id: &String, n: &Node| {
             n.online
                 && n.model == m.model
                 && !m.exclude.contains(id)
-                && !n.reputation.suspended(now_ms)
+                && (n.pinned == Some(session) || n.validated && !n.reputation.suspended(now_ms))
         };
         // The session's own reservation first, then (unless dedicated) the shared pool.
         let mut groups: Vec<Vec<String>> = vec![self
@@ -394,6 +485,95 @@ impl Handler<RecordOutcome> for NodePool {
     }
 }
 
+/// Where the pool sends its network tasks (the session queue).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetProber(pub Recipient<Probe>);
+
+impl Handler<SetProber> for NodePool {
+    type Result = ();
+    fn handle(&mut self, m: SetProber, _: &mut Context<Self>) {
+        self.prober = Some(m.0);
+        self.probe_due();
+    }
+}
+
+/// How a node's network task ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProbeFinished {
+    pub miner: String,
+    pub passed: bool,
+}
+
+impl Handler<ProbeFinished> for NodePool {
+    type Result = ();
+    fn handle(&mut self, m: ProbeFinished, _: &mut Context<Self>) {
+        let required = self.probes_required;
+        let Some(n) = self.nodes.get_mut(&m.miner) else {
+            return;
+        };
+        n.probing = None;
+        if m.passed {
+            n.probes_passed += 1;
+            n.next_probe_at = Instant::now();
+            if !n.validated && n.probes_passed >= required {
+                tracing::info!(miner = %m.miner, passed = n.probes_passed, "network tasks passed: joined the pool");
+                n.validated = true;
+            }
+        } else {
+            n.probes_failed += 1;
+            n.probes_passed = 0;
+            let backoff = (Duration::from_secs(1) * 2u32.saturating_pow(n.probes_failed.min(10)))
+                .min(MAX_PROBE_BACKOFF);
+            tracing::warn!(miner = %m.miner, failed = n.probes_failed, ?backoff, "network task failed: the miner stays out of the pool");
+            n.next_probe_at = Instant::now() + backoff;
+        }
+    }
+}
+
+/// Pins a node to a dedicated session (Cortensor's `addDedicatedNode`): it skips validation
+/// and the pool and serves that session alone.
+#[derive(Message)]
+#[rtype(result = "Result<(), PinError>")]
+pub struct PinDedicated {
+    pub miner: String,
+    pub session: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PinError {
+    #[error("no node {0}")]
+    UnknownNode(String),
+    #[error("node {node} is already pinned to session {session}")]
+    Taken { node: String, session: u64 },
+}
+
+impl Handler<PinDedicated> for NodePool {
+    type Result = Result<(), PinError>;
+    fn handle(&mut self, m: PinDedicated, _: &mut Context<Self>) -> Self::Result {
+        let n = self
+            .nodes
+            .get_mut(&m.miner)
+            .ok_or_else(|| PinError::UnknownNode(m.miner.clone()))?;
+        match n.pinned {
+            Some(s) if s != m.session => Err(PinError::Taken {
+                node: m.miner,
+                session: s,
+            }),
+            _ => {
+                tracing::info!(miner = %m.miner, session = m.session, "node pinned to a dedicated session");
+                n.pinned = Some(m.session);
+                n.reserved_for = Some(m.session);
+                n.reserved_until = None;
+                n.released_until = None;
+                n.dedicated = true;
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Handler<ListNodes> for NodePool {
     type Result = MessageResult<ListNodes>;
     fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
@@ -417,6 +597,9 @@ impl Handler<ListNodes> for NodePool {
                         .filter(|t| *t > crate::task::now_ms()),
                     registered_at_ms: n.registered_at_ms,
                     tasks_done: n.tasks_done,
+                    probes_passed: n.probes_passed,
+                    probes_failed: n.probes_failed,
+                    pinned_to: n.pinned,
                 })
                 .collect(),
         )

@@ -211,6 +211,7 @@ impl Handler<SubmitTask> for Router {
                     min_nodes: params.min_num_of_nodes,
                     max_nodes: params.max_num_of_nodes,
                     reserve_period_s: params.reserve_period,
+                    only: None,
                 },
                 request: m.request,
                 redundancy: params.redundant,

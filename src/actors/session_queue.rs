@@ -11,8 +11,10 @@
 //! store's flusher thread (group commit), so the queue never blocks on the disk.
 
 use super::chain_bridge::{ChainBridge, ReportOutcomes, Settle};
-use super::messages::{MinerReport, ReportKind, TaskEvent, ToMiner};
-use super::node_pool::{ListNodes, NodePool, RecordOutcome, Release, SelectMiners, Selection};
+use super::messages::{MinerReport, Probe, ReportKind, TaskEvent, ToMiner, NETWORK_SESSION};
+use super::node_pool::{
+    ListNodes, NodePool, ProbeFinished, RecordOutcome, Release, SelectMiners, Selection,
+};
 use super::validator::{Validate, Validator};
 use crate::config::QueueConfig;
 use crate::models::engine::GenerateRequest;
@@ -22,8 +24,9 @@ use crate::task::{
     now_ms, Assignment, AssignmentState, TaskKey, TaskOutcome, TaskRecord, TaskResult, TaskState,
 };
 use crate::validation::consensus::{
-    decide, Consensus, DisagreementPolicy, Evidence, ValidationPlan,
+    decide, Consensus, DisagreementPolicy, Evidence, Levels, ValidationPlan,
 };
+use crate::validation::likelihood::LikelihoodThresholds;
 use actix::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -216,7 +219,21 @@ pub struct SessionQueue {
     /// Live tasks changed since they were last written.
     dirty: std::collections::HashSet<TaskKey>,
     stats: QueueStats,
+    /// How network tasks (probes of new and released nodes) are validated.
+    probe_validation: Levels,
+    probes_started: u64,
 }
+
+/// What network tasks ask (short, factual, answered greedily): a node that runs the model it
+/// claims reproduces the validators' replay.
+pub const COGNITIVE_PROMPTS: [&str; 4] = [
+    "What is the capital of France?",
+    "Name the largest planet in the solar system.",
+    "What is 7 times 8?",
+    "Which gas do plants absorb from the air?",
+];
+/// Tokens a network task generates.
+pub const PROBE_MAX_TOKENS: usize = 8;
 
 /// The sampling seed of a task: the same for every miner, different for every task.
 pub fn task_seed(key: TaskKey) -> u64 {
@@ -247,7 +264,16 @@ impl SessionQueue {
             live: HashMap::new(),
             dirty: Default::default(),
             stats: QueueStats::default(),
+            probe_validation: Levels::default(),
+            probes_started: 0,
         }
+    }
+
+    /// Network tasks are validated with `levels` (the testnet asks for `likelihood` when its
+    /// validators run the model; the default, `exact`, accepts any answer of the node).
+    pub fn with_probe_validation(mut self, levels: Levels) -> Self {
+        self.probe_validation = levels;
+        self
     }
 
     fn write(&self, record: &TaskRecord) {
@@ -682,6 +708,11 @@ impl SessionQueue {
         if !released.is_empty() {
             self.pool.do_send(Release { miners: released });
         }
+        if key.session_id == NETWORK_SESSION {
+            // Nothing is held or paid for network tasks.
+            self.finished(key, 0);
+            return;
+        }
         let hold = task.record.hold;
         let settle = Settle {
             task: key,
@@ -719,6 +750,18 @@ impl SessionQueue {
         let outcomes = node_outcomes(&task.record);
         if !outcomes.is_empty() {
             self.chain.do_send(ReportOutcomes(outcomes));
+        }
+        if let (NETWORK_SESSION, Some(miner)) = (key.session_id, &task.record.placement.only) {
+            let passed = state == TaskState::Completed
+                && task
+                    .record
+                    .outcome
+                    .as_ref()
+                    .is_some_and(|o| o.agreeing.contains(miner));
+            self.pool.do_send(ProbeFinished {
+                miner: miner.clone(),
+                passed,
+            });
         }
         if let Some(outcome) = &task.record.outcome {
             let tokens = outcome.result.completion_tokens();
@@ -966,6 +1009,68 @@ impl Handler<Enqueue> for SessionQueue {
                 )
             }
             Err(e) => Box::pin(actix::fut::ready(Err(e))),
+        }
+    }
+}
+
+impl Handler<Probe> for SessionQueue {
+    type Result = ();
+    fn handle(&mut self, m: Probe, ctx: &mut Context<Self>) {
+        self.probes_started += 1;
+        let n = self.probes_started;
+        let prompt = COGNITIVE_PROMPTS[(n as usize) % COGNITIVE_PROMPTS.len()];
+        let task = NewTask {
+            session_id: NETWORK_SESSION,
+            // Unique across restarts: the clock, then a counter.
+            task_id: now_ms() * 1000 + n % 1000,
+            owner: "network".into(),
+            model: m.model,
+            placement: crate::task::Placement {
+                session_id: NETWORK_SESSION,
+                mode: crate::session::SessionMode::Ephemeral,
+                min_nodes: 1,
+                max_nodes: 1,
+                reserve_period_s: 0,
+                only: Some(m.miner.clone()),
+            },
+            request: GenerateRequest {
+                prompt: crate::models::engine::Prompt::Chat(vec![
+                    crate::models::chat::ChatMessage::user(prompt),
+                ]),
+                params: crate::models::sampling::SamplingParams::greedy(),
+                max_tokens: PROBE_MAX_TOKENS,
+                stop: vec![],
+            },
+            redundancy: 1,
+            validators: 1,
+            max_replacements: 0,
+            timeout: self.config.task_timeout(),
+            precommit_timeout: self.config.precommit_timeout(),
+            client_reference: None,
+            hold: 0,
+            derive_seed: true,
+            record_stages: false,
+            validation: ValidationPlan {
+                levels: self.probe_validation.clone(),
+                consensus: Consensus::Majority,
+                policy: DisagreementPolicy::FailHard,
+                poi_threshold: crate::session::default_poi_threshold(),
+                judge_threshold: crate::session::default_judge_threshold(),
+                likelihood: LikelihoodThresholds::default(),
+            },
+        };
+        if let Err(e) = self.enqueue(
+            Enqueue {
+                task,
+                subscriber: None,
+            },
+            ctx,
+        ) {
+            tracing::warn!(miner = %m.miner, error = %e, "cannot start a network task");
+            self.pool.do_send(ProbeFinished {
+                miner: m.miner,
+                passed: false,
+            });
         }
     }
 }

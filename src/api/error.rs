@@ -17,6 +17,8 @@ pub enum ApiError {
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     InsufficientBalance(String),
     #[error("{0}")]
     TooLarge(String),
@@ -43,6 +45,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(code, _) => code,
             ApiError::Invalid(_) => "invalid_request",
+            ApiError::Conflict(_) => "conflict",
             ApiError::InsufficientBalance(_) => "insufficient_balance",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::RateLimited(..) => "rate_limited",
@@ -57,9 +60,10 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
-            ApiError::NotFound(..) | ApiError::Invalid(_) | ApiError::TooLarge(_) => {
-                "invalid_request_error"
-            }
+            ApiError::NotFound(..)
+            | ApiError::Invalid(_)
+            | ApiError::Conflict(_)
+            | ApiError::TooLarge(_) => "invalid_request_error",
             ApiError::InsufficientBalance(_) => "insufficient_quota",
             ApiError::RateLimited(..) | ApiError::Busy(..) => "rate_limit_error",
             ApiError::TaskFailed { .. }
@@ -81,6 +85,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(..) => StatusCode::NOT_FOUND,
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::InsufficientBalance(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,

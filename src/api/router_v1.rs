@@ -8,7 +8,7 @@ use super::{views, ApiState};
 use crate::actors::chain_bridge::{
     GetNodeStats, GetSession, GetTaskTrace, ListSessions, NodePendingPayment,
 };
-use crate::actors::node_pool::ListNodes;
+use crate::actors::node_pool::{ListNodes, PinDedicated, PinError};
 use crate::actors::router::OpenSession;
 use crate::actors::session_queue::{CancelTask, GetStats, GetTask};
 use crate::models::chat::ChatMessage;
@@ -29,6 +29,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/sessions", web::get().to(sessions))
             .route("/sessions", web::post().to(create_session))
             .route("/sessions/{id}", web::get().to(session))
+            .route("/sessions/{id}/nodes", web::post().to(pin_node))
             .route("/tasks/{sid}", web::get().to(tasks))
             .route("/tasks/{sid}/{tid}", web::get().to(task))
             .route("/tasks/{sid}/{tid}/cancel", web::post().to(cancel))
@@ -172,6 +173,47 @@ async fn session(
     let id = parse_id("session id", &id)?;
     let s = owned_session(&state, &caller, id).await?;
     Ok(HttpResponse::Ok().json(views::session(&s)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinBody {
+    node: String,
+}
+
+/// Pins a node to the caller's dedicated session (Cortensor's `addDedicatedNode`): it skips
+/// the pool and its validation and serves this session alone.
+async fn pin_node(
+    state: web::Data<ApiState>,
+    caller: Caller,
+    id: web::Path<String>,
+    body: web::Json<PinBody>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_id("session id", &id)?;
+    let s = owned_session(&state, &caller, id).await?;
+    if s.params.mode != crate::session::SessionMode::Dedicated {
+        return Err(ApiError::Invalid(format!(
+            "session {id} is not dedicated (mode 2): only dedicated sessions take pinned nodes"
+        )));
+    }
+    let node = body.into_inner().node;
+    match state
+        .actors
+        .pool
+        .send(PinDedicated {
+            miner: node.clone(),
+            session: id,
+        })
+        .await?
+    {
+        Ok(()) => {
+            Ok(HttpResponse::Ok().json(json!({"session_id": id, "node": node, "pinned": true})))
+        }
+        Err(e @ PinError::UnknownNode(_)) => {
+            Err(ApiError::NotFound("node_not_found", e.to_string()))
+        }
+        Err(e @ PinError::Taken { .. }) => Err(ApiError::Conflict(e.to_string())),
+    }
 }
 
 fn parse_id(what: &str, text: &str) -> Result<u64, ApiError> {

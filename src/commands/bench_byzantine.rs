@@ -79,7 +79,12 @@ pub fn run(args: ByzantineArgs) -> anyhow::Result<()> {
             kind
         ));
         let config =
-            TestnetConfig::from_toml_str("nodes.miners = 3\nnodes.validators = 1", "bench")?;
+            // The byzantine miner is admitted without network tasks (which it would fail):
+            // what is measured is how validation treats its results.
+            TestnetConfig::from_toml_str(
+                "nodes.miners = 3\nnodes.validators = 1\nnodes.probes_required = 0",
+                "bench",
+            )?;
         let mut faults = HashMap::new();
         faults.insert(
             "miner-3".to_string(),

@@ -177,7 +177,10 @@ pub fn run(args: OrchestrateArgs) -> anyhow::Result<()> {
             .bearer_auth(&testnet.api_key)
             .send()?
             .json()?;
-        if miners["nodes"].as_object().map(|n| n.len()).unwrap_or(0) == 3 {
+        let ready = miners["nodes"].as_object().map_or(0, |n| {
+            n.values().filter(|m| m["state"] == "ephemeral").count()
+        });
+        if ready == 3 {
             break;
         }
         anyhow::ensure!(

@@ -66,7 +66,14 @@ impl Client {
         let miners = self.get("/api/v1/miners")?;
         Ok(miners["nodes"]
             .as_object()
-            .map(|n| n.values().filter(|m| m["state"] != "offline").count())
+            // Ready: online and past its network tasks (in the pool or pinned).
+            .map(|n| {
+                n.values()
+                    .filter(|m| {
+                        !["offline", "validating"].contains(&m["state"].as_str().unwrap_or(""))
+                    })
+                    .count()
+            })
             .unwrap_or(0))
     }
 

@@ -27,7 +27,16 @@ pub fn scripted(
     faults: HashMap<String, MinerFaults>,
     data: &Path,
 ) -> Net {
-    let config = TestnetConfig::from_toml_str(overlay, "test overlay").expect("the overlay parses");
+    // Miners scripted to misbehave would fail their network tasks and never join the pool:
+    // such tests admit them at once unless the overlay says otherwise.
+    let overlay =
+        if (scripts.is_empty() && faults.is_empty()) || overlay.contains("probes_required") {
+            overlay.to_string()
+        } else {
+            format!("nodes.probes_required = 0\n{overlay}")
+        };
+    let config =
+        TestnetConfig::from_toml_str(&overlay, "test overlay").expect("the overlay parses");
     let scripts = Arc::new(scripts);
     let engine: EngineFactory = Arc::new(move |miner: &str| {
         let script = scripts.get(miner).cloned().unwrap_or_default();
@@ -77,9 +86,11 @@ pub fn start_with(options: TestnetOptions) -> Net {
         .build()
         .unwrap();
     let net = Net { testnet, http };
-    net.wait_for(Duration::from_secs(300), "all miners online", |n| {
-        n.online_miners() >= miners
-    });
+    net.wait_for(
+        Duration::from_secs(300),
+        "all miners in the pool (or failing their network tasks)",
+        |n| n.settled_miners() >= miners,
+    );
     net
 }
 
@@ -111,12 +122,35 @@ impl Net {
         (status, r.json().unwrap_or(Value::Null))
     }
 
+    /// Miners in the pool (online and past their network tasks) or pinned.
     pub fn online_miners(&self) -> usize {
         let (_, v) = self.get("/api/v1/miners");
         v["nodes"]
             .as_object()
-            .map(|n| n.values().filter(|m| m["state"] != "offline").count())
+            .map(|n| {
+                n.values()
+                    .filter(|m| {
+                        !["offline", "validating", "suspended"]
+                            .contains(&m["state"].as_str().unwrap_or(""))
+                    })
+                    .count()
+            })
             .unwrap_or(0)
+    }
+
+    /// Miners that have joined the pool or failed a network task at least once: settled.
+    pub fn settled_miners(&self) -> usize {
+        let (_, v) = self.get("/api/v1/miners");
+        let joined = self.online_miners();
+        let failing = v["nodes"].as_object().map_or(0, |n| {
+            n.values()
+                .filter(|m| m["state"] != "offline" && m["probes_failed"].as_u64().unwrap_or(0) > 0)
+                .filter(|m| {
+                    ["validating", "suspended"].contains(&m["state"].as_str().unwrap_or(""))
+                })
+                .count()
+        });
+        joined + failing
     }
 
     /// Creates a session; returns its id.
