@@ -61,7 +61,7 @@ struct Tally {
 }
 
 pub fn run(args: ByzantineArgs) -> anyhow::Result<()> {
-    let model = resolve_model(args.model)?;
+    let model = resolve_model(args.model.clone())?;
     let embedding = fetch::embedding_model_dir(&fetch::cache_dir()).ok();
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(600))
@@ -73,110 +73,23 @@ pub fn run(args: ByzantineArgs) -> anyhow::Result<()> {
         args.seeds, args.temperature, args.max_tokens
     );
     for kind in Byzantine::ALL {
-        let dir = std::env::temp_dir().join(format!(
-            "cortensor-bench-byzantine-{}-{:?}",
-            std::process::id(),
-            kind
-        ));
-        let config =
-            // The byzantine miner is admitted without network tasks (which it would fail):
-            // what is measured is how validation treats its results.
-            TestnetConfig::from_toml_str(
-                "nodes.miners = 3\nnodes.validators = 1\nnodes.probes_required = 0",
-                "bench",
-            )?;
-        let mut faults = HashMap::new();
-        faults.insert(
-            "miner-3".to_string(),
-            MinerFaults {
-                byzantine: Some(kind),
-                ..MinerFaults::default()
-            },
-        );
-        let testnet = Testnet::start(
-            TestnetOptions {
-                config,
-                engine: llama_factory(model.clone(), BackendChoice::Cpu, 1, 1024),
-                model: model_name(&model),
-                storage: Storage::Dir(dir.clone()),
-                faults,
-                http_workers: 2,
-                chain: Default::default(),
-                embedding_model: embedding.clone(),
-            },
-            TcpListener::bind("127.0.0.1:0")?,
-        )?;
-        let call = |method: &str, path: &str, body: Option<Value>| -> anyhow::Result<Value> {
-            let url = format!("{}{path}", testnet.url);
-            let r = match method {
-                "POST" => http.post(url).json(&body.unwrap_or_default()),
-                _ => http.get(url),
-            };
-            Ok(r.bearer_auth(&testnet.api_key).send()?.json()?)
-        };
-        let until = Instant::now() + Duration::from_secs(120);
-        while call("GET", "/api/v1/miners", None)?["nodes"]
-            .as_object()
-            .map_or(0, |n| n.len())
-            < 3
-        {
-            anyhow::ensure!(Instant::now() < until, "the miners did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
         for (name, validation) in strategies() {
             if embedding.is_none() && name.contains("embedding") {
                 continue;
             }
-            let s = call(
-                "POST",
-                "/api/v1/sessions",
-                Some(json!({"redundant": 3, "deposit": 1u64 << 40, "validation": validation})),
+            // A fresh network per kind and strategy: reputation (and suspension) earned under
+            // one strategy must not decide another's tasks.
+            let t = run_one(
+                &model,
+                embedding.clone(),
+                kind,
+                validation,
+                &args,
+                seed_base,
+                &http,
             )?;
-            let sid = s["session_id"]
-                .as_u64()
-                .with_context(|| format!("creating a session: {s}"))?;
-            let mut t = Tally {
-                tasks: 0,
-                caught: 0,
-                honest: 0,
-                honest_rejected: 0,
-            };
-            for i in 0..args.seeds {
-                let v = call(
-                    "POST",
-                    &format!("/api/v1/completions/{sid}"),
-                    Some(
-                        json!({"prompt": PROMPTS[i % PROMPTS.len()], "max_tokens": args.max_tokens,
-                                "temperature": args.temperature, "seed": seed_base + i as u64}),
-                    ),
-                )?;
-                let Some(tid) = v["task_id"]
-                    .as_u64()
-                    .or_else(|| v["error"]["task_id"].as_u64())
-                else {
-                    // A failed task answers with an error; find it in the session's list.
-                    let list = call("GET", &format!("/api/v1/tasks/{sid}"), None)?;
-                    let last = list["tasks"].as_array().and_then(|l| l.last()).cloned();
-                    let Some(last) = last else { continue };
-                    tally(
-                        &mut t,
-                        &call(
-                            "GET",
-                            &format!("/api/v1/tasks/{sid}/{}", last["task_id"]),
-                            None,
-                        )?,
-                    );
-                    continue;
-                };
-                tally(
-                    &mut t,
-                    &call("GET", &format!("/api/v1/tasks/{sid}/{tid}"), None)?,
-                );
-            }
             rows.push((kind.name().to_string(), name, t));
         }
-        drop(testnet);
-        let _ = std::fs::remove_dir_all(&dir);
     }
     println!("| byzantine miner | strategy | tasks | detected | false positives (honest results rejected) |");
     println!("|---|---|---|---|---|");
@@ -195,7 +108,122 @@ pub fn run(args: ByzantineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One network (three miners, the third byzantine), one session of `validation`, `seeds`
+/// completions.
+fn run_one(
+    model: &std::path::Path,
+    embedding: Option<PathBuf>,
+    kind: Byzantine,
+    validation: Value,
+    args: &ByzantineArgs,
+    seed_base: u64,
+    http: &reqwest::blocking::Client,
+) -> anyhow::Result<Tally> {
+    let dir = std::env::temp_dir().join(format!(
+        "cortensor-bench-byzantine-{}-{:?}",
+        std::process::id(),
+        kind
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    // The byzantine miner is admitted without network tasks (which it would fail): what is
+    // measured is how validation treats its results.
+    let config = TestnetConfig::from_toml_str(
+        "nodes.miners = 3\nnodes.validators = 1\nnodes.probes_required = 0",
+        "bench",
+    )?;
+    let mut faults = HashMap::new();
+    faults.insert(
+        "miner-3".to_string(),
+        MinerFaults {
+            byzantine: Some(kind),
+            ..MinerFaults::default()
+        },
+    );
+    let testnet = Testnet::start(
+        TestnetOptions {
+            config,
+            engine: llama_factory(model.to_path_buf(), BackendChoice::Cpu, 1, 1024),
+            model: model_name(model),
+            storage: Storage::Dir(dir.clone()),
+            faults,
+            http_workers: 2,
+            chain: Default::default(),
+            embedding_model: embedding,
+        },
+        TcpListener::bind("127.0.0.1:0")?,
+    )?;
+    let call = |method: &str, path: &str, body: Option<Value>| -> anyhow::Result<Value> {
+        let url = format!("{}{path}", testnet.url);
+        let r = match method {
+            "POST" => http.post(url).json(&body.unwrap_or_default()),
+            _ => http.get(url),
+        };
+        Ok(r.bearer_auth(&testnet.api_key).send()?.json()?)
+    };
+    let until = Instant::now() + Duration::from_secs(120);
+    while call("GET", "/api/v1/miners", None)?["nodes"]
+        .as_object()
+        .map_or(0, |n| {
+            n.values().filter(|m| m["state"] == "ephemeral").count()
+        })
+        < 3
+    {
+        anyhow::ensure!(Instant::now() < until, "the miners did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = call(
+        "POST",
+        "/api/v1/sessions",
+        Some(json!({"redundant": 3, "deposit": 1u64 << 40, "validation": validation})),
+    )?;
+    let sid = s["session_id"]
+        .as_u64()
+        .with_context(|| format!("creating a session: {s}"))?;
+    let mut t = Tally {
+        tasks: 0,
+        caught: 0,
+        honest: 0,
+        honest_rejected: 0,
+    };
+    for i in 0..args.seeds {
+        let v = call(
+            "POST",
+            &format!("/api/v1/completions/{sid}"),
+            Some(
+                json!({"prompt": PROMPTS[i % PROMPTS.len()], "max_tokens": args.max_tokens,
+                        "temperature": args.temperature, "seed": seed_base + i as u64}),
+            ),
+        )?;
+        let tid = match v["task_id"].as_u64() {
+            Some(tid) => tid,
+            None => {
+                // A failed task answers with an error; it is the session's newest.
+                let list = call("GET", &format!("/api/v1/tasks/{sid}"), None)?;
+                match list["tasks"].as_array().and_then(|l| l.last()) {
+                    Some(last) => last["task_id"].as_u64().unwrap_or(0),
+                    None => continue,
+                }
+            }
+        };
+        tally(
+            &mut t,
+            &call("GET", &format!("/api/v1/tasks/{sid}/{tid}"), None)?,
+        );
+    }
+    drop(testnet);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(t)
+}
+
+/// Counts a task in which the byzantine miner took part.
 fn tally(t: &mut Tally, task: &Value) {
+    let assigned = task["assigned_miners"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !assigned.iter().any(|m| m == "miner-3") {
+        return;
+    }
     t.tasks += 1;
     let accepted: Vec<String> =
         serde_json::from_value(task["accepted"]["agreeing"].clone()).unwrap_or_default();
