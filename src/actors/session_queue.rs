@@ -128,6 +128,8 @@ pub struct QueueStats {
     pub decode_tokens_per_second: f64,
     pub replacements: u64,
     pub rejected_reveals: u64,
+    /// Network tasks (probes of nodes) that ended, passed or not; they count nowhere else.
+    pub network_tasks: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -745,8 +747,13 @@ impl SessionQueue {
         task.record.charged = charged;
         let state = task.record.state;
         self.write(&task.record);
-        self.record_stage("total", task.created.elapsed());
-        *self.stats.ended.entry(state.name()).or_default() += 1;
+        let network = key.session_id == NETWORK_SESSION;
+        if network {
+            *self.stats.network_tasks.entry(state.name()).or_default() += 1;
+        } else {
+            self.record_stage("total", task.created.elapsed());
+            *self.stats.ended.entry(state.name()).or_default() += 1;
+        }
         let outcomes = node_outcomes(&task.record);
         if !outcomes.is_empty() {
             self.chain.do_send(ReportOutcomes(outcomes));
@@ -763,7 +770,7 @@ impl SessionQueue {
                 passed,
             });
         }
-        if let Some(outcome) = &task.record.outcome {
+        if let Some(outcome) = task.record.outcome.as_ref().filter(|_| !network) {
             let tokens = outcome.result.completion_tokens();
             self.stats.tokens_generated += tokens as u64;
             let decode_ms: Vec<u64> = task

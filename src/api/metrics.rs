@@ -63,6 +63,13 @@ pub async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     }
     let _ = writeln!(out, "# HELP cortensor_tokens_generated_total Tokens in accepted results.\n# TYPE cortensor_tokens_generated_total counter\ncortensor_tokens_generated_total {}", stats.tokens_generated);
     let _ = writeln!(out, "# HELP cortensor_decode_tokens_per_second Recent generation speed of accepted miners.\n# TYPE cortensor_decode_tokens_per_second gauge\ncortensor_decode_tokens_per_second {:.3}", stats.decode_tokens_per_second);
+    let _ = writeln!(out, "# HELP cortensor_network_tasks_total Network tasks (probes of new and released nodes) that ended, by final state.\n# TYPE cortensor_network_tasks_total counter");
+    for (state, n) in &stats.network_tasks {
+        let _ = writeln!(
+            out,
+            "cortensor_network_tasks_total{{state=\"{state}\"}} {n}"
+        );
+    }
     let _ = writeln!(out, "# HELP cortensor_replacements_total Miners replaced on tasks.\n# TYPE cortensor_replacements_total counter\ncortensor_replacements_total {}", stats.replacements);
     let _ = writeln!(out, "# HELP cortensor_rejected_reveals_total Reveals that did not match their precommit.\n# TYPE cortensor_rejected_reveals_total counter\ncortensor_rejected_reveals_total {}", stats.rejected_reveals);
     let _ = writeln!(
