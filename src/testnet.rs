@@ -284,6 +284,7 @@ async fn start_actors(
         crate::reputation::ReputationRules::default(),
         config.nodes.probes_required,
     )
+    .with_chain_reports(chain.clone().recipient())
     .start();
 
     let embeddings = match &options.embedding_model {

@@ -195,28 +195,34 @@ fn scenario(chain: &mut dyn Chain) {
     chain.record_trace(key(id, 11), &ended).unwrap();
     assert_eq!(chain.task_trace(key(id, 11)).unwrap(), Some(ended));
 
-    // Nodes' records: counters, tokens and the level (up after 5 successes in a row, down
-    // after 2 failures in a row), reported in batches.
+    // Nodes' records: counters, streaks, tokens and the level the pool reported, in batches.
     assert_eq!(chain.node_stats("m3").unwrap(), NodeStats::default());
-    let report = |node: &str, success: bool, tokens: u64| NodeOutcome {
+    let report = |node: &str, success: bool, tokens: u64, level: u8| NodeOutcome {
         node: node.into(),
         success,
         tokens,
+        level,
     };
-    let mut batch: Vec<NodeOutcome> = (0..5).map(|_| report("m1", true, 10)).collect();
-    batch.push(report("m2", false, 0));
+    let mut batch: Vec<NodeOutcome> = [0, 0, 1, 1, 2]
+        .iter()
+        .map(|&level| report("m1", true, 10, level))
+        .collect();
+    batch.push(report("m2", false, 0, 0));
     chain.report_node_outcomes(&batch).unwrap();
     chain.report_node_outcomes(&[]).unwrap();
     let m1 = chain.node_stats("m1").unwrap();
     assert_eq!(
         (m1.successes, m1.failures, m1.tokens, m1.level),
-        (5, 0, 50, 1)
+        (5, 0, 50, 2)
     );
     chain
-        .report_node_outcomes(&[report("m1", false, 0), report("m1", false, 0)])
+        .report_node_outcomes(&[report("m1", false, 0, 2), report("m1", false, 0, 1)])
         .unwrap();
     let m1 = chain.node_stats("m1").unwrap();
-    assert_eq!((m1.successes, m1.failures, m1.level), (5, 2, 0));
+    assert_eq!(
+        (m1.successes, m1.failures, m1.consecutive_failures, m1.level),
+        (5, 2, 0, 1)
+    );
     let m2 = chain.node_stats("m2").unwrap();
     assert_eq!((m2.failures, m2.consecutive_failures, m2.level), (1, 1, 0));
 }

@@ -163,6 +163,10 @@ fn a_miner_whose_results_keep_being_rejected_is_suspended_and_honest_ones_rise()
     let record = &miners["nodes"]["miner-1"]["chain_record"];
     assert_eq!(record["failures"], 0, "{record}");
     assert_eq!(
+        record["level"], miners["nodes"]["miner-1"]["level"],
+        "{record}"
+    );
+    assert_eq!(
         record["successes"],
         miners["nodes"]["miner-1"]["counters"]["accepted"]
     );

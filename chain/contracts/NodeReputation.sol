@@ -32,19 +32,31 @@ contract NodeReputation is Roles {
     }
 
     error LengthMismatch();
+    error LevelOutOfRange(uint8 level);
 
     function reportTaskCompletion(address node, bool success, uint256 tokenCount) external onlyRole(REPORTER) {
         _report(node, success, tokenCount);
     }
 
-    /// Many outcomes in one transaction (the router reports each task's miners in batches).
-    function reportBatch(address[] calldata nodes, bool[] calldata success, uint256[] calldata tokenCounts)
-        external
-        onlyRole(REPORTER)
-    {
-        if (nodes.length != success.length || nodes.length != tokenCounts.length) revert LengthMismatch();
+    /// Many outcomes in one transaction, with each node's level as the router's finer rules
+    /// (per-level streaks and success rates) set it after that outcome.
+    function reportBatch(
+        address[] calldata nodes,
+        bool[] calldata success,
+        uint256[] calldata tokenCounts,
+        uint8[] calldata levels
+    ) external onlyRole(REPORTER) {
+        if (nodes.length != success.length || nodes.length != tokenCounts.length || nodes.length != levels.length) {
+            revert LengthMismatch();
+        }
         for (uint256 i = 0; i < nodes.length; i++) {
+            if (levels[i] > MAX_LEVEL) revert LevelOutOfRange(levels[i]);
             _report(nodes[i], success[i], tokenCounts[i]);
+            Stats storage s = stats[nodes[i]];
+            if (s.level != levels[i]) {
+                emit NodeLevelChanged(nodes[i], s.level, levels[i]);
+                s.level = levels[i];
+            }
         }
     }
 

@@ -107,7 +107,7 @@ impl Actor for ChainBridge {
     }
 }
 
-/// Nodes' task outcomes for their records on chain; sent in batches.
+/// Nodes' task outcomes for their records on chain (from the node pool, in batches).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ReportOutcomes(pub Vec<NodeOutcome>);

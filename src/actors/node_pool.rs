@@ -11,7 +11,9 @@
 //! cool-down), **suspended** (its reputation fell too low), **offline** (silent past its
 //! heartbeat deadline, or restarting).
 
+use super::chain_bridge::ReportOutcomes;
 use super::messages::{Probe, ToMiner};
+use crate::chain::NodeOutcome;
 use crate::reputation::{Change, Counters, NodeReputation, Outcome, ReputationRules};
 use crate::session::SessionMode;
 use crate::task::Placement;
@@ -107,7 +109,13 @@ pub struct NodePool {
     rules: ReputationRules,
     probes_required: u32,
     prober: Option<Recipient<Probe>>,
+    /// Where outcomes go on chain, and those waiting (sent every tick, at most
+    /// [`MAX_PENDING_REPORTS`]; the oldest are dropped past it).
+    chain: Option<Recipient<ReportOutcomes>>,
+    reports: Vec<NodeOutcome>,
 }
+
+pub const MAX_PENDING_REPORTS: usize = 10_000;
 
 impl NodePool {
     pub fn new(
@@ -123,6 +131,20 @@ impl NodePool {
             rules,
             probes_required,
             prober: None,
+            chain: None,
+            reports: Vec::new(),
+        }
+    }
+
+    /// Outcomes also go on chain, through `chain`, in batches.
+    pub fn with_chain_reports(mut self, chain: Recipient<ReportOutcomes>) -> Self {
+        self.chain = Some(chain);
+        self
+    }
+
+    fn send_reports(&mut self) {
+        if let (Some(chain), false) = (&self.chain, self.reports.is_empty()) {
+            chain.do_send(ReportOutcomes(std::mem::take(&mut self.reports)));
         }
     }
 
@@ -250,6 +272,7 @@ impl Actor for NodePool {
                 }
             }
             pool.probe_due();
+            pool.send_reports();
         });
     }
 }
@@ -302,12 +325,14 @@ pub struct Release {
     pub miners: Vec<String>,
 }
 
-/// What a miner did, for its reputation.
+/// What a miner did, for its reputation (and, in batches, its record on chain).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RecordOutcome {
     pub miner: String,
     pub outcome: Outcome,
+    /// Tokens of its accepted result.
+    pub tokens: u64,
 }
 
 #[derive(Message)]
@@ -465,10 +490,21 @@ impl Handler<RecordOutcome> for NodePool {
     fn handle(&mut self, m: RecordOutcome, _: &mut Context<Self>) {
         let rules = self.rules;
         if let Some(node) = self.nodes.get_mut(&m.miner) {
-            for change in node
+            let changes = node
                 .reputation
-                .record(m.outcome, crate::task::now_ms(), &rules)
-            {
+                .record(m.outcome, crate::task::now_ms(), &rules);
+            if self.chain.is_some() {
+                if self.reports.len() >= MAX_PENDING_REPORTS {
+                    self.reports.remove(0);
+                }
+                self.reports.push(NodeOutcome {
+                    node: m.miner.clone(),
+                    success: m.outcome.success(),
+                    tokens: m.tokens,
+                    level: node.reputation.level,
+                });
+            }
+            for change in changes {
                 match change {
                     Change::Level { from, to } => {
                         tracing::info!(miner = %m.miner, from, to, "level changed")

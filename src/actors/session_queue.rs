@@ -10,7 +10,7 @@
 //! tick and before every flush, which is what a crash could observe either way. Flushes go to the
 //! store's flusher thread (group commit), so the queue never blocks on the disk.
 
-use super::chain_bridge::{ChainBridge, ReportOutcomes, Settle};
+use super::chain_bridge::{ChainBridge, Settle};
 use super::messages::{MinerReport, Probe, ReportKind, TaskEvent, ToMiner, NETWORK_SESSION};
 use super::node_pool::{
     ListNodes, NodePool, ProbeFinished, RecordOutcome, Release, SelectMiners, Selection,
@@ -537,6 +537,7 @@ impl SessionQueue {
         self.pool.do_send(RecordOutcome {
             miner: miner.to_string(),
             outcome,
+            tokens: 0,
         });
         self.fill(key, ctx);
         self.advance(key, ctx);
@@ -620,9 +621,15 @@ impl SessionQueue {
             } else {
                 Outcome::Rejected
             };
+            let tokens = results
+                .iter()
+                .find(|(miner, _)| *miner == m.miner)
+                .filter(|_| m.accepted)
+                .map_or(0, |(_, r)| r.completion_tokens() as u64);
             self.pool.do_send(RecordOutcome {
                 miner: m.miner.clone(),
                 outcome,
+                tokens,
             });
         }
         let validators: Vec<String> = evidence
@@ -753,10 +760,6 @@ impl SessionQueue {
         } else {
             self.record_stage("total", task.created.elapsed());
             *self.stats.ended.entry(state.name()).or_default() += 1;
-        }
-        let outcomes = node_outcomes(&task.record);
-        if !outcomes.is_empty() {
-            self.chain.do_send(ReportOutcomes(outcomes));
         }
         if let (NETWORK_SESSION, Some(miner)) = (key.session_id, &task.record.placement.only) {
             let passed = state == TaskState::Completed
@@ -1233,38 +1236,4 @@ impl Handler<GetStats> for SessionQueue {
         }
         MessageResult(stats)
     }
-}
-
-/// What a finished task says of each miner, for the nodes' records on chain: an accepted
-/// result is a success; a rejected result, a missed deadline, a failure or a forged reveal is
-/// a failure; a valid result in a split vote, or a miner dropped because the task ended, says
-/// nothing.
-fn node_outcomes(record: &TaskRecord) -> Vec<crate::chain::NodeOutcome> {
-    record
-        .assignments
-        .iter()
-        .filter_map(|a| {
-            let success = match a.state {
-                AssignmentState::Committed => {
-                    let decision = record.decision.as_ref()?;
-                    let verdict = decision.miners.iter().find(|m| m.miner == a.miner)?;
-                    if verdict.valid && !verdict.accepted && !decision.consensus {
-                        return None;
-                    }
-                    verdict.accepted
-                }
-                AssignmentState::Replaced | AssignmentState::Rejected => false,
-                _ => return None,
-            };
-            let tokens = match (&a.result, success) {
-                (Some(r), true) => r.completion_tokens() as u64,
-                _ => 0,
-            };
-            Some(crate::chain::NodeOutcome {
-                node: a.miner.clone(),
-                success,
-                tokens,
-            })
-        })
-        .collect()
 }

@@ -733,12 +733,13 @@ impl Chain for EvmChain {
             .collect();
         let success: Vec<bool> = outcomes.iter().map(|o| o.success).collect();
         let tokens: Vec<U256> = outcomes.iter().map(|o| U256::from(o.tokens)).collect();
+        let levels: Vec<u8> = outcomes.iter().map(|o| o.level).collect();
         self.call(move |c, d| {
             Box::pin(async move {
                 let reputation = NodeReputation::new(d.reputation, c);
                 send(
                     "reportBatch",
-                    reputation.report_batch(nodes, success, tokens),
+                    reputation.report_batch(nodes, success, tokens, levels),
                 )
                 .await
                 .map_err(|e| chain_error(0, e))?;

@@ -212,6 +212,12 @@ impl Chain for LocalLedger {
     }
 
     fn report_node_outcomes(&mut self, outcomes: &[NodeOutcome]) -> Result<(), ChainError> {
+        if let Some(o) = outcomes.iter().find(|o| o.level > 10) {
+            return Err(ChainError::InvalidParams(format!(
+                "level {} of {} is above 10",
+                o.level, o.node
+            )));
+        }
         let mut touched: Vec<(String, NodeStats)> = Vec::new();
         for o in outcomes {
             let i = match touched.iter().position(|(n, _)| *n == o.node) {
@@ -221,7 +227,7 @@ impl Chain for LocalLedger {
                     touched.len() - 1
                 }
             };
-            touched[i].1.apply(o.success, o.tokens);
+            touched[i].1.apply(o);
         }
         for (node, stats) in touched {
             self.store

@@ -126,19 +126,21 @@ impl TaskTrace {
 }
 
 /// One node's outcome of one task, for its record on chain (Cortensor's
-/// `reportTaskCompletion`).
+/// `reportTaskCompletion`), with the level the node pool's rules gave it after it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NodeOutcome {
     pub node: String,
     pub success: bool,
     /// Tokens it served (its accepted result's).
     pub tokens: u64,
+    /// 0..=10.
+    pub level: u8,
 }
 
-/// A node's record on chain (Cortensor's NodeStats / NodeReputation): counters and a level
-/// 0..=10 that rises after [`deploy::UPGRADE_STREAK`] successes in a row and falls after
-/// [`deploy::DOWNGRADE_STREAK`] failures in a row. The node pool's own reputation
-/// (`crate::reputation`) is finer; this is the shared, durable summary.
+/// A node's record on chain (Cortensor's NodeStats / NodeReputation): counters, streaks and
+/// the level the node pool reported with its last outcome (`crate::reputation`'s per-level
+/// rules). The contract's own `reportTaskCompletion` moves the level by streaks instead
+/// ([`deploy::UPGRADE_STREAK`] successes up, [`deploy::DOWNGRADE_STREAK`] failures down).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NodeStats {
     pub successes: u64,
@@ -150,13 +152,13 @@ pub struct NodeStats {
 }
 
 impl NodeStats {
-    /// The contract's rule, for the embedded ledger.
-    pub fn apply(&mut self, success: bool, tokens: u64) {
-        if success {
+    /// `reportBatch`'s effect, for the embedded ledger.
+    pub fn apply(&mut self, o: &NodeOutcome) {
+        if o.success {
             self.successes += 1;
             self.consecutive_successes += 1;
             self.consecutive_failures = 0;
-            self.tokens += tokens;
+            self.tokens += o.tokens;
             if self.consecutive_successes >= deploy::UPGRADE_STREAK && self.level < 10 {
                 self.level += 1;
                 self.consecutive_successes = 0;
@@ -170,6 +172,7 @@ impl NodeStats {
                 self.consecutive_failures = 0;
             }
         }
+        self.level = o.level;
     }
 }
 
