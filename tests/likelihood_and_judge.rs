@@ -1,7 +1,7 @@
 //! Likelihood re-scoring and PoUW judging with the real SmolLM2 model: honest outputs pass the
 //! replay and dishonest ones do not; the judge grades fitting answers above unfitting ones.
 
-use cortensor::models::engine::{EngineOptions, InferenceEngine, LlamaEngine};
+use cortensor::models::engine::{EngineOptions, LlamaEngine};
 use cortensor::models::fetch;
 use cortensor::validation::judge::grade;
 use cortensor::validation::likelihood::LikelihoodThresholds;
