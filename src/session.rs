@@ -2,7 +2,6 @@
 //! balance. The ledger (`chain/`) keeps them; everything else reads copies.
 
 use crate::validation::consensus::{Consensus, DisagreementPolicy, Levels, ValidationPlan};
-use crate::validation::likelihood::LikelihoodThresholds;
 use serde::{Deserialize, Serialize};
 
 /// Most miners one session may ask for; bounds fan-out per task.
@@ -147,14 +146,13 @@ impl Default for SessionParams {
 impl SessionParams {
     /// How its tasks' results are validated.
     pub fn validation_plan(&self) -> ValidationPlan {
-        ValidationPlan {
-            levels: self.validation.clone(),
-            consensus: self.consensus,
-            policy: self.disagreement_policy,
-            poi_threshold: self.poi_threshold,
-            judge_threshold: self.judge_threshold,
-            likelihood: LikelihoodThresholds::default(),
-        }
+        ValidationPlan::new(
+            self.validation.clone(),
+            self.consensus,
+            self.disagreement_policy,
+            self.poi_threshold,
+            self.judge_threshold,
+        )
     }
 
     /// Checks the parameters against each other; the message names the offending field.

@@ -8,7 +8,6 @@ use crate::session::SessionMode;
 use crate::validation::consensus::{
     Consensus, Decision, DisagreementPolicy, Levels, ValidationPlan,
 };
-use crate::validation::likelihood::LikelihoodThresholds;
 use serde::{Deserialize, Serialize};
 
 /// A task's address: (session, task). Task ids count from 1 within a session.
@@ -278,14 +277,13 @@ pub struct TaskRecord {
 impl TaskRecord {
     /// What validating its results depends on.
     pub fn validation_plan(&self) -> ValidationPlan {
-        ValidationPlan {
-            levels: self.validation.clone(),
-            consensus: self.consensus,
-            policy: self.disagreement_policy,
-            poi_threshold: self.poi_threshold,
-            judge_threshold: self.judge_threshold,
-            likelihood: LikelihoodThresholds::default(),
-        }
+        ValidationPlan::new(
+            self.validation.clone(),
+            self.consensus,
+            self.disagreement_policy,
+            self.poi_threshold,
+            self.judge_threshold,
+        )
     }
     pub fn active(&self) -> impl Iterator<Item = &Assignment> {
         self.assignments.iter().filter(|a| a.state.is_active())

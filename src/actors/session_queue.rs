@@ -26,7 +26,6 @@ use crate::task::{
 use crate::validation::consensus::{
     decide, Consensus, DisagreementPolicy, Evidence, Levels, ValidationPlan,
 };
-use crate::validation::likelihood::LikelihoodThresholds;
 use actix::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -1060,14 +1059,13 @@ impl Handler<Probe> for SessionQueue {
             hold: 0,
             derive_seed: true,
             record_stages: false,
-            validation: ValidationPlan {
-                levels: self.probe_validation.clone(),
-                consensus: Consensus::Majority,
-                policy: DisagreementPolicy::FailHard,
-                poi_threshold: crate::session::default_poi_threshold(),
-                judge_threshold: crate::session::default_judge_threshold(),
-                likelihood: LikelihoodThresholds::default(),
-            },
+            validation: ValidationPlan::new(
+                self.probe_validation.clone(),
+                Consensus::Majority,
+                DisagreementPolicy::FailHard,
+                crate::session::default_poi_threshold(),
+                crate::session::default_judge_threshold(),
+            ),
         };
         if let Err(e) = self.enqueue(
             Enqueue {

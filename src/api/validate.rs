@@ -16,7 +16,6 @@ use crate::task::{TaskKey, TaskResult};
 use crate::validation::consensus::{
     decide, Consensus, Decision, DisagreementPolicy, Level, Levels, ValidationPlan, VerdictLabel,
 };
-use crate::validation::likelihood::LikelihoodThresholds;
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
@@ -212,14 +211,13 @@ pub async fn validate(
             )
         })
         .collect();
-    let plan = ValidationPlan {
+    let plan = ValidationPlan::new(
         levels,
-        consensus: b.consensus,
-        policy: b.disagreement_policy,
-        poi_threshold: b.poi_threshold,
-        judge_threshold: b.judge_threshold,
-        likelihood: LikelihoodThresholds::default(),
-    };
+        b.consensus,
+        b.disagreement_policy,
+        b.poi_threshold,
+        b.judge_threshold,
+    );
     let validators = &state.actors.validators;
     let k = (b.num_of_validator_nodes.unwrap_or(1).max(1) as usize).min(validators.len());
     let mut asks = Vec::new();

@@ -144,6 +144,26 @@ pub struct ValidationPlan {
     pub likelihood: LikelihoodThresholds,
 }
 
+impl ValidationPlan {
+    /// A plan with the default likelihood thresholds.
+    pub fn new(
+        levels: Levels,
+        consensus: Consensus,
+        policy: DisagreementPolicy,
+        poi_threshold: f32,
+        judge_threshold: f32,
+    ) -> Self {
+        Self {
+            levels,
+            consensus,
+            policy,
+            poi_threshold,
+            judge_threshold,
+            likelihood: LikelihoodThresholds::default(),
+        }
+    }
+}
+
 /// One validator's findings about one result.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct MinerEvidence {
