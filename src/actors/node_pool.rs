@@ -48,6 +48,13 @@ pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(30);
 /// A probe not answered in this long is given up and tried again.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(120);
 
+impl Node {
+    /// Past its network tasks and not suspended: a member of the pool.
+    fn in_pool(&self, now_ms: u64) -> bool {
+        self.validated && !self.reputation.suspended(now_ms)
+    }
+}
+
 struct Node {
     addr: Recipient<ToMiner>,
     model: String,
@@ -109,8 +116,8 @@ pub struct NodePool {
     rules: ReputationRules,
     probes_required: u32,
     prober: Option<Recipient<Probe>>,
-    /// Where outcomes go on chain, and those waiting (sent every tick, at most
-    /// [`MAX_PENDING_REPORTS`]; the oldest are dropped past it).
+    /// Where outcomes go on chain, and those waiting (sent every tick, or at once when
+    /// [`MAX_PENDING_REPORTS`] are waiting).
     chain: Option<Recipient<ReportOutcomes>>,
     reports: Vec<NodeOutcome>,
 }
@@ -199,7 +206,7 @@ impl NodePool {
             NodeState::Dedicated
         } else if node.reputation.suspended(crate::task::now_ms()) {
             NodeState::Suspended
-        } else if !node.validated && node.pinned.is_none() {
+        } else if !node.validated {
             NodeState::Validating
         } else if node.released_until.is_some_and(|t| t > Instant::now()) {
             NodeState::Released
@@ -223,14 +230,14 @@ impl NodePool {
             return;
         }
         let now = Instant::now();
+        let now_ms = crate::task::now_ms();
         let free: Vec<String> = self
             .nodes
             .iter()
             .filter(|(_, n)| {
-                n.online && n.validated && n.model == model && n.reserved_for.is_none()
+                n.online && n.in_pool(now_ms) && n.model == model && n.reserved_for.is_none()
             })
             .filter(|(_, n)| !n.released_until.is_some_and(|t| t > now))
-            .filter(|(_, n)| !n.reputation.suspended(crate::task::now_ms()))
             .map(|(id, _)| id.clone())
             .collect();
         let free = self.order(free);
@@ -433,7 +440,7 @@ impl Handler<SelectMiners> for NodePool {
             n.online
                 && n.model == m.model
                 && !m.exclude.contains(id)
-                && (n.pinned == Some(session) || n.validated && !n.reputation.suspended(now_ms))
+                && (n.pinned == Some(session) || n.in_pool(now_ms))
         };
         // The session's own reservation first, then (unless dedicated) the shared pool.
         let mut groups: Vec<Vec<String>> = vec![self
@@ -494,9 +501,6 @@ impl Handler<RecordOutcome> for NodePool {
                 .reputation
                 .record(m.outcome, crate::task::now_ms(), &rules);
             if self.chain.is_some() {
-                if self.reports.len() >= MAX_PENDING_REPORTS {
-                    self.reports.remove(0);
-                }
                 self.reports.push(NodeOutcome {
                     node: m.miner.clone(),
                     success: m.outcome.success(),
@@ -517,6 +521,9 @@ impl Handler<RecordOutcome> for NodePool {
             if !m.outcome.success() {
                 tracing::info!(miner = %m.miner, outcome = ?m.outcome, reputation = node.reputation.points(), "reputation lowered");
             }
+        }
+        if self.reports.len() >= MAX_PENDING_REPORTS {
+            self.send_reports();
         }
     }
 }

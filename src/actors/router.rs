@@ -8,7 +8,7 @@ use crate::chain::ChainError;
 use crate::models::engine::GenerateRequest;
 use crate::session::{Session, SessionParams, TaskRecordMode};
 use crate::task::TaskKey;
-use crate::validation::consensus::Level;
+use crate::validation::consensus::{Level, Levels};
 use actix::prelude::*;
 use std::time::Duration;
 
@@ -69,6 +69,26 @@ pub struct RouterSettings {
     pub model_validation: bool,
 }
 
+impl RouterSettings {
+    /// Whether this network's validators can check `levels`; the error names `field`.
+    pub fn check_levels(&self, levels: &Levels, field: &str) -> Result<(), String> {
+        if levels.has(Level::Embedding) && !self.embedding_validation {
+            return Err(format!(
+                "{field} \"embedding\" needs the embedding model, which this network has not loaded (run `cortensor models fetch --all` and restart it)"
+            ));
+        }
+        for level in [Level::Likelihood, Level::Judge] {
+            if levels.has(level) && !self.model_validation {
+                return Err(format!(
+                    "{field} \"{}\" needs validators that run the model, which this network does not give them",
+                    level.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Router {
     settings: RouterSettings,
     chain: Addr<ChainBridge>,
@@ -127,23 +147,12 @@ impl Handler<OpenSession> for Router {
     type Result = ResponseFuture<Result<Session, SubmitError>>;
     fn handle(&mut self, m: OpenSession, _: &mut Context<Self>) -> Self::Result {
         let models = self.settings.models.len();
-        let embedding = self.settings.embedding_validation;
-        let model_validation = self.settings.model_validation;
+        let levels_ok = self
+            .settings
+            .check_levels(&m.params.validation, "validation");
         let chain = self.chain.clone();
         Box::pin(async move {
-            if m.params.validation.has(Level::Embedding) && !embedding {
-                return Err(SubmitError::Invalid(
-                    "validation \"embedding\" needs the embedding model, which this network has not loaded (run `cortensor models fetch --all` and restart it)".into(),
-                ));
-            }
-            for level in [Level::Likelihood, Level::Judge] {
-                if m.params.validation.has(level) && !model_validation {
-                    return Err(SubmitError::Invalid(format!(
-                        "validation \"{}\" needs validators that run the model, which this network does not give them",
-                        serde_json::to_value(level).unwrap_or_default().as_str().unwrap_or_default()
-                    )));
-                }
-            }
+            levels_ok.map_err(SubmitError::Invalid)?;
             if m.params.model_identifier as usize >= models {
                 return Err(SubmitError::Invalid(format!(
                     "model_identifier {} does not exist; this network serves {} model(s), numbered from 0",

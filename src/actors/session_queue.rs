@@ -15,7 +15,7 @@ use super::messages::{MinerReport, Probe, ReportKind, TaskEvent, ToMiner, NETWOR
 use super::node_pool::{
     ListNodes, NodePool, ProbeFinished, RecordOutcome, Release, SelectMiners, Selection,
 };
-use super::validator::{Validate, Validator};
+use super::validator::{gather_evidence, Validate, Validator};
 use crate::config::QueueConfig;
 use crate::models::engine::GenerateRequest;
 use crate::reputation::{Outcome, Stage};
@@ -555,32 +555,24 @@ impl SessionQueue {
             .filter_map(|a| a.result.clone().map(|r| (a.miner.clone(), r)))
             .collect();
         let plan = task.record.validation_plan();
-        let mut asks = Vec::new();
-        if plan.levels.needs_validators() && !self.validators.is_empty() {
-            let k = (task.record.validators as usize).clamp(1, self.validators.len());
-            for _ in 0..k {
-                let v = &self.validators[self.next_validator % self.validators.len()];
-                self.next_validator = self.next_validator.wrapping_add(1);
-                asks.push(
-                    v.send(Validate {
-                        key,
-                        request: task.record.request.clone(),
-                        results: results.clone(),
-                        plan: plan.clone(),
-                        seeded: true,
-                    })
-                    .timeout(VALIDATION_TIMEOUT),
-                );
-            }
-        }
+        let ask = Validate {
+            key,
+            request: task.record.request.clone(),
+            results: results.clone(),
+            plan: plan.clone(),
+            seeded: true,
+        };
+        let evidence = gather_evidence(
+            &self.validators,
+            task.record.validators as usize,
+            &mut self.next_validator,
+            ask,
+            VALIDATION_TIMEOUT,
+        );
         let reputations =
             (plan.consensus == Consensus::ReputationWeighted).then(|| self.pool.send(ListNodes));
         let gather = async move {
-            let evidence: Vec<Evidence> = futures_util::future::join_all(asks)
-                .await
-                .into_iter()
-                .filter_map(Result::ok)
-                .collect();
+            let evidence: Vec<Evidence> = evidence.await;
             let reputation: HashMap<String, i64> = match reputations {
                 Some(nodes) => nodes
                     .await
@@ -612,19 +604,15 @@ impl SessionQueue {
         };
         let plan = task.record.validation_plan();
         let decision = decide(&results, &evidence, &plan, &reputation);
-        for m in &decision.miners {
-            let outcome = if m.accepted {
-                Outcome::Accepted
+        // One verdict per result, in the results' order.
+        for (m, (_, result)) in decision.miners.iter().zip(&results) {
+            let (outcome, tokens) = if m.accepted {
+                (Outcome::Accepted, result.completion_tokens() as u64)
             } else if m.valid && !decision.consensus {
                 continue; // valid, in a split vote: nothing shows it was wrong
             } else {
-                Outcome::Rejected
+                (Outcome::Rejected, 0)
             };
-            let tokens = results
-                .iter()
-                .find(|(miner, _)| *miner == m.miner)
-                .filter(|_| m.accepted)
-                .map_or(0, |(_, r)| r.completion_tokens() as u64);
             self.pool.do_send(RecordOutcome {
                 miner: m.miner.clone(),
                 outcome,

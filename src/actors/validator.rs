@@ -93,6 +93,32 @@ impl Handler<Validate> for Validator {
     }
 }
 
+/// Asks `count` of `validators`, round robin from `*next`, and returns the evidence of those
+/// that answered within `timeout`. Asks nobody when the plan needs no validator.
+pub fn gather_evidence(
+    validators: &[Addr<Validator>],
+    count: usize,
+    next: &mut usize,
+    m: Validate,
+    timeout: std::time::Duration,
+) -> impl std::future::Future<Output = Vec<Evidence>> {
+    let mut asks = Vec::new();
+    if m.plan.levels.needs_validators() && !validators.is_empty() {
+        for _ in 0..count.clamp(1, validators.len()) {
+            let v = &validators[*next % validators.len()];
+            *next = next.wrapping_add(1);
+            asks.push(v.send(m.clone()).timeout(timeout));
+        }
+    }
+    async move {
+        futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect()
+    }
+}
+
 async fn embedding_evidence(
     m: &Validate,
     service: Option<&EmbeddingService>,

@@ -7,7 +7,7 @@
 use super::auth::Caller;
 use super::error::ApiError;
 use super::ApiState;
-use crate::actors::validator::Validate;
+use crate::actors::validator::{gather_evidence, Validate};
 use crate::models::chat::ChatMessage;
 use crate::models::engine::{FinishReason, GenerateRequest, Prompt};
 use crate::models::sampling::SamplingParams;
@@ -118,18 +118,10 @@ pub async fn validate(
     params
         .validate()
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
-    if levels.has(Level::Embedding) && !state.settings.embedding_validation {
-        return Err(ApiError::Invalid(
-            "evaluation_mode \"embedding\" needs the embedding model, which this network has not loaded".into(),
-        ));
-    }
-    if (levels.has(Level::Likelihood) || levels.has(Level::Judge))
-        && !state.settings.model_validation
-    {
-        return Err(ApiError::Invalid(
-            "evaluation_mode \"likelihood\" and \"judge\" need validators that run the model, which this network does not give them".into(),
-        ));
-    }
+    state
+        .settings
+        .check_levels(&levels, "evaluation_mode")
+        .map_err(ApiError::Invalid)?;
     let task_type = b.task_type.as_deref().unwrap_or("chat");
     if !matches!(task_type, "chat" | "completion") {
         return Err(ApiError::Invalid(format!(
@@ -177,8 +169,8 @@ pub async fn validate(
     for level in [Level::Exact, Level::Embedding] {
         if levels.has(level) && outputs.len() < 2 {
             return Ok(needs_spec(format!(
-                "evaluation_mode {:?} compares outputs with each other: send at least two",
-                serde_json::to_value(level).unwrap_or_default()
+                "evaluation_mode \"{}\" compares outputs with each other: send at least two",
+                level.name()
             )));
         }
     }
@@ -218,31 +210,25 @@ pub async fn validate(
         b.poi_threshold,
         b.judge_threshold,
     );
-    let validators = &state.actors.validators;
-    let k = (b.num_of_validator_nodes.unwrap_or(1).max(1) as usize).min(validators.len());
-    let mut asks = Vec::new();
-    if plan.levels.needs_validators() {
-        for v in validators.iter().take(k) {
-            asks.push(
-                v.send(Validate {
-                    key: TaskKey {
-                        session_id: 0,
-                        task_id: 0,
-                    },
-                    request: request.clone(),
-                    results: results.clone(),
-                    plan: plan.clone(),
-                    seeded: b.seed.is_some(),
-                })
-                .timeout(VALIDATE_TIMEOUT),
-            );
-        }
-    }
-    let evidence: Vec<_> = futures_util::future::join_all(asks)
-        .await
-        .into_iter()
-        .filter_map(Result::ok)
-        .collect();
+    let ask = Validate {
+        key: TaskKey {
+            session_id: 0,
+            task_id: 0,
+        },
+        request,
+        results: results.clone(),
+        plan: plan.clone(),
+        seeded: b.seed.is_some(),
+    };
+    let count = b.num_of_validator_nodes.unwrap_or(1) as usize;
+    let evidence = gather_evidence(
+        &state.actors.validators,
+        count,
+        &mut 0,
+        ask,
+        VALIDATE_TIMEOUT,
+    )
+    .await;
     for e in &evidence {
         if let Some(err) = e.errors.iter().find(|e| e.contains("exceeds the context")) {
             return Err(ApiError::Invalid(err.clone()));

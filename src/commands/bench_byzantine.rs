@@ -4,8 +4,9 @@
 //! redundancy 3; per seed, one completion (a different prompt and sampling seed). Detection:
 //! the byzantine result is not accepted; false positive: an honest result is not accepted.
 
+use super::client::Client;
 use super::generate::resolve_model;
-use super::testnet::{llama_factory, model_name};
+use super::testnet::{llama_factory, model_name, wait_for_miners};
 use crate::actors::miner::{Byzantine, MinerFaults};
 use crate::config::TestnetConfig;
 use crate::models::backend::BackendChoice;
@@ -16,7 +17,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct ByzantineArgs {
@@ -63,9 +64,6 @@ struct Tally {
 pub fn run(args: ByzantineArgs) -> anyhow::Result<()> {
     let model = resolve_model(args.model.clone())?;
     let embedding = fetch::embedding_model_dir(&fetch::cache_dir()).ok();
-    let http = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()?;
     let mut rows: Vec<(String, &'static str, Tally)> = Vec::new();
     let seed_base = 1000u64;
     eprintln!(
@@ -86,7 +84,6 @@ pub fn run(args: ByzantineArgs) -> anyhow::Result<()> {
                 validation,
                 &args,
                 seed_base,
-                &http,
             )?;
             rows.push((kind.name().to_string(), name, t));
         }
@@ -117,7 +114,6 @@ fn run_one(
     validation: Value,
     args: &ByzantineArgs,
     seed_base: u64,
-    http: &reqwest::blocking::Client,
 ) -> anyhow::Result<Tally> {
     let dir = std::env::temp_dir().join(format!(
         "cortensor-bench-byzantine-{}-{:?}",
@@ -152,30 +148,14 @@ fn run_one(
         },
         TcpListener::bind("127.0.0.1:0")?,
     )?;
-    let call = |method: &str, path: &str, body: Option<Value>| -> anyhow::Result<Value> {
-        let url = format!("{}{path}", testnet.url);
-        let r = match method {
-            "POST" => http.post(url).json(&body.unwrap_or_default()),
-            _ => http.get(url),
-        };
-        Ok(r.bearer_auth(&testnet.api_key).send()?.json()?)
-    };
-    let until = Instant::now() + Duration::from_secs(120);
-    while call("GET", "/api/v1/miners", None)?["nodes"]
-        .as_object()
-        .map_or(0, |n| {
-            n.values().filter(|m| m["state"] == "ephemeral").count()
-        })
-        < 3
-    {
-        anyhow::ensure!(Instant::now() < until, "the miners did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let s = call(
-        "POST",
-        "/api/v1/sessions",
-        Some(json!({"redundant": 3, "deposit": 1u64 << 40, "validation": validation})),
-    )?;
+    let client = Client::new(&testnet.url, &testnet.api_key);
+    wait_for_miners(&client, 3, Duration::from_secs(120))?;
+    let s: Value = client
+        .post(
+            "/api/v1/sessions",
+            &json!({"redundant": 3, "deposit": 1u64 << 40, "validation": validation}),
+        )?
+        .json()?;
     let sid = s["session_id"]
         .as_u64()
         .with_context(|| format!("creating a session: {s}"))?;
@@ -186,29 +166,23 @@ fn run_one(
         honest_rejected: 0,
     };
     for i in 0..args.seeds {
-        let v = call(
-            "POST",
+        let answered = client.post(
             &format!("/api/v1/completions/{sid}"),
-            Some(
-                json!({"prompt": PROMPTS[i % PROMPTS.len()], "max_tokens": args.max_tokens,
-                        "temperature": args.temperature, "seed": seed_base + i as u64}),
-            ),
-        )?;
-        let tid = match v["task_id"].as_u64() {
-            Some(tid) => tid,
-            None => {
-                // A failed task answers with an error; it is the session's newest.
-                let list = call("GET", &format!("/api/v1/tasks/{sid}"), None)?;
+            &json!({"prompt": PROMPTS[i % PROMPTS.len()], "max_tokens": args.max_tokens,
+                    "temperature": args.temperature, "seed": seed_base + i as u64}),
+        );
+        let tid = match answered {
+            Ok(r) => r.json::<Value>()?["task_id"].as_u64().unwrap_or(0),
+            // A failed task answers with an error; it is the session's newest.
+            Err(_) => {
+                let list = client.get(&format!("/api/v1/tasks/{sid}"))?;
                 match list["tasks"].as_array().and_then(|l| l.last()) {
                     Some(last) => last["task_id"].as_u64().unwrap_or(0),
                     None => continue,
                 }
             }
         };
-        tally(
-            &mut t,
-            &call("GET", &format!("/api/v1/tasks/{sid}/{tid}"), None)?,
-        );
+        tally(&mut t, &client.get(&format!("/api/v1/tasks/{sid}/{tid}"))?);
     }
     drop(testnet);
     let _ = std::fs::remove_dir_all(&dir);

@@ -12,6 +12,12 @@ pub struct Client {
     http: reqwest::blocking::Client,
 }
 
+/// A miner of `/api/v1/miners` that can take tasks: online, past its network tasks and not
+/// suspended (in the pool, reserved, released or pinned).
+pub fn is_ready(miner: &Value) -> bool {
+    !["offline", "validating", "suspended"].contains(&miner["state"].as_str().unwrap_or(""))
+}
+
 pub struct Answer {
     pub task_id: u64,
     pub text: String,
@@ -62,19 +68,12 @@ impl Client {
         Self::check(r)
     }
 
+    /// Miners ready for tasks (see [`is_ready`]).
     pub fn online_miners(&self) -> anyhow::Result<usize> {
         let miners = self.get("/api/v1/miners")?;
         Ok(miners["nodes"]
             .as_object()
-            // Ready: online and past its network tasks (in the pool or pinned).
-            .map(|n| {
-                n.values()
-                    .filter(|m| {
-                        !["offline", "validating"].contains(&m["state"].as_str().unwrap_or(""))
-                    })
-                    .count()
-            })
-            .unwrap_or(0))
+            .map_or(0, |n| n.values().filter(|m| is_ready(m)).count()))
     }
 
     pub fn create_session(&self, redundant: u32, name: &str) -> anyhow::Result<u64> {

@@ -324,7 +324,11 @@ fn chain_choice(
     }
 }
 
-fn wait_for_miners(client: &client::Client, miners: usize, limit: Duration) -> anyhow::Result<()> {
+pub fn wait_for_miners(
+    client: &client::Client,
+    miners: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut last = usize::MAX;
     loop {

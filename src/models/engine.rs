@@ -298,6 +298,23 @@ impl LlamaEngine {
     }
 
     /// Logits of the last position after running `tokens` from an empty cache.
+    /// The prompt's tokens, when it is not empty and `then` more tokens fit after it.
+    fn prompt_fitting(&self, prompt: &Prompt, then: usize) -> Result<Vec<u32>, EngineError> {
+        let tokens = self.tokenize(prompt)?;
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let limit = self.model.max_context();
+        if tokens.len() + then > limit {
+            return Err(EngineError::PromptTooLong {
+                prompt: tokens.len(),
+                max_tokens: then,
+                limit,
+            });
+        }
+        Ok(tokens)
+    }
+
     pub fn last_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
         let model = &self.model;
         self.pool.install(|| {
@@ -529,18 +546,7 @@ impl InferenceEngine for LlamaEngine {
         prompt: &Prompt,
         candidates: &[u32],
     ) -> Result<Vec<f32>, EngineError> {
-        let tokens = self.tokenize(prompt)?;
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let limit = self.model.max_context();
-        if tokens.len() > limit {
-            return Err(EngineError::PromptTooLong {
-                prompt: tokens.len(),
-                max_tokens: 0,
-                limit,
-            });
-        }
+        let tokens = self.prompt_fitting(prompt, 0)?;
         let logits = self.last_logits(&tokens)?;
         Ok(candidates
             .iter()
@@ -553,19 +559,9 @@ impl InferenceEngine for LlamaEngine {
         request: &GenerateRequest,
         continuation: &[u32],
     ) -> Result<Replay, EngineError> {
-        let prompt = self.tokenize(&request.prompt)?;
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
+        let prompt = self.prompt_fitting(&request.prompt, continuation.len())?;
         let limit = self.model.max_context();
         let total = prompt.len() + continuation.len();
-        if total > limit {
-            return Err(EngineError::PromptTooLong {
-                prompt: prompt.len(),
-                max_tokens: continuation.len(),
-                limit,
-            });
-        }
         let mut sampler = Sampler::new(request.params.clone())?;
         let stop_ids = self.tokenizer.stop_ids();
         let vocab = self.model.config().vocab_size;

@@ -36,6 +36,19 @@ pub enum Level {
     Judge,
 }
 
+impl Level {
+    /// Its name in requests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::None => "none",
+            Level::Exact => "exact",
+            Level::Embedding => "embedding",
+            Level::Likelihood => "likelihood",
+            Level::Judge => "judge",
+        }
+    }
+}
+
 /// The levels a session asks for: one (`"exact"`) or several (`["embedding", "likelihood"]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Levels(Vec<Level>);
@@ -313,8 +326,9 @@ pub fn decide(
             .collect()
     };
     let mut miners: Vec<MinerVerdict> = Vec::with_capacity(results.len());
-    let mut missing_evidence = false;
     for (miner, result) in results {
+        // A level asked for with no evidence about this result (every validator failed it).
+        let mut lacking = false;
         let found = of(miner);
         let mut v = MinerVerdict {
             miner: miner.clone(),
@@ -330,7 +344,7 @@ pub fn decide(
             let values: Vec<f32> = found.iter().filter_map(|e| e.similarity).collect();
             v.similarity = pool(&values, plan.consensus);
             match v.similarity {
-                None => missing_evidence = true,
+                None => lacking = true,
                 Some(s) if s < plan.poi_threshold => v.reasons.push(format!(
                     "embedding: similarity {s:.3} to the medoid is below {:.3}",
                     plan.poi_threshold
@@ -345,7 +359,7 @@ pub fn decide(
                 .map(|e| f32::from(u8::from(e.likelihood_failures.is_empty())))
                 .collect();
             match pool(&votes, plan.consensus) {
-                None => missing_evidence = true,
+                None => lacking = true,
                 Some(p) if p <= 0.5 => {
                     let why = found
                         .iter()
@@ -365,7 +379,7 @@ pub fn decide(
                 .collect();
             v.grade = pool(&scores, plan.consensus);
             match v.grade {
-                None => missing_evidence = true,
+                None => lacking = true,
                 Some(g) if g < plan.judge_threshold => v.reasons.push(format!(
                     "judge: grade {g:.2} is below {:.2}",
                     plan.judge_threshold
@@ -373,32 +387,23 @@ pub fn decide(
                 Some(_) => {}
             }
         }
+        if lacking && v.reasons.is_empty() {
+            v.reasons
+                .push("validators gave no evidence for this result".into());
+        }
         v.valid = v.reasons.is_empty();
         miners.push(v);
-    }
-    if missing_evidence {
-        for m in miners.iter_mut().filter(|m| m.valid) {
-            if m.similarity.is_none() && plan.levels.has(Level::Embedding)
-                || m.grade.is_none() && plan.levels.has(Level::Judge)
-                || m.likelihood.is_none() && plan.levels.has(Level::Likelihood)
-            {
-                m.valid = false;
-                m.reasons
-                    .push("validators gave no evidence for this result".into());
-            }
-        }
     }
 
     // Groups of valid results: by hash under `exact`, otherwise one group.
     let mut groups: Vec<Vec<usize>> = Vec::new();
-    for (i, (_, r)) in results.iter().enumerate() {
+    for i in 0..results.len() {
         if !miners[i].valid {
             continue;
         }
-        let hash = r.hash();
-        let same = groups
-            .iter_mut()
-            .find(|g| !plan.levels.has(Level::Exact) || results[g[0]].1.hash() == hash);
+        let same = groups.iter_mut().find(|g| {
+            !plan.levels.has(Level::Exact) || miners[g[0]].result_hash == miners[i].result_hash
+        });
         match same {
             Some(g) => g.push(i),
             None => groups.push(vec![i]),

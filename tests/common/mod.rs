@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use cortensor::actors::miner::{EngineFactory, MinerFaults};
+use cortensor::commands::client::is_ready;
 use cortensor::config::TestnetConfig;
 use cortensor::models::engine::InferenceEngine;
 use cortensor::testkit::scripted_engine::{Script, ScriptedEngine, SCRIPTED_MODEL};
@@ -127,15 +128,7 @@ impl Net {
         let (_, v) = self.get("/api/v1/miners");
         v["nodes"]
             .as_object()
-            .map(|n| {
-                n.values()
-                    .filter(|m| {
-                        !["offline", "validating", "suspended"]
-                            .contains(&m["state"].as_str().unwrap_or(""))
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
+            .map_or(0, |n| n.values().filter(|m| is_ready(m)).count())
     }
 
     /// Miners that have joined the pool or failed a network task at least once: settled.
