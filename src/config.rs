@@ -151,6 +151,11 @@ impl Default for TestnetConfig {
 impl TestnetConfig {
     /// The defaults with `overlay` (TOML text) laid over them.
     pub fn from_toml_str(overlay: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_layers(&[(overlay, origin)])
+    }
+
+    /// The defaults with each `(text, origin)` laid over them in turn (later layers win).
+    pub fn from_toml_layers(layers: &[(&str, &str)]) -> Result<Self, ConfigError> {
         let parse = |text: &str, origin: &str| {
             text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
                 origin: origin.to_string(),
@@ -158,7 +163,10 @@ impl TestnetConfig {
             })
         };
         let mut base = parse(DEFAULT_TESTNET_TOML, "embedded config/testnet.toml")?;
-        merge(&mut base, parse(overlay, origin)?);
+        for (text, origin) in layers {
+            merge(&mut base, parse(text, origin)?);
+        }
+        let origin = layers.last().map_or("embedded config/testnet.toml", |l| l.1);
         let config: TestnetConfig =
             toml::Value::Table(base)
                 .try_into()

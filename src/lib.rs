@@ -12,6 +12,7 @@ pub mod config;
 pub mod models;
 pub mod reputation;
 pub mod session;
+pub mod history;
 pub mod store;
 pub mod task;
 pub mod testkit;

@@ -4,6 +4,7 @@
 //! caller (a test, the CLI) stays synchronous.
 
 use crate::actors::chain_bridge::{ChainBridge, CreateSession, ListSessions};
+use crate::actors::messages::{MinerReport, ToMiner, Wrap};
 use crate::actors::miner::{EngineFactory, Miner, MinerFaults, MinerSpec};
 use crate::actors::node_pool::{NodePool, SetProber};
 use crate::actors::router::{Router, RouterSettings};
@@ -15,8 +16,9 @@ use crate::chain::local_ledger::LocalLedger;
 use crate::chain::node_key::NodeKey;
 use crate::chain::Chain;
 use crate::config::TestnetConfig;
+use crate::history::History;
 use crate::session::SessionParams;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, WriteFaults};
 use crate::validation::consensus::{Level, Levels};
 use crate::validation::embedding_service::EmbeddingService;
 use crate::validation::engine_service::EngineService;
@@ -62,6 +64,28 @@ pub struct TestnetOptions {
     /// A BERT sentence-embedding model (all-MiniLM-L6-v2) for validators, which sessions with
     /// `validation: embedding` need.
     pub embedding_model: Option<PathBuf>,
+    /// Fault-injection seams (see [`crate::testkit`]); all absent in a real network.
+    pub wiring: Wiring,
+}
+
+/// Wraps the chain a testnet talks to.
+pub type ChainWrap = std::sync::Arc<dyn Fn(Box<dyn Chain>) -> Box<dyn Chain> + Send + Sync>;
+
+/// Seams where a test puts faults between the actors and records what they do. Each is
+/// absent in a real network, which then pays nothing for it.
+#[derive(Clone, Default)]
+pub struct Wiring {
+    /// Between each miner and the queue (the miners' reports).
+    pub to_queue: Option<Wrap<MinerReport>>,
+    /// Between the queue and each miner (assignments, reveals, cancellations).
+    pub to_miner: Option<Wrap<ToMiner>>,
+    /// Around the chain (its RPC cut for a while); the bridge then keeps an outbox, as it
+    /// does on an EVM, so holds and settlements wait for the chain to come back.
+    pub chain: Option<ChainWrap>,
+    /// Makes the store's task writes fail while switched on.
+    pub store_faults: Option<WriteFaults>,
+    /// Where the session queue records its operations.
+    pub history: Option<History>,
 }
 
 /// The chain a testnet uses.
@@ -97,6 +121,8 @@ pub struct Actors {
     pub pool: Addr<NodePool>,
     pub chain: Addr<ChainBridge>,
     pub validators: Vec<Addr<Validator>>,
+    /// In `miner_ids` order.
+    pub miners: Vec<Addr<Miner>>,
 }
 
 /// A running testnet. Dropping it shuts it down.
@@ -143,10 +169,13 @@ impl Testnet {
         let addr = listener.local_addr().map_err(TestnetError::Http)?;
         // Store and chain are built here, outside the actor system: the EVM client runs its
         // own runtime and must not start inside another.
-        let store = match &options.storage {
+        let mut store = match &options.storage {
             Storage::Dir(dir) => Store::open(dir)?,
             Storage::Temporary => Store::temporary()?,
         };
+        if let Some(faults) = &options.wiring.store_faults {
+            store = store.with_write_faults(faults.clone());
+        }
         let miner_ids: Vec<String> = (0..options.config.nodes.miners).map(miner_id).collect();
         let node_keys = miner_ids
             .iter()
@@ -156,7 +185,7 @@ impl Testnet {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut deployed = None;
-        let (chain, chain_name): (Box<dyn Chain>, &'static str) = match &options.chain {
+        let (mut chain, chain_name): (Box<dyn Chain>, &'static str) = match &options.chain {
             ChainChoice::Embedded => (Box::new(LocalLedger::new(store.clone())), "embedded-ledger"),
             ChainChoice::Evm {
                 rpc_url,
@@ -178,6 +207,9 @@ impl Testnet {
                 (Box::new(evm), "evm")
             }
         };
+        if let Some(wrap) = &options.wiring.chain {
+            chain = wrap(chain);
+        }
         let (tx, rx) = std::sync::mpsc::channel::<Result<Started, TestnetError>>();
         let thread = std::thread::Builder::new()
             .name("testnet".into())
@@ -254,6 +286,35 @@ impl Drop for Testnet {
     }
 }
 
+/// Attempts at a chain call while the network starts, and the pause between them: a chain
+/// that does not answer for a while (a node restarting) delays the start, up to ~10 s.
+pub const START_CHAIN_ATTEMPTS: u32 = 50;
+pub const START_CHAIN_PAUSE: Duration = Duration::from_millis(200);
+
+/// A chain call made at start-up, retried while the chain is unreachable.
+async fn chain_call<T, F, Fut>(mut call: F) -> Result<T, TestnetError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Result<T, crate::chain::ChainError>, MailboxError>>,
+{
+    use crate::chain::ChainError;
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(ChainError::Unreachable(m) | ChainError::Evm(m)))
+                if attempt < START_CHAIN_ATTEMPTS =>
+            {
+                tracing::warn!(attempt, error = %m, "the chain does not answer yet; retrying");
+                attempt += 1;
+                actix_rt::time::sleep(START_CHAIN_PAUSE).await;
+            }
+            Ok(Err(e)) => return Err(TestnetError::Chain(e)),
+            Err(e) => return Err(TestnetError::Start(e.to_string())),
+        }
+    }
+}
+
 async fn start_actors(
     options: TestnetOptions,
     listener: TcpListener,
@@ -267,13 +328,15 @@ async fn start_actors(
     // Router, queue, pool, validators and ledger share this arbiter: none of them blocks (the
     // store flushes on its own thread), and messages between them cost no thread hand-off.
     // Engines run on threads of their own.
+    let outbox = store.clone();
+    let confirm_after = config.chain.confirm_after();
     let chain = match chain_arbiter {
-        Some(arbiter) => {
-            let outbox = store.clone();
-            let confirm_after = config.chain.confirm_after();
-            ChainBridge::start_in_arbiter(&arbiter.handle(), move |_| {
-                ChainBridge::with_outbox(chain, outbox, confirm_after)
-            })
+        Some(arbiter) => ChainBridge::start_in_arbiter(&arbiter.handle(), move |_| {
+            ChainBridge::with_outbox(chain, outbox, confirm_after)
+        }),
+        // A chain that may fail (a wrapped one) gets the outbox an EVM gets.
+        None if options.wiring.chain.is_some() => {
+            ChainBridge::with_outbox(chain, outbox, confirm_after).start()
         }
         None => ChainBridge::new(chain).start(),
     };
@@ -332,20 +395,29 @@ async fn start_actors(
     } else {
         Levels::default()
     })
+    .with_history(options.wiring.history.clone())
     .start();
     pool.do_send(SetProber(queue.clone().recipient()));
 
+    let mut miners = Vec::new();
     for index in 0..config.nodes.miners {
         let id = miner_id(index);
+        let upstream: Recipient<MinerReport> = match &options.wiring.to_queue {
+            Some(wrap) => wrap(&id, queue.clone().recipient()),
+            None => queue.clone().recipient(),
+        };
         let spec = MinerSpec {
             faults: options.faults.get(&id).cloned().unwrap_or_default(),
             id,
             model: options.model.clone(),
             max_tasks: config.nodes.max_tasks_per_miner,
             heartbeat_interval: Duration::from_millis(config.nodes.heartbeat_interval_ms),
+            inbound: options.wiring.to_miner.clone(),
         };
-        let (factory, queue, pool) = (options.engine.clone(), queue.clone(), pool.clone());
-        Supervisor::start(move |_| Miner::new(spec, factory, queue.recipient(), pool));
+        let (factory, pool) = (options.engine.clone(), pool.clone());
+        miners.push(Supervisor::start(move |_| {
+            Miner::new(spec, factory, upstream, pool)
+        }));
     }
 
     let settings = RouterSettings {
@@ -362,11 +434,7 @@ async fn start_actors(
 
     // Every key gets a default session (the OpenAI-compatible API has no session field).
     let keys = config.router.effective_api_keys();
-    let existing = chain
-        .send(ListSessions)
-        .await
-        .map_err(|e| TestnetError::Start(e.to_string()))?
-        .map_err(|e| TestnetError::Start(e.to_string()))?;
+    let existing = chain_call(|| chain.send(ListSessions)).await?;
     let mut default_sessions = HashMap::new();
     for key in &keys {
         let owner = owner_of_key(key);
@@ -381,17 +449,15 @@ async fn start_actors(
                     metadata: "created by the testnet for the OpenAI-compatible API".into(),
                     ..SessionParams::default()
                 };
-                let create = CreateSession {
-                    owner: owner.clone(),
-                    params,
-                    deposit: config.pricing.default_deposit,
-                };
-                chain
-                    .send(create)
-                    .await
-                    .map_err(|e| TestnetError::Start(e.to_string()))?
-                    .map_err(|e| TestnetError::Start(e.to_string()))?
-                    .id
+                chain_call(|| {
+                    chain.send(CreateSession {
+                        owner: owner.clone(),
+                        params: params.clone(),
+                        deposit: config.pricing.default_deposit,
+                    })
+                })
+                .await?
+                .id
             }
         };
         default_sessions.insert(owner, id);
@@ -405,6 +471,7 @@ async fn start_actors(
         pool,
         chain,
         validators,
+        miners,
     };
     let state = ApiState::new(
         &config,

@@ -48,6 +48,7 @@ fn network(dir: &std::path::Path, embedding: bool) -> common::Net {
         http_workers: 2,
         chain: Default::default(),
         embedding_model,
+        wiring: Default::default(),
     })
 }
 

@@ -6,6 +6,10 @@ use crate::models::engine::GenerateRequest;
 use crate::task::{TaskKey, TaskRecord, TaskResult, TaskState};
 use actix::prelude::*;
 
+/// Puts something between a node and the messages sent to it, given the node's id: a
+/// fault-injecting link in tests (`testkit`), the identity otherwise.
+pub type Wrap<M> = std::sync::Arc<dyn Fn(&str, Recipient<M>) -> Recipient<M> + Send + Sync>;
+
 /// The queue's instructions to a miner. A miner is addressed as a `Recipient<ToMiner>`, so a
 /// local actor and a proxy for a remote node look the same to the queue.
 #[derive(Message, Clone, Debug)]

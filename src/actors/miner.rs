@@ -6,7 +6,7 @@
 //! fails its in-flight tasks (the queue gives them to other miners), stops, and its
 //! `Supervisor` restarts it with a fresh engine after a bounded back-off.
 
-use super::messages::{MinerReport, ReportKind, ToMiner};
+use super::messages::{MinerReport, ReportKind, ToMiner, Wrap};
 use super::node_pool::{GoOffline, Heartbeat, NodePool, Register};
 use crate::models::engine::{
     CancelToken, EngineError, FinishReason, GenerateRequest, Generation, InferenceEngine,
@@ -146,6 +146,9 @@ pub struct MinerSpec {
     pub max_tasks: usize,
     pub heartbeat_interval: Duration,
     pub faults: MinerFaults,
+    /// What stands between the queue and this miner (fault-injection tests); none for a real
+    /// miner.
+    pub inbound: Option<Wrap<ToMiner>>,
 }
 
 struct Job {
@@ -226,6 +229,21 @@ impl Miner {
             tracing::error!(miner = %self.spec.id, error = %e, "cannot start the engine thread");
             ctx.stop();
         }
+    }
+}
+
+/// Fault injection: the miner stops at once, silently, as if its process had died (the queue
+/// finds out from missed deadlines and gives its tasks to other miners); its supervisor
+/// restarts it with a fresh engine.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+impl Handler<Crash> for Miner {
+    type Result = ();
+    fn handle(&mut self, _: Crash, ctx: &mut Context<Self>) {
+        tracing::warn!(miner = %self.spec.id, "crashed on purpose (fault injection)");
+        ctx.stop();
     }
 }
 
@@ -405,12 +423,17 @@ impl Handler<EngineEvent> for Miner {
                 tracing::info!(miner = %self.spec.id, engine = %model, %backend, "engine ready");
                 self.ready = true;
                 self.failures_in_a_row = 0;
+                let own: Recipient<ToMiner> = ctx.address().recipient();
+                let addr = match &self.spec.inbound {
+                    Some(wrap) => wrap(&self.spec.id, own),
+                    None => own,
+                };
                 self.pool.do_send(Register {
                     id: self.spec.id.clone(),
                     model: self.spec.model.clone(),
                     backend,
                     max_load: self.spec.max_tasks,
-                    addr: ctx.address().recipient(),
+                    addr,
                 });
             }
             EngineEvent::Token {

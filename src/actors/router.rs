@@ -26,6 +26,8 @@ pub enum SubmitError {
     Busy(String),
     #[error("the chain is unreachable: {0}")]
     ChainUnavailable(String),
+    #[error("the task could not be stored, so it was not accepted: {0}")]
+    StorageUnavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -39,7 +41,7 @@ impl From<ChainError> for SubmitError {
             }
             ChainError::InvalidParams(m) => SubmitError::Invalid(m),
             ChainError::Store(_) => SubmitError::Internal(e.to_string()),
-            ChainError::Evm(m) => SubmitError::ChainUnavailable(m),
+            ChainError::Evm(m) | ChainError::Unreachable(m) => SubmitError::ChainUnavailable(m),
             ChainError::NoWallet(_) | ChainError::NothingToWithdraw(_) => {
                 SubmitError::Internal(e.to_string())
             }
@@ -261,6 +263,7 @@ impl Handler<SubmitTask> for Router {
                         Ok(Err(QueueError::Full(n))) => {
                             SubmitError::Busy(format!("the queue holds {n} tasks, its limit"))
                         }
+                        Ok(Err(QueueError::Store(e))) => SubmitError::StorageUnavailable(e.to_string()),
                         Ok(Err(e)) => SubmitError::Internal(e.to_string()),
                         Ok(Ok(_)) => unreachable!("handled above"),
                         Err(e) => e.into(),

@@ -17,6 +17,7 @@ use super::node_pool::{
 };
 use super::validator::{gather_evidence, Validate, Validator};
 use crate::config::QueueConfig;
+use crate::history::{History, Operation, Recorder};
 use crate::models::engine::GenerateRequest;
 use crate::reputation::{Outcome, Stage};
 use crate::store::{Store, StoreError};
@@ -147,6 +148,14 @@ pub const STAGE_BUCKETS_S: [f64; 12] = [
 /// time out after 60 s).
 pub const VALIDATION_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What an ended task's settlement carries, kept for its retries.
+struct PendingSettlement {
+    hold: u64,
+    charge: u64,
+    payees: Vec<String>,
+    trace: Option<crate::chain::TaskTrace>,
+}
+
 struct LiveTask {
     record: TaskRecord,
     subscribers: Vec<Subscriber>,
@@ -223,7 +232,15 @@ pub struct SessionQueue {
     /// How network tasks (probes of new and released nodes) are validated.
     probe_validation: Levels,
     probes_started: u64,
+    /// Ended tasks whose final record could not be written yet: retried every tick, and read
+    /// from here meanwhile (an end is never forgotten because a write failed).
+    unwritten_ends: HashMap<TaskKey, (TaskRecord, Vec<Subscriber>)>,
+    history: Recorder,
 }
+
+/// Longest pause between attempts to settle a task whose settlement failed (the task stays
+/// live meanwhile, so the queue's capacity bounds how many wait).
+pub const MAX_SETTLE_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What network tasks ask (short, factual, answered greedily): a node that runs the model it
 /// claims reproduces the validators' replay.
@@ -267,7 +284,16 @@ impl SessionQueue {
             stats: QueueStats::default(),
             probe_validation: Levels::default(),
             probes_started: 0,
+            unwritten_ends: HashMap::new(),
+            history: Recorder::default(),
         }
+    }
+
+    /// Records what the queue does into `history` (fault-injection tests check invariants
+    /// over it).
+    pub fn with_history(mut self, history: Option<History>) -> Self {
+        self.history = Recorder::new(history);
+        self
     }
 
     /// Network tasks are validated with `levels` (the testnet asks for `likelihood` when its
@@ -277,17 +303,32 @@ impl SessionQueue {
         self
     }
 
-    fn write(&self, record: &TaskRecord) {
-        if let Err(e) = self.store.put_task(record) {
-            tracing::error!(task = %record.key, error = %e, "cannot write the task");
+    /// Writes a task's record; false (and logged) when the store refused it.
+    fn write(&self, record: &TaskRecord) -> bool {
+        match self.store.put_task(record) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(task = %record.key, error = %e, "cannot write the task; retrying at the next tick");
+                false
+            }
         }
     }
 
-    /// Writes every live task changed since its last write.
+    /// Writes every live task changed since its last write, and every end not yet written;
+    /// what the store refuses stays due for the next tick.
     fn write_dirty(&mut self) {
         for key in std::mem::take(&mut self.dirty) {
             if let Some(task) = self.live.get(&key) {
-                self.write(&task.record);
+                if !self.write(&task.record) {
+                    self.dirty.insert(key);
+                }
+            }
+        }
+        let ends: Vec<TaskKey> = self.unwritten_ends.keys().copied().collect();
+        for key in ends {
+            if self.write(&self.unwritten_ends[&key].0) {
+                let (record, subscribers) = self.unwritten_ends.remove(&key).expect("listed");
+                self.announce_end(record, subscribers);
             }
         }
     }
@@ -325,6 +366,11 @@ impl SessionQueue {
         task.stage_started = Instant::now();
         task.publish(TaskEvent::State(state));
         self.dirty.insert(key);
+        self.history.record(|| Operation::Transition {
+            key,
+            from: previous,
+            to: state,
+        });
         self.record_stage(previous.name(), elapsed);
     }
 
@@ -687,14 +733,19 @@ impl SessionQueue {
             .saturating_mul(task.record.redundancy as u64)
             .saturating_mul(price)
             .min(task.record.hold);
-        // The accepted miners, and the validators whose evidence decided it.
-        let mut payees = outcome
-            .as_ref()
-            .map(|o| o.agreeing.clone())
-            .unwrap_or_default();
-        if !payees.is_empty() {
+        // The accepted miners, and the validators whose evidence decided it; for a task
+        // cancelled mid-stream, the miners that were working on it (they made the tokens the
+        // client is charged for).
+        let mut payees = match (&outcome, state) {
+            (Some(o), _) => o.agreeing.clone(),
+            (None, TaskState::Cancelled) => released.clone(),
+            (None, _) => Vec::new(),
+        };
+        if outcome.is_some() && !payees.is_empty() {
             payees.extend(task.paid_validators.iter().cloned());
         }
+        // Money spent is money earned: with nobody to pay, nothing is charged.
+        let charge = if payees.is_empty() { 0 } else { charge };
         task.record.outcome = outcome;
         task.record.error = error;
         task.record.state = state;
@@ -709,27 +760,44 @@ impl SessionQueue {
             self.finished(key, 0);
             return;
         }
-        let hold = task.record.hold;
-        let settle = Settle {
-            task: key,
-            hold,
+        let settlement = PendingSettlement {
+            hold: task.record.hold,
             charge,
             payees,
             trace: task.record.record_stages.then(|| task.record.trace()),
         };
-        ctx.spawn(self.chain.send(settle).into_actor(self).map(move |settled, queue, _| {
-            let charged = match settled {
-                Ok(Ok(_)) => charge,
-                Ok(Err(e)) => {
-                    tracing::error!(task = %key, error = %e, "settlement failed; the hold stays");
-                    0
-                }
-                Err(e) => {
-                    tracing::error!(task = %key, error = %e, "the chain bridge did not answer");
-                    0
-                }
+        self.settle(key, settlement, 0, ctx);
+    }
+
+    /// Settles an ended task's hold through the chain bridge, then lets it go. A settlement
+    /// that fails is tried again after a back-off (doubling up to [`MAX_SETTLE_BACKOFF`]):
+    /// giving up would leave the session's money held for ever.
+    fn settle(
+        &mut self,
+        key: TaskKey,
+        settlement: PendingSettlement,
+        failures: u32,
+        ctx: &mut Context<Self>,
+    ) {
+        let settle = Settle {
+            task: key,
+            hold: settlement.hold,
+            charge: settlement.charge,
+            payees: settlement.payees.clone(),
+            trace: settlement.trace.clone(),
+        };
+        ctx.spawn(self.chain.send(settle).into_actor(self).map(move |settled, queue, ctx| {
+            let error = match settled {
+                Ok(Ok(_)) => return queue.finished(key, settlement.charge),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("the chain bridge did not answer: {e}"),
             };
-            queue.finished(key, charged);
+            let backoff = (Duration::from_millis(50) * 2u32.saturating_pow(failures.min(10)))
+                .min(MAX_SETTLE_BACKOFF);
+            tracing::warn!(task = %key, %error, ?backoff, "settlement failed; retrying");
+            ctx.run_later(backoff, move |queue, ctx| {
+                queue.settle(key, settlement, failures + 1, ctx)
+            });
         }));
     }
 
@@ -740,7 +808,7 @@ impl SessionQueue {
         self.dirty.remove(&key);
         task.record.charged = charged;
         let state = task.record.state;
-        self.write(&task.record);
+        let written = self.write(&task.record);
         let network = key.session_id == NETWORK_SESSION;
         if network {
             *self.stats.network_tasks.entry(state.name()).or_default() += 1;
@@ -780,10 +848,27 @@ impl SessionQueue {
                 };
             }
         }
-        // Tell the subscribers once the end (and the settlement before it) is on disk.
+        if written {
+            self.announce_end(task.record, task.subscribers);
+        } else {
+            // Nobody hears of the end before it is written (a restart meanwhile runs the task
+            // again; its settlement, already made, is not made twice).
+            self.unwritten_ends
+                .insert(key, (task.record, task.subscribers));
+        }
+    }
+
+    /// Tells the subscribers of an end that is written, once it (and the settlement before
+    /// it) is on disk.
+    fn announce_end(&mut self, record: TaskRecord, subscribers: Vec<Subscriber>) {
+        let key = record.key;
+        self.history.record(|| Operation::Ended {
+            key,
+            state: record.state,
+            charged: record.charged,
+        });
         let durable = self.store.durable();
-        let record = Box::new(task.record);
-        let subscribers = task.subscribers;
+        let record = Box::new(record);
         actix::spawn(async move {
             if let Err(e) = durable.await {
                 tracing::error!(task = %key, error = %e, "cannot flush the store");
@@ -850,6 +935,11 @@ impl SessionQueue {
                     a.acked_at_ms = Some(now);
                 }
                 a.state = AssignmentState::Precommitted;
+                self.history.record(|| Operation::Precommitted {
+                    key,
+                    miner: miner.clone(),
+                    hash: hash.clone(),
+                });
                 a.precommit_hash = Some(hash);
                 a.precommitted_at_ms = Some(now);
                 task.deadlines.remove(&miner);
@@ -860,6 +950,10 @@ impl SessionQueue {
                 }
                 if a.precommit_hash.as_deref() != Some(result.commitment_hex(&miner).as_str()) {
                     self.stats.rejected_reveals += 1;
+                    self.history.record(|| Operation::RevealRejected {
+                        key,
+                        miner: miner.clone(),
+                    });
                     let note = "its reveal does not match its precommitted hash".to_string();
                     self.remove_miner(
                         key,
@@ -873,6 +967,11 @@ impl SessionQueue {
                 }
                 a.state = AssignmentState::Committed;
                 a.committed_at_ms = Some(now);
+                self.history.record(|| Operation::RevealAccepted {
+                    key,
+                    miner: miner.clone(),
+                    result: result.clone(),
+                });
                 a.result = Some(result);
                 task.deadlines.remove(&miner);
                 self.pool.do_send(Release {
@@ -968,7 +1067,10 @@ impl SessionQueue {
                 Duration::from_millis(record.deadline_ms.saturating_sub(record.created_at_ms))
                     .max(self.config.ack_timeout());
             tracing::info!(task = %record.key, "resuming a task after a restart");
-            self.write(&record);
+            self.history.record(|| Operation::Resumed { key: record.key });
+            if !self.write(&record) {
+                self.dirty.insert(record.key);
+            }
             self.live.insert(record.key, LiveTask::new(record, timeout));
         }
         self.store.flush()
@@ -995,15 +1097,27 @@ impl Handler<Enqueue> for SessionQueue {
         // A client that only waits for the end hears nothing before it, and the end is flushed
         // (with this write before it): only a live follower is acknowledged now.
         let acknowledged_now = m.subscriber.as_ref().map_or(true, |s| s.live);
+        let hold = m.task.hold;
         match self.enqueue(m, ctx) {
-            Ok(key) if !acknowledged_now => Box::pin(actix::fut::ready(Ok(key))),
+            Ok(key) if !acknowledged_now => {
+                self.history.record(|| Operation::Accepted { key, hold });
+                Box::pin(actix::fut::ready(Ok(key)))
+            }
             // Acknowledged only once the task is on disk.
             Ok(key) => {
                 let durable = self.store.durable();
-                Box::pin(
-                    async move { durable.await.map(|_| key).map_err(QueueError::from) }
-                        .into_actor(self),
-                )
+                Box::pin(async move { durable.await }.into_actor(self).map(
+                    move |durable, queue, _| match durable {
+                        Ok(()) => {
+                            queue.history.record(|| Operation::Accepted { key, hold });
+                            Ok(key)
+                        }
+                        Err(e) => {
+                            queue.refuse(key, &e);
+                            Err(QueueError::from(e))
+                        }
+                    },
+                ))
             }
             Err(e) => Box::pin(actix::fut::ready(Err(e))),
         }
@@ -1072,6 +1186,34 @@ impl Handler<Probe> for SessionQueue {
 }
 
 impl SessionQueue {
+    /// Takes back a task whose client is told it was not accepted (its write did not become
+    /// durable): its miners stop, and it ends Failed without a settlement (the router gives
+    /// the hold back), so it can neither run nor be charged.
+    fn refuse(&mut self, key: TaskKey, error: &StoreError) {
+        let Some(mut task) = self.live.remove(&key) else {
+            return;
+        };
+        self.dirty.remove(&key);
+        let mut released = Vec::new();
+        for a in task.record.active() {
+            if let Some(addr) = task.miners.get(&a.miner) {
+                addr.do_send(ToMiner::Cancel { key });
+            }
+            released.push(a.miner.clone());
+        }
+        if !released.is_empty() {
+            self.pool.do_send(Release { miners: released });
+        }
+        task.record.state = TaskState::Failed;
+        task.record.error = Some(format!("not accepted: {error}"));
+        task.record.finished_at_ms = Some(now_ms());
+        self.history.record(|| Operation::Refused { key });
+        if !self.write(&task.record) {
+            let subscribers = std::mem::take(&mut task.subscribers);
+            self.unwritten_ends.insert(key, (task.record, subscribers));
+        }
+    }
+
     fn enqueue(&mut self, m: Enqueue, ctx: &mut Context<Self>) -> Result<TaskKey, QueueError> {
         if self.live.len() >= self.config.max_live_tasks {
             return Err(QueueError::Full(self.config.max_live_tasks));
@@ -1169,6 +1311,9 @@ impl Handler<GetTask> for SessionQueue {
         if let Some(t) = self.live.get(&m.0) {
             return Ok(Some(t.record.clone()));
         }
+        if let Some((r, _)) = self.unwritten_ends.get(&m.0) {
+            return Ok(Some(r.clone()));
+        }
         Ok(self.store.task(m.0)?)
     }
 }
@@ -1184,6 +1329,10 @@ impl Handler<Subscribe> for SessionQueue {
                     .try_send(TaskEvent::State(t.record.state));
             }
             t.subscribers.push(m.subscriber);
+            return Ok(());
+        }
+        if let Some((_, subscribers)) = self.unwritten_ends.get_mut(&m.key) {
+            subscribers.push(m.subscriber);
             return Ok(());
         }
         let record = self

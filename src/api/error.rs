@@ -28,6 +28,9 @@ pub enum ApiError {
     Busy(String, u64),
     #[error("{0}")]
     ChainUnavailable(String, u64),
+    /// The store refused a write; nothing was accepted.
+    #[error("{0}")]
+    StorageUnavailable(String, u64),
     #[error("{message}")]
     TaskFailed {
         code: &'static str,
@@ -51,6 +54,7 @@ impl ApiError {
             ApiError::RateLimited(..) => "rate_limited",
             ApiError::Busy(..) => "overloaded",
             ApiError::ChainUnavailable(..) => "chain_unavailable",
+            ApiError::StorageUnavailable(..) => "storage_unavailable",
             ApiError::TaskFailed { code, .. } => code,
             ApiError::Internal(_) => "internal_error",
         }
@@ -68,7 +72,8 @@ impl ApiError {
             ApiError::RateLimited(..) | ApiError::Busy(..) => "rate_limit_error",
             ApiError::TaskFailed { .. }
             | ApiError::Internal(_)
-            | ApiError::ChainUnavailable(..) => "server_error",
+            | ApiError::ChainUnavailable(..)
+            | ApiError::StorageUnavailable(..) => "server_error",
         }
     }
 
@@ -89,7 +94,9 @@ impl ResponseError for ApiError {
             ApiError::InsufficientBalance(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Busy(..) | ApiError::ChainUnavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy(..)
+            | ApiError::ChainUnavailable(..)
+            | ApiError::StorageUnavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TaskFailed { status, .. } => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -99,7 +106,8 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if let ApiError::RateLimited(_, s)
         | ApiError::Busy(_, s)
-        | ApiError::ChainUnavailable(_, s) = self
+        | ApiError::ChainUnavailable(_, s)
+        | ApiError::StorageUnavailable(_, s) = self
         {
             response.insert_header((header::RETRY_AFTER, s.to_string()));
         }
@@ -116,6 +124,7 @@ impl From<SubmitError> for ApiError {
             SubmitError::Invalid(m) => ApiError::Invalid(m),
             SubmitError::Busy(m) => ApiError::Busy(m, 1),
             SubmitError::ChainUnavailable(_) => ApiError::ChainUnavailable(e.to_string(), 5),
+            SubmitError::StorageUnavailable(m) => ApiError::StorageUnavailable(m, 1),
             SubmitError::Internal(m) => ApiError::Internal(m),
         }
     }

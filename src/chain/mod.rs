@@ -34,6 +34,8 @@ pub enum ChainError {
     NoWallet(String),
     #[error("node {0} has nothing to withdraw")]
     NothingToWithdraw(String),
+    #[error("the chain does not answer: {0}")]
+    Unreachable(String),
 }
 
 /// How a settled charge is split among the nodes that earned it: equal shares, the remainder

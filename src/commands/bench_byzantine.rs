@@ -145,6 +145,7 @@ fn run_one(
             http_workers: 2,
             chain: Default::default(),
             embedding_model: embedding,
+            wiring: Default::default(),
         },
         TcpListener::bind("127.0.0.1:0")?,
     )?;

@@ -166,6 +166,7 @@ pub fn run(args: OrchestrateArgs) -> anyhow::Result<()> {
             http_workers: args.workers,
             chain: Default::default(),
             embedding_model: None,
+            wiring: Default::default(),
         },
         TcpListener::bind("127.0.0.1:0")?,
     )?;

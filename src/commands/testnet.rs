@@ -181,6 +181,7 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         http_workers: 2,
         chain,
         embedding_model: embedding_model(),
+        wiring: Default::default(),
         config,
     };
     let rpc_url = match &options.chain {

@@ -28,6 +28,22 @@ pub enum StoreError {
     Open { path: String, message: String },
     #[error("cannot make writes durable: {0}")]
     Flush(String),
+    #[error("task writes are failing (an injected fault)")]
+    Injected,
+}
+
+/// A switch that makes task writes fail, for fault-injection tests; off unless a test turns it
+/// on. Only the task tree is affected: the ledger's writes fail with the chain's own faults.
+#[derive(Clone, Default)]
+pub struct WriteFaults(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl WriteFaults {
+    pub fn set_failing(&self, failing: bool) {
+        self.0.store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+    pub fn failing(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// A handle on the database; clones share it (sled keeps one `Db` per process).
@@ -41,6 +57,7 @@ pub struct Store {
     /// Outbox entries the chain took, kept until a later check finds them still there.
     delivered: sled::Tree,
     flusher: std::sync::Arc<Flusher>,
+    write_faults: WriteFaults,
 }
 
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -116,7 +133,14 @@ impl Store {
             delivered: db.open_tree("outbox_delivered")?,
             db,
             flusher,
+            write_faults: WriteFaults::default(),
         })
+    }
+
+    /// Task writes fail while `faults` says so (fault-injection tests).
+    pub fn with_write_faults(mut self, faults: WriteFaults) -> Self {
+        self.write_faults = faults;
+        self
     }
 
     /// Resolves once every write made before this call is on disk, without blocking the
@@ -175,6 +199,9 @@ impl Store {
     }
 
     pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        if self.write_faults.failing() {
+            return Err(StoreError::Injected);
+        }
         put(&self.tasks, &task_key_bytes(task.key), task)
     }
 

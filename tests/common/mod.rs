@@ -73,6 +73,7 @@ pub fn start_on(
         http_workers: 2,
         chain,
         embedding_model: None,
+        wiring: Default::default(),
     };
     start_with(options)
 }
