@@ -162,11 +162,16 @@ pub struct Assignment {
     pub result: Option<TaskResult>,
     /// Why it was replaced, rejected or dropped.
     pub note: Option<String>,
+    /// Names this assignment in the miner's signed reports, so a report made for another
+    /// assignment (an earlier one, another task) cannot be replayed into it.
+    #[serde(default)]
+    pub nonce: u64,
 }
 
 impl Assignment {
-    pub fn new(miner: String, now_ms: u64) -> Self {
+    pub fn new(miner: String, now_ms: u64, nonce: u64) -> Self {
         Self {
+            nonce,
             miner,
             state: AssignmentState::Assigned,
             assigned_at_ms: now_ms,

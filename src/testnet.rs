@@ -211,6 +211,7 @@ impl Testnet {
             chain = wrap(chain);
         }
         let (tx, rx) = std::sync::mpsc::channel::<Result<Started, TestnetError>>();
+        let thread_keys = node_keys.clone();
         let thread = std::thread::Builder::new()
             .name("testnet".into())
             .spawn(move || {
@@ -224,6 +225,7 @@ impl Testnet {
                     chain,
                     chain_arbiter.as_ref(),
                     chain_name,
+                    thread_keys,
                 ));
                 let failed = started.is_err();
                 let _ = tx.send(started);
@@ -322,6 +324,7 @@ async fn start_actors(
     chain: Box<dyn Chain>,
     chain_arbiter: Option<&Arbiter>,
     chain_name: &'static str,
+    node_keys: Vec<NodeKey>,
 ) -> Result<Started, TestnetError> {
     let config = options.config;
 
@@ -413,6 +416,7 @@ async fn start_actors(
             max_tasks: config.nodes.max_tasks_per_miner,
             heartbeat_interval: Duration::from_millis(config.nodes.heartbeat_interval_ms),
             inbound: options.wiring.to_miner.clone(),
+            key: node_keys[index].clone(),
         };
         let (factory, pool) = (options.engine.clone(), pool.clone());
         miners.push(Supervisor::start(move |_| {

@@ -7,6 +7,9 @@ mod common;
 
 use common::{faults, scripted, Net};
 use cortensor::actors::messages::{MinerReport, ReportKind};
+use cortensor::actors::report_signing;
+use cortensor::chain::node_key::NodeKey;
+use cortensor::testnet::node_keys_dir;
 use cortensor::actors::miner::{Byzantine, MinerFaults};
 use cortensor::actors::session_queue::GetTask;
 use cortensor::task::TaskKey;
@@ -158,15 +161,30 @@ fn copying_another_miners_precommit_and_reveal_is_rejected() {
         task_id: tid,
     };
     let queue = net.testnet.actors.queue.clone();
-    queue.do_send(MinerReport {
-        key,
-        miner: "miner-3".into(),
-        kind: ReportKind::Precommit {
-            hash: copied.clone(),
-        },
-    });
-    // Once miner-1 reveals, the copier reveals the same result under its own name.
+    // The copier is a real node: it signs with its own key, for its own assignment.
     let system = actix_rt::System::new();
+    let copier_key = NodeKey::load(&node_keys_dir(dir.path()), "miner-3").unwrap();
+    let nonce = system
+        .block_on(queue.send(GetTask(key)))
+        .unwrap()
+        .unwrap()
+        .and_then(|r| r.assignments.iter().find(|a| a.miner == "miner-3").map(|a| a.nonce))
+        .expect("miner-3 was assigned");
+    let signed = |kind: ReportKind| {
+        let mut report = MinerReport {
+            key,
+            miner: "miner-3".into(),
+            nonce,
+            kind,
+            signature: None,
+        };
+        report_signing::sign(&mut report, &copier_key);
+        report
+    };
+    queue.do_send(signed(ReportKind::Precommit {
+        hash: copied.clone(),
+    }));
+    // Once miner-1 reveals, the copier reveals the same result under its own name.
     let mut revealed = None;
     for _ in 0..300 {
         let record = system.block_on(queue.send(GetTask(key))).unwrap().unwrap();
@@ -186,11 +204,7 @@ fn copying_another_miners_precommit_and_reveal_is_rejected() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let result = revealed.expect("miner-1 revealed");
-    queue.do_send(MinerReport {
-        key,
-        miner: "miner-3".into(),
-        kind: ReportKind::Commit { result },
-    });
+    queue.do_send(signed(ReportKind::Commit { result }));
     let (status, v) = request.join().unwrap();
     assert_eq!(status, 200, "{v}");
     let task = net.task(sid, tid);

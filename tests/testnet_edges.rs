@@ -278,7 +278,9 @@ fn late_and_duplicate_reports_change_nothing() {
         queue.do_send(MinerReport {
             key,
             miner: "miner-1".into(),
+            nonce: 0,
             kind,
+            signature: None,
         });
     }
     // And reports from a miner that was never assigned, for a task that does not exist.
@@ -289,7 +291,9 @@ fn late_and_duplicate_reports_change_nothing() {
     queue.do_send(MinerReport {
         key: nowhere,
         miner: "miner-9".into(),
+        nonce: 0,
         kind: ReportKind::Commit { result: forged },
+        signature: None,
     });
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(net.task(sid, tid), before);

@@ -18,6 +18,8 @@ pub enum ToMiner {
     /// Run this request. The miner answers `Ack` at once, later `Precommit`.
     Assign {
         key: TaskKey,
+        /// The assignment's nonce: the miner signs it into every report about the task.
+        nonce: u64,
         request: GenerateRequest,
         /// Report tokens as they are made (somebody follows the task live).
         stream_tokens: bool,
@@ -28,13 +30,16 @@ pub enum ToMiner {
     Cancel { key: TaskKey },
 }
 
-/// A miner's reports to the queue about one task.
+/// A miner's reports to the queue about one task, signed with the miner's node key over the
+/// task, the miner, the assignment's nonce and the content (see `report_signing`).
 #[derive(Message, Clone, Debug)]
 #[rtype(result = "()")]
 pub struct MinerReport {
     pub key: TaskKey,
     pub miner: String,
+    pub nonce: u64,
     pub kind: ReportKind,
+    pub signature: Option<ethers::types::Signature>,
 }
 
 #[derive(Clone, Debug)]

@@ -8,6 +8,8 @@
 
 use super::messages::{MinerReport, ReportKind, ToMiner, Wrap};
 use super::node_pool::{GoOffline, Heartbeat, NodePool, Register};
+use super::report_signing;
+use crate::chain::node_key::NodeKey;
 use crate::models::engine::{
     CancelToken, EngineError, FinishReason, GenerateRequest, Generation, InferenceEngine,
     TokenEvent,
@@ -48,6 +50,8 @@ pub struct MinerFaults {
     pub stall_after_ack: bool,
     /// Produce a dishonest result (validation tests).
     pub byzantine: Option<Byzantine>,
+    /// Sign reports with a key other than the registered one (a forger).
+    pub forge_signatures: bool,
 }
 
 /// Ways a miner's result can be dishonest while looking like a result.
@@ -149,6 +153,8 @@ pub struct MinerSpec {
     /// What stands between the queue and this miner (fault-injection tests); none for a real
     /// miner.
     pub inbound: Option<Wrap<ToMiner>>,
+    /// The node key its reports are signed with (and its address registered with).
+    pub key: NodeKey,
 }
 
 struct Job {
@@ -161,6 +167,7 @@ struct Job {
 struct Held {
     cancel: CancelToken,
     result: Option<TaskResult>,
+    nonce: u64,
 }
 
 pub struct Miner {
@@ -199,18 +206,34 @@ impl Miner {
         }
     }
 
-    fn report(&self, key: TaskKey, kind: ReportKind) {
+    /// Sends a signed report about the assignment `(key, nonce)`.
+    fn report(&self, key: TaskKey, nonce: u64, kind: ReportKind) {
         let times = if self.spec.faults.duplicate_reports {
             2
         } else {
             1
         };
+        let mut report = MinerReport {
+            key,
+            miner: self.spec.id.clone(),
+            nonce,
+            kind,
+            signature: None,
+        };
+        if self.spec.faults.forge_signatures {
+            report_signing::sign(&mut report, &NodeKey::random(&self.spec.id));
+        } else {
+            report_signing::sign(&mut report, &self.spec.key);
+        }
         for _ in 0..times {
-            self.queue.do_send(MinerReport {
-                key,
-                miner: self.spec.id.clone(),
-                kind: kind.clone(),
-            });
+            self.queue.do_send(report.clone());
+        }
+    }
+
+    /// Reports about a task it holds (nothing when it no longer does).
+    fn report_held(&self, key: TaskKey, kind: ReportKind) {
+        if let Some(held) = self.held.get(&key) {
+            self.report(key, held.nonce, kind);
         }
     }
 
@@ -297,6 +320,7 @@ impl Handler<ToMiner> for Miner {
         match m {
             ToMiner::Assign {
                 key,
+                nonce,
                 request,
                 stream_tokens,
             } => {
@@ -304,7 +328,7 @@ impl Handler<ToMiner> for Miner {
                     return;
                 }
                 if self.spec.faults.stall_after_ack {
-                    self.report(key, ReportKind::Ack);
+                    self.report(key, nonce, ReportKind::Ack);
                     return;
                 }
                 if !self.ready || self.held.contains_key(&key) {
@@ -313,7 +337,7 @@ impl Handler<ToMiner> for Miner {
                     } else {
                         "engine not ready"
                     };
-                    self.report(key, ReportKind::Failed { error: why.into() });
+                    self.report(key, nonce, ReportKind::Failed { error: why.into() });
                     return;
                 }
                 let cancel = CancelToken::new();
@@ -334,18 +358,21 @@ impl Handler<ToMiner> for Miner {
                             Held {
                                 cancel,
                                 result: None,
+                                nonce,
                             },
                         );
-                        self.report(key, ReportKind::Ack);
+                        self.report(key, nonce, ReportKind::Ack);
                     }
                     Err(TrySendError::Full(_)) => self.report(
                         key,
+                        nonce,
                         ReportKind::Failed {
                             error: "miner is at capacity".into(),
                         },
                     ),
                     Err(TrySendError::Disconnected(_)) => self.report(
                         key,
+                        nonce,
                         ReportKind::Failed {
                             error: "engine is down".into(),
                         },
@@ -356,15 +383,18 @@ impl Handler<ToMiner> for Miner {
                 if self.spec.faults.withhold_reveal {
                     return;
                 }
-                let Some(result) = self.held.get(&key).and_then(|h| h.result.clone()) else {
+                let Some((mut result, nonce)) = self
+                    .held
+                    .get(&key)
+                    .and_then(|h| Some((h.result.clone()?, h.nonce)))
+                else {
                     return;
                 };
                 self.held.remove(&key);
-                let mut result = result;
                 if self.spec.faults.wrong_reveal {
                     result.text.push_str(" (altered)");
                 }
-                self.report(key, ReportKind::Commit { result });
+                self.report(key, nonce, ReportKind::Commit { result });
             }
             ToMiner::Cancel { key } => {
                 if let Some(held) = self.held.remove(&key) {
@@ -429,6 +459,7 @@ impl Handler<EngineEvent> for Miner {
                     None => own,
                 };
                 self.pool.do_send(Register {
+                    address: self.spec.key.address(),
                     id: self.spec.id.clone(),
                     model: self.spec.model.clone(),
                     backend,
@@ -439,33 +470,34 @@ impl Handler<EngineEvent> for Miner {
             EngineEvent::Token {
                 key, index, text, ..
             } => {
-                if self.held.contains_key(&key) {
-                    self.report(key, ReportKind::Token { index, text });
-                }
+                self.report_held(key, ReportKind::Token { index, text });
             }
             EngineEvent::Done { key, result, .. } => {
                 let Some(held) = self.held.get_mut(&key) else {
                     return; // cancelled meanwhile
                 };
+                let nonce = held.nonce;
                 match result {
                     Ok(result) => {
                         let hash = result.commitment_hex(&self.spec.id);
                         held.result = Some(result);
-                        self.report(key, ReportKind::Precommit { hash });
+                        self.report(key, nonce, ReportKind::Precommit { hash });
                     }
                     Err(error) => {
                         self.held.remove(&key);
-                        self.report(key, ReportKind::Failed { error });
+                        self.report(key, nonce, ReportKind::Failed { error });
                     }
                 }
             }
             EngineEvent::Crashed { message, .. } => {
                 tracing::error!(miner = %self.spec.id, %message, "engine crashed");
                 self.failures_in_a_row += 1;
-                let keys: Vec<TaskKey> = self.held.keys().copied().collect();
-                for key in keys {
+                let held: Vec<(TaskKey, u64)> =
+                    self.held.iter().map(|(k, h)| (*k, h.nonce)).collect();
+                for (key, nonce) in held {
                     self.report(
                         key,
+                        nonce,
                         ReportKind::Failed {
                             error: format!("engine crashed: {message}"),
                         },

@@ -15,6 +15,7 @@ pub mod chain_outbox;
 pub mod messages;
 pub mod miner;
 pub mod node_pool;
+pub mod report_signing;
 pub mod router;
 pub mod session_queue;
 pub mod validator;

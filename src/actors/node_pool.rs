@@ -57,6 +57,8 @@ impl Node {
 
 struct Node {
     addr: Recipient<ToMiner>,
+    /// Its key's address; an id stays bound to the key it first registered with.
+    address: ethers::types::Address,
     model: String,
     backend: String,
     load: usize,
@@ -289,6 +291,8 @@ impl Actor for NodePool {
 #[rtype(result = "()")]
 pub struct Register {
     pub id: String,
+    /// The node key's address: its reports must be signed by it.
+    pub address: ethers::types::Address,
     pub model: String,
     pub backend: String,
     pub max_load: usize,
@@ -320,7 +324,8 @@ pub struct SelectMiners {
 }
 
 pub struct Selection {
-    pub miners: Vec<(String, Recipient<ToMiner>)>,
+    /// Each chosen miner's id, recipient and registered address.
+    pub miners: Vec<(String, Recipient<ToMiner>, ethers::types::Address)>,
     /// Online miners of the model outside `exclude`, busy or not: 0 means waiting is pointless.
     pub eligible: usize,
 }
@@ -352,6 +357,10 @@ impl Handler<Register> for NodePool {
         tracing::info!(miner = %m.id, model = %m.model, backend = %m.backend, "miner registered");
         let now = Instant::now();
         match self.nodes.get_mut(&m.id) {
+            Some(node) if node.address != m.address => {
+                tracing::warn!(miner = %m.id, registered = ?node.address, claimed = ?m.address,
+                    "a registration under a known id with another key: refused");
+            }
             Some(node) => {
                 // A restart: keep reputation and counters, take the new address.
                 node.addr = m.addr;
@@ -367,6 +376,7 @@ impl Handler<Register> for NodePool {
                     m.id,
                     Node {
                         addr: m.addr,
+                        address: m.address,
                         model: m.model,
                         backend: m.backend,
                         load: 0,
@@ -428,7 +438,7 @@ impl Handler<SelectMiners> for NodePool {
             let miners = match node {
                 Some(n) if n.online && n.load < n.max_load && !m.exclude.contains(only) => {
                     n.load += 1;
-                    vec![(only.clone(), n.addr.clone())]
+                    vec![(only.clone(), n.addr.clone(), n.address)]
                 }
                 _ => vec![],
             };
@@ -473,7 +483,7 @@ impl Handler<SelectMiners> for NodePool {
             .map(|id| {
                 let node = self.nodes.get_mut(&id).expect("chosen from the map");
                 node.load += 1;
-                (id, node.addr.clone())
+                (id, node.addr.clone(), node.address)
             })
             .collect();
         MessageResult(Selection { miners, eligible })

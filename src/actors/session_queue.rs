@@ -12,6 +12,7 @@
 
 use super::chain_bridge::{ChainBridge, Settle};
 use super::messages::{MinerReport, Probe, ReportKind, TaskEvent, ToMiner, NETWORK_SESSION};
+use super::report_signing;
 use super::node_pool::{
     ListNodes, NodePool, ProbeFinished, RecordOutcome, Release, SelectMiners, Selection,
 };
@@ -128,6 +129,8 @@ pub struct QueueStats {
     pub decode_tokens_per_second: f64,
     pub replacements: u64,
     pub rejected_reveals: u64,
+    /// Reports refused for their signature (unsigned, forged, replayed).
+    pub rejected_reports: u64,
     /// Network tasks (probes of nodes) that ended, passed or not; they count nowhere else.
     pub network_tasks: BTreeMap<&'static str, u64>,
 }
@@ -160,6 +163,8 @@ struct LiveTask {
     record: TaskRecord,
     subscribers: Vec<Subscriber>,
     miners: HashMap<String, Recipient<ToMiner>>,
+    /// The registered key address of each miner assigned: its reports must be signed by it.
+    addresses: HashMap<String, ethers::types::Address>,
     /// Per active miner: when its next step (ack, precommit, reveal) is due.
     deadlines: HashMap<String, Instant>,
     /// Miners still wanted at once: the redundancy, less those lost with no replacement left.
@@ -189,6 +194,7 @@ impl LiveTask {
             record,
             subscribers: Vec::new(),
             miners: HashMap::new(),
+            addresses: HashMap::new(),
             deadlines: HashMap::new(),
             wanted,
             stage_started: Instant::now(),
@@ -236,6 +242,9 @@ pub struct SessionQueue {
     /// from here meanwhile (an end is never forgotten because a write failed).
     unwritten_ends: HashMap<TaskKey, (TaskRecord, Vec<Subscriber>)>,
     history: Recorder,
+    /// The last assignment nonce given; starts from the clock, so nonces stay unique across
+    /// restarts.
+    nonces: u64,
 }
 
 /// Longest pause between attempts to settle a task whose settlement failed (the task stays
@@ -286,6 +295,7 @@ impl SessionQueue {
             probes_started: 0,
             unwritten_ends: HashMap::new(),
             history: Recorder::default(),
+            nonces: now_ms() << 20,
         }
     }
 
@@ -447,17 +457,21 @@ impl SessionQueue {
         let now = now_ms();
         // Miners send their tokens only when somebody follows the task live.
         let stream_tokens = task.subscribers.iter().any(|s| s.live);
-        for (miner, addr) in selection.miners {
+        for (miner, addr, address) in selection.miners {
+            self.nonces += 1;
+            let nonce = self.nonces;
             task.record
                 .assignments
-                .push(Assignment::new(miner.clone(), now));
+                .push(Assignment::new(miner.clone(), now, nonce));
             task.deadlines
                 .insert(miner.clone(), Instant::now() + ack_timeout);
             addr.do_send(ToMiner::Assign {
                 key,
+                nonce,
                 request: task.record.request.clone(),
                 stream_tokens,
             });
+            task.addresses.insert(miner.clone(), address);
             task.miners.insert(miner, addr);
         }
         if task.record.state == TaskState::Queued {
@@ -880,8 +894,43 @@ impl SessionQueue {
         });
     }
 
+    /// Whether a report about an active assignment carries its miner's signature over that
+    /// assignment's nonce. Reports about nothing active pass here and are ignored later.
+    fn check_signature(&self, report: &MinerReport) -> Result<(), String> {
+        let Some(task) = self.live.get(&report.key) else {
+            return Ok(());
+        };
+        let Some(a) = task
+            .record
+            .assignments
+            .iter()
+            .rev()
+            .find(|a| a.miner == report.miner && a.state.is_active())
+        else {
+            return Ok(());
+        };
+        let address = task
+            .addresses
+            .get(&report.miner)
+            .ok_or_else(|| "no registered key for this miner".to_string())?;
+        if report.nonce != a.nonce {
+            return Err(format!(
+                "made for another assignment (nonce {}, not {})",
+                report.nonce, a.nonce
+            ));
+        }
+        report_signing::verify(report, *address).map_err(|e| e.to_string())
+    }
+
     fn on_report(&mut self, report: MinerReport, ctx: &mut Context<Self>) {
-        let MinerReport { key, miner, kind } = report;
+        if let Err(why) = self.check_signature(&report) {
+            self.stats.rejected_reports += 1;
+            tracing::warn!(task = %report.key, miner = %report.miner, %why, "a report refused");
+            return;
+        }
+        let MinerReport {
+            key, miner, kind, ..
+        } = report;
         let precommit_timeout = Duration::from_millis(
             self.live
                 .get(&key)

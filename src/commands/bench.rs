@@ -31,6 +31,9 @@ pub enum BenchCommand {
     /// Detection and false-positive rates of each validation strategy against byzantine
     /// miners running the real model.
     Byzantine(super::bench_byzantine::ByzantineArgs),
+    /// A bounded load test on loopback (10,000 requests, 1,000 clients at once, scripted
+    /// miners): what came back (completions and 429s only), p50/p99, memory.
+    Load(super::bench_load::LoadArgs),
     /// One configuration, printed as one JSON line (what `generate` runs in each child).
     #[command(hide = true)]
     GenerateOne(OneArgs),
@@ -109,6 +112,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Chain(args) => super::bench_chain::run(args),
         BenchCommand::Likelihood(args) => super::bench_likelihood::run(args),
         BenchCommand::Byzantine(args) => super::bench_byzantine::run(args),
+        BenchCommand::Load(args) => super::bench_load::run(args),
     }
 }
 
