@@ -29,7 +29,10 @@ pub async fn websocket(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    // Not an upgrade (or a malformed one): the JSON error every route answers with, not
+    // actix's empty 400.
+    let (response, session, stream) = actix_ws::handle(&req, body)
+        .map_err(|e| ApiError::Invalid(format!("a WebSocket upgrade is required here: {e}")))?;
     let stream = stream.max_frame_size(MAX_MESSAGE_BYTES);
     actix_rt::spawn(connection(state, caller, session, stream));
     Ok(response)
