@@ -11,7 +11,7 @@ use crate::actors::router::{SubmitTask, Submitted};
 use crate::actors::session_queue::{CancelTask, SessionQueue, Subscriber, SUBSCRIBER_CAPACITY};
 use crate::models::engine::GenerateRequest;
 use crate::models::sampling::SamplingParams;
-use crate::task::{TaskKey, TaskRecord, TaskState};
+use crate::task::{FailureCause, TaskKey, TaskRecord, TaskState};
 use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::web::Bytes;
@@ -217,6 +217,10 @@ pub async fn start(
     })
 }
 
+/// Seconds a client whose task found no free miner is asked to wait (miners' reservations
+/// last `reserve_period`; tasks end within seconds).
+pub const NO_MINERS_RETRY_AFTER_S: u64 = 5;
+
 /// The error a finished task that produced no accepted result stands for.
 pub fn task_error(record: &TaskRecord) -> Option<ApiError> {
     let message = format!(
@@ -227,6 +231,10 @@ pub fn task_error(record: &TaskRecord) -> Option<ApiError> {
     );
     let (code, status) = match record.state {
         TaskState::Completed => return None,
+        // No miner was free: capacity, not a failure of the task; worth retrying.
+        TaskState::Failed if record.cause == Some(FailureCause::NoMiners) => {
+            return Some(ApiError::Busy(message, NO_MINERS_RETRY_AFTER_S))
+        }
         TaskState::Ended => ("task_timeout", StatusCode::GATEWAY_TIMEOUT),
         TaskState::Cancelled => ("task_cancelled", StatusCode::CONFLICT),
         _ => ("task_failed", StatusCode::BAD_GATEWAY),

@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod body;
 pub mod completion;
 pub mod error;
 pub mod metrics;

@@ -3,6 +3,7 @@
 //! session (or the one named by the `X-Cortensor-Session` header).
 
 use super::auth::Caller;
+use super::body::JsonObject;
 use super::completion::{self, SamplingFields, StopField, StreamEvent, TaskSpec};
 use super::error::ApiError;
 use super::routes::Routes;
@@ -215,7 +216,7 @@ async fn chat_completions(
     state: web::Data<ApiState>,
     caller: Caller,
     req: HttpRequest,
-    body: web::Json<ChatBody>,
+    body: JsonObject<ChatBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     check_model(&state, &body.common.model)?;
@@ -292,7 +293,7 @@ async fn completions(
     state: web::Data<ApiState>,
     caller: Caller,
     req: HttpRequest,
-    body: web::Json<CompletionBody>,
+    body: JsonObject<CompletionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     check_model(&state, &body.common.model)?;

@@ -2,6 +2,7 @@
 //! completions (JSON or SSE) and, our addition for the embedded ledger, session creation.
 
 use super::auth::Caller;
+use super::body::JsonObject;
 use super::completion::{self, SamplingFields, StopField, StreamEvent, TaskSpec};
 use super::error::ApiError;
 use super::routes::Routes;
@@ -183,7 +184,7 @@ async fn pin_node(
     state: web::Data<ApiState>,
     caller: Caller,
     id: web::Path<String>,
-    body: web::Json<PinBody>,
+    body: JsonObject<PinBody>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id("session id", &id)?;
     let s = owned_session(&state, &caller, id).await?;
@@ -239,7 +240,7 @@ struct CreateSessionBody {
 async fn create_session(
     state: web::Data<ApiState>,
     caller: Caller,
-    body: web::Json<CreateSessionBody>,
+    body: JsonObject<CreateSessionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let params: SessionParams = serde_json::from_value(body.params)
@@ -443,7 +444,7 @@ impl CompletionBody {
 async fn completions(
     state: web::Data<ApiState>,
     caller: Caller,
-    body: web::Json<CompletionBody>,
+    body: JsonObject<CompletionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let sid = match body.session_id {
@@ -460,7 +461,7 @@ async fn completions_in_session(
     state: web::Data<ApiState>,
     caller: Caller,
     sid: web::Path<String>,
-    body: web::Json<CompletionBody>,
+    body: JsonObject<CompletionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let sid = parse_id("session id", &sid)?;
     let body = body.into_inner();

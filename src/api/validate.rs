@@ -5,6 +5,7 @@
 //! with reasons and per-output evidence.
 
 use super::auth::Caller;
+use super::body::JsonObject;
 use super::error::ApiError;
 use super::ApiState;
 use crate::actors::validator::{gather_evidence, Validate};
@@ -104,7 +105,7 @@ fn needs_spec(reason: String) -> HttpResponse {
 pub async fn validate(
     state: web::Data<ApiState>,
     _caller: Caller,
-    body: web::Json<ValidateBody>,
+    body: JsonObject<ValidateBody>,
 ) -> Result<HttpResponse, ApiError> {
     let b = body.into_inner();
     let levels = b
