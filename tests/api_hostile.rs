@@ -82,6 +82,13 @@ fn raw(path: &str, text: impl Into<Vec<u8>>) -> Req {
     }
 }
 
+/// `text` with every `#` made a byte that is never valid UTF-8.
+fn invalid_utf8(text: &str) -> Vec<u8> {
+    text.bytes()
+        .map(|b| if b == b'#' { 0xff } else { b })
+        .collect()
+}
+
 fn post(path: &str, body: Value) -> Req {
     raw(path, body.to_string())
 }
@@ -148,6 +155,7 @@ fn check(net: &Net, req: Req, status: u16, code: &str) {
 }
 
 #[test]
+#[rustfmt::skip] // the table: one case a line
 fn the_named_edge_cases_get_a_4xx_with_a_json_error_code() {
     let (net, _dir) = net();
     let sid = net.testnet.default_session; // alice's default session
@@ -166,316 +174,74 @@ fn the_named_edge_cases_get_a_4xx_with_a_json_error_code() {
     let (bad, invalid, too_large) = (400, "invalid_request", 413);
 
     // The router API.
-    check(
-        &net,
-        post(c, json!({"prompt": big})),
-        too_large,
-        "payload_too_large",
-    );
-    check(
-        &net,
-        raw(c, b"{\"prompt\": \"\xff\xfe\xfd\"}".to_vec()),
-        bad,
-        invalid,
-    );
+    check(&net, post(c, json!({"prompt": big})), too_large, "payload_too_large");
+    check(&net, raw(c, b"{\"prompt\": \"\xff\xfe\xfd\"}".to_vec()), bad, invalid);
     check(&net, raw(c, b"\xc3\x28".to_vec()), bad, invalid);
     check(&net, raw(c, nested.clone()), bad, invalid);
     check(&net, raw(c, ""), bad, invalid);
     check(&net, raw(c, "null"), bad, invalid);
     check(&net, raw(c, "[\"x\"]"), bad, invalid);
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "max_tokens": 1e12})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(
-            c,
-            json!({"prompt": "x", "max_tokens": 1_000_000_000_000u64}),
-        ),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, format!("{{\"prompt\":\"x\",\"max_tokens\":{u64_max}}}")),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, format!("{{\"prompt\":\"x\",\"max_tokens\":{past_u64}}}")),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "max_tokens": -1})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, "{\"prompt\":\"x\",\"temperature\":NaN}"),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, "{\"prompt\":\"x\",\"temperature\":Infinity}"),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, "{\"prompt\":\"x\",\"temperature\":-Infinity}"),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, "{\"prompt\":\"x\",\"temperature\":1e999}"),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "temperature": "NaN"})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "temperature": -0.5})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "temperature": 2.0000000000000004})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "top_p": 0})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "top_p": -1})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "top_p": 1.5})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, "{\"prompt\":\"x\",\"top_p\":NaN}"),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "top_k": -1})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "top_k": 1.5})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "presence_penalty": 2.5})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "frequency_penalty": -3})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, "{\"prompt\":\"x\",\"frequency_penalty\":NaN}"),
-        bad,
-        invalid,
-    );
+    check(&net, post(c, json!({"prompt": "x", "max_tokens": 1e12})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "max_tokens": 1_000_000_000_000u64})), bad, invalid);
+    check(&net, raw(c, format!("{{\"prompt\":\"x\",\"max_tokens\":{u64_max}}}")), bad, invalid);
+    check(&net, raw(c, format!("{{\"prompt\":\"x\",\"max_tokens\":{past_u64}}}")), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "max_tokens": -1})), bad, invalid);
+    check(&net, raw(c, "{\"prompt\":\"x\",\"temperature\":NaN}"), bad, invalid);
+    check(&net, raw(c, "{\"prompt\":\"x\",\"temperature\":Infinity}"), bad, invalid);
+    check(&net, raw(c, "{\"prompt\":\"x\",\"temperature\":-Infinity}"), bad, invalid);
+    check(&net, raw(c, "{\"prompt\":\"x\",\"temperature\":1e999}"), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "temperature": "NaN"})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "temperature": -0.5})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "temperature": 2.0000000000000004})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "top_p": 0})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "top_p": -1})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "top_p": 1.5})), bad, invalid);
+    check(&net, raw(c, "{\"prompt\":\"x\",\"top_p\":NaN}"), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "top_k": -1})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "top_k": 1.5})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "presence_penalty": 2.5})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "frequency_penalty": -3})), bad, invalid);
+    check(&net, raw(c, "{\"prompt\":\"x\",\"frequency_penalty\":NaN}"), bad, invalid);
     // The engines refuse repeat_penalty 0: it used to fail on every miner (a 502).
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "repeat_penalty": 0})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "repeat_penalty": -1})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "timeout": 0.001})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "timeout": 1e300})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, "{\"prompt\":\"x\",\"precommit_timeout\":NaN}"),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x", "prompt_type": 256})),
-        bad,
-        invalid,
-    );
+    check(&net, post(c, json!({"prompt": "x", "repeat_penalty": 0})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "repeat_penalty": -1})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "timeout": 0.001})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "timeout": 1e300})), bad, invalid);
+    check(&net, raw(c, "{\"prompt\":\"x\",\"precommit_timeout\":NaN}"), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]})), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x", "prompt_type": 256})), bad, invalid);
     check(&net, post(c, json!({"prompt": "   "})), bad, invalid);
     check(&net, post(c, json!({"prompt": 5})), bad, invalid);
-    check(
-        &net,
-        post(c, json!({"session_id": 987_654, "prompt": "x"})),
-        404,
-        "session_not_found",
-    );
-    check(
-        &net,
-        post(c, json!({"session_id": " 1", "prompt": "x"})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        raw(c, format!("{{\"session_id\":{past_u64},\"prompt\":\"x\"}}")),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post("/api/v1/completions/987654", json!({"prompt": "x"})),
-        404,
-        "session_not_found",
-    );
-    check(
-        &net,
-        post(
-            &format!("/api/v1/completions/{past_u64}"),
-            json!({"prompt": "x"}),
-        ),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(cs, json!({"prompt": "x", "temperature": -1})),
-        bad,
-        invalid,
-    );
+    check(&net, post(c, json!({"session_id": 987_654, "prompt": "x"})), 404, "session_not_found");
+    check(&net, post(c, json!({"session_id": " 1", "prompt": "x"})), bad, invalid);
+    check(&net, raw(c, format!("{{\"session_id\":{past_u64},\"prompt\":\"x\"}}")), bad, invalid);
+    check(&net, post("/api/v1/completions/987654", json!({"prompt": "x"})), 404, "session_not_found");
+    check(&net, post(&format!("/api/v1/completions/{past_u64}"), json!({"prompt": "x"})), bad, invalid);
+    check(&net, post(cs, json!({"prompt": "x", "temperature": -1})), bad, invalid);
     check(&net, get("/api/v1/tasks/987654/1"), 404, "task_not_found");
     check(&net, get("/api/v1/tasks/987654"), 404, "session_not_found");
     check(&net, get(&format!("/api/v1/tasks/{sid}/-1")), bad, invalid);
-    check(
-        &net,
-        get(&format!("/api/v1/tasks/{sid}?limit=-1")),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(c, json!({"prompt": "x"})).method("PUT"),
-        405,
-        "method_not_allowed",
-    );
+    check(&net, get(&format!("/api/v1/tasks/{sid}?limit=-1")), bad, invalid);
+    check(&net, post(c, json!({"prompt": "x"})).method("PUT"), 405, "method_not_allowed");
     check(&net, get("/api/v1/ws"), bad, invalid);
     // Sessions: an unknown model, out-of-range numbers, a reservation that overflowed the clock.
     let s = "/api/v1/sessions";
     check(&net, post(s, json!({"model_identifier": 7})), bad, invalid);
-    check(
-        &net,
-        post(s, json!({"reserve_period": u64::MAX})),
-        bad,
-        invalid,
-    );
+    check(&net, post(s, json!({"reserve_period": u64::MAX})), bad, invalid);
     check(&net, post(s, json!({"deposit": -1})), bad, invalid);
     check(&net, post(s, json!({"poi_threshold": 0})), bad, invalid);
     check(&net, raw(s, "{\"judge_threshold\":NaN}"), bad, invalid);
-    check(
-        &net,
-        post(s, json!({"name": "n".repeat(257)})),
-        bad,
-        invalid,
-    );
+    check(&net, post(s, json!({"name": "n".repeat(257)})), bad, invalid);
     check(&net, post(s, json!({"max_num_of_nodes": 17})), bad, invalid);
     check(&net, raw(s, "[1, 2]"), bad, invalid);
-    check(
-        &net,
-        post("/api/v1/sessions/987654/nodes", json!({"node": "miner-1"})),
-        404,
-        "session_not_found",
-    );
+    check(&net, post("/api/v1/sessions/987654/nodes", json!({"node": "miner-1"})), 404, "session_not_found");
     // Validation requests.
     let v = "/api/v1/validate";
-    check(
-        &net,
-        raw(v, "{\"task_request_input\":\"q\",\"temperature\":NaN}"),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(v, json!({"task_request_input": "q", "temperature": 101})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(v, json!({"task_request_input": "q", "top_p": 0})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(
-            v,
-            json!({"task_request_input": "q", "judge_threshold": 10.000000000000002}),
-        ),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(
-            v,
-            json!({"task_request_input": "q", "task_result_output": vec!["a"; 17]}),
-        ),
-        bad,
-        invalid,
-    );
+    check(&net, raw(v, "{\"task_request_input\":\"q\",\"temperature\":NaN}"), bad, invalid);
+    check(&net, post(v, json!({"task_request_input": "q", "temperature": 101})), bad, invalid);
+    check(&net, post(v, json!({"task_request_input": "q", "top_p": 0})), bad, invalid);
+    check(&net, post(v, json!({"task_request_input": "q", "judge_threshold": 10.000000000000002})), bad, invalid);
+    check(&net, post(v, json!({"task_request_input": "q", "task_result_output": vec!["a"; 17]})), bad, invalid);
     check(&net, raw(v, "[null, null]"), bad, invalid);
 
     // The OpenAI-compatible API.
@@ -495,160 +261,39 @@ fn the_named_edge_cases_get_a_4xx_with_a_json_error_code() {
             let b = body(json!({})).to_string();
             format!("{},{extra}}}", &b[..b.len() - 1])
         };
-        check(
-            &net,
-            post(
-                p,
-                body(json!({"prompt": big, "messages": [{"role": "user", "content": big}]})),
-            ),
-            too_large,
-            "payload_too_large",
-        );
-        check(
-            &net,
-            raw(
-                p,
-                with("\"user\":\"\u{0}\"")
-                    .into_bytes()
-                    .into_iter()
-                    .chain(b"\xff".iter().copied())
-                    .collect::<Vec<u8>>(),
-            ),
-            bad,
-            invalid,
-        );
+        check(&net, post(p, body(json!({"prompt": big, "messages": [{"role": "user", "content": big}]}))), too_large, "payload_too_large");
+        check(&net, raw(p, invalid_utf8(&with("\"user\":\"#\""))), bad, invalid);
         check(&net, raw(p, nested.clone()), bad, invalid);
-        check(
-            &net,
-            post(p, body(json!({"max_tokens": 1e12}))),
-            bad,
-            invalid,
-        );
-        check(
-            &net,
-            post(p, body(json!({"max_tokens": 1_000_000_000_000u64}))),
-            bad,
-            invalid,
-        );
-        check(
-            &net,
-            raw(p, with(&format!("\"max_tokens\":{u64_max}"))),
-            bad,
-            invalid,
-        );
-        check(
-            &net,
-            raw(p, with(&format!("\"max_completion_tokens\":{u64_max}"))),
-            bad,
-            invalid,
-        );
-        check(
-            &net,
-            raw(p, with(&format!("\"max_tokens\":{past_u64}"))),
-            bad,
-            invalid,
-        );
+        check(&net, post(p, body(json!({"max_tokens": 1e12}))), bad, invalid);
+        check(&net, post(p, body(json!({"max_tokens": 1_000_000_000_000u64}))), bad, invalid);
+        check(&net, raw(p, with(&format!("\"max_tokens\":{u64_max}"))), bad, invalid);
+        check(&net, raw(p, with(&format!("\"max_completion_tokens\":{u64_max}"))), bad, invalid);
+        check(&net, raw(p, with(&format!("\"max_tokens\":{past_u64}"))), bad, invalid);
         check(&net, raw(p, with("\"temperature\":NaN")), bad, invalid);
         check(&net, raw(p, with("\"temperature\":Infinity")), bad, invalid);
-        check(
-            &net,
-            post(p, body(json!({"temperature": -1}))),
-            bad,
-            invalid,
-        );
+        check(&net, post(p, body(json!({"temperature": -1}))), bad, invalid);
         check(&net, post(p, body(json!({"temperature": 3}))), bad, invalid);
         check(&net, post(p, body(json!({"top_p": 0}))), bad, invalid);
         check(&net, raw(p, with("\"top_p\":-Infinity")), bad, invalid);
         check(&net, post(p, body(json!({"top_k": -5}))), bad, invalid);
-        check(
-            &net,
-            post(p, body(json!({"presence_penalty": -2.5}))),
-            bad,
-            invalid,
-        );
-        check(
-            &net,
-            raw(p, with("\"frequency_penalty\":NaN")),
-            bad,
-            invalid,
-        );
-        check(
-            &net,
-            post(p, body(json!({"repeat_penalty": 0}))),
-            bad,
-            invalid,
-        );
+        check(&net, post(p, body(json!({"presence_penalty": -2.5}))), bad, invalid);
+        check(&net, raw(p, with("\"frequency_penalty\":NaN")), bad, invalid);
+        check(&net, post(p, body(json!({"repeat_penalty": 0}))), bad, invalid);
         check(&net, post(p, body(json!({"seed": -1}))), bad, invalid);
         check(&net, post(p, body(json!({"n": 2}))), bad, invalid);
-        check(
-            &net,
-            post(p, body(json!({"model": "gpt-4"}))),
-            404,
-            "model_not_found",
-        );
-        check(
-            &net,
-            post(p, body(json!({}))).header("X-Cortensor-Session", "987654"),
-            404,
-            "session_not_found",
-        );
-        check(
-            &net,
-            post(p, body(json!({}))).header("X-Cortensor-Session", "abc"),
-            bad,
-            invalid,
-        );
-        check(
-            &net,
-            post(p, body(json!({}))).header("X-Cortensor-Session", past_u64),
-            bad,
-            invalid,
-        );
+        check(&net, post(p, body(json!({"model": "gpt-4"}))), 404, "model_not_found");
+        check(&net, post(p, body(json!({}))).header("X-Cortensor-Session", "987654"), 404, "session_not_found");
+        check(&net, post(p, body(json!({}))).header("X-Cortensor-Session", "abc"), bad, invalid);
+        check(&net, post(p, body(json!({}))).header("X-Cortensor-Session", past_u64), bad, invalid);
         check(&net, raw(p, "[]"), bad, invalid);
     }
-    check(
-        &net,
-        post(
-            chat,
-            json!({"model": m, "messages": [{"role": "tool", "content": "x"}]}),
-        ),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(
-            chat,
-            json!({"model": m, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
-        ),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(chat, json!({"model": m, "messages": []})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(oc, json!({"model": m, "prompt": ""})),
-        bad,
-        invalid,
-    );
-    check(
-        &net,
-        post(oc, json!({"model": m, "prompt": ["a", "b"]})),
-        bad,
-        invalid,
-    );
+    check(&net, post(chat, json!({"model": m, "messages": [{"role": "tool", "content": "x"}]})), bad, invalid);
+    check(&net, post(chat, json!({"model": m, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})), bad, invalid);
+    check(&net, post(chat, json!({"model": m, "messages": []})), bad, invalid);
+    check(&net, post(oc, json!({"model": m, "prompt": ""})), bad, invalid);
+    check(&net, post(oc, json!({"model": m, "prompt": ["a", "b"]})), bad, invalid);
     check(&net, get("/v1/models/gpt-4"), 404, "model_not_found");
-    check(
-        &net,
-        get("/v1/models").method("DELETE"),
-        405,
-        "method_not_allowed",
-    );
+    check(&net, get("/v1/models").method("DELETE"), 405, "method_not_allowed");
 
     // A 405 names what the path serves.
     let (_, _, headers) = send(&net, &get("/api/v1/sessions").method("PATCH"));
