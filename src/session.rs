@@ -6,6 +6,12 @@ use serde::{Deserialize, Serialize};
 
 /// Most miners one session may ask for; bounds fan-out per task.
 pub const MAX_NODES_PER_SESSION: u32 = 16;
+/// Longest `name` and `metadata`, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+pub const MAX_METADATA_BYTES: usize = 4096;
+/// The longest reservation a session may ask for, in seconds (a year): reservations are
+/// deadlines on the monotonic clock, which a longer one would overflow.
+pub const MAX_RESERVE_PERIOD_S: u64 = 365 * 24 * 3600;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(try_from = "u8", into = "u8")]
@@ -157,8 +163,10 @@ impl SessionParams {
 
     /// Checks the parameters against each other; the message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.name.len() > 256 || self.metadata.len() > 4096 {
-            return Err("name may have at most 256 bytes and metadata 4096".into());
+        if self.name.len() > MAX_NAME_BYTES || self.metadata.len() > MAX_METADATA_BYTES {
+            return Err(format!(
+                "name may have at most {MAX_NAME_BYTES} bytes and metadata {MAX_METADATA_BYTES}"
+            ));
         }
         if self.min_num_of_nodes == 0 {
             return Err("min_num_of_nodes must be at least 1".into());
@@ -177,6 +185,11 @@ impl SessionParams {
         if self.num_of_validator_nodes > MAX_NODES_PER_SESSION {
             return Err(format!(
                 "num_of_validator_nodes may be at most {MAX_NODES_PER_SESSION}"
+            ));
+        }
+        if self.reserve_period > MAX_RESERVE_PERIOD_S {
+            return Err(format!(
+                "reserve_period may be at most {MAX_RESERVE_PERIOD_S} seconds"
             ));
         }
         if self.max_task_execution_count == 0 {

@@ -226,6 +226,15 @@ pub struct TaskOutcome {
     pub alternatives: Vec<(String, TaskResult)>,
 }
 
+/// Why a task failed, where the miners are not to blame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCause {
+    /// No miner could take it: none serves its model, or every one is busy or reserved by
+    /// other sessions. A capacity problem: the client may retry.
+    NoMiners,
+}
+
 /// Everything the queue knows about one task; persisted on every transition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -256,6 +265,9 @@ pub struct TaskRecord {
     pub charged: u64,
     pub outcome: Option<TaskOutcome>,
     pub error: Option<String>,
+    /// Why it failed, when that is not the miners' doing (the API answers accordingly).
+    #[serde(default)]
+    pub cause: Option<FailureCause>,
     /// How often it was resumed after a restart.
     pub resumed: u32,
     /// Every stage goes on chain too (the session's `task_record: per_stage`).

@@ -165,7 +165,8 @@ fn a_miner_that_never_acks_is_replaced_and_loses_reputation() {
 
 #[test]
 fn a_miner_that_misses_the_precommit_deadline_is_replaced() {
-    let slow = Script::slow(Duration::from_millis(150));
+    // 8 tokens at 400 ms: 3.2 s, past the 1 s precommit deadline (the shortest a request may set).
+    let slow = Script::slow(Duration::from_millis(400));
     let (net, _dir) = net(
         "nodes.miners = 2",
         scripts(&[("miner-1", slow)]),
@@ -176,7 +177,7 @@ fn a_miner_that_misses_the_precommit_deadline_is_replaced() {
         &net,
         sid,
         "miner-1",
-        json!({"max_tokens": 8, "precommit_timeout": 0.4}),
+        json!({"max_tokens": 8, "precommit_timeout": 1}),
     );
     assert_eq!(task["status"], "Completed", "{task}");
     let a = assignment(&task, "miner-1");
@@ -1016,7 +1017,7 @@ fn a_task_past_its_timeout_is_ended_by_force_and_refunded() {
     let sid = net.session(1, 1_000);
     let (status, v) = net.post(
         "/api/v1/completions",
-        &json!({"session_id": sid, "prompt": "slow", "max_tokens": 100, "timeout": 0.5}),
+        &json!({"session_id": sid, "prompt": "slow", "max_tokens": 100, "timeout": 1}),
     );
     assert_eq!(status, 504, "{v}");
     assert_eq!(v["error"]["code"], "task_timeout");

@@ -243,7 +243,11 @@ impl NodePool {
             .map(|(id, _)| id.clone())
             .collect();
         let free = self.order(free);
-        let until = now + Duration::from_secs(placement.reserve_period_s);
+        // Sessions bound the period (`MAX_RESERVE_PERIOD_S`); a session stored before that
+        // bound existed must still not overflow the clock: far enough is forever.
+        let until = now
+            .checked_add(Duration::from_secs(placement.reserve_period_s))
+            .unwrap_or(now + Duration::from_secs(crate::session::MAX_RESERVE_PERIOD_S));
         let dedicated = placement.mode == SessionMode::Dedicated;
         for id in free.into_iter().take(placement.max_nodes as usize) {
             tracing::info!(miner = %id, session = placement.session_id, dedicated, "miner reserved");

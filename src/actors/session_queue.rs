@@ -23,7 +23,8 @@ use crate::models::engine::GenerateRequest;
 use crate::reputation::{Outcome, Stage};
 use crate::store::{Store, StoreError};
 use crate::task::{
-    now_ms, Assignment, AssignmentState, TaskKey, TaskOutcome, TaskRecord, TaskResult, TaskState,
+    now_ms, Assignment, AssignmentState, FailureCause, TaskKey, TaskOutcome, TaskRecord,
+    TaskResult, TaskState,
 };
 use crate::validation::consensus::{
     decide, Consensus, DisagreementPolicy, Evidence, Levels, ValidationPlan,
@@ -448,6 +449,7 @@ impl SessionQueue {
                 self.advance(key, ctx);
             } else if selection.eligible == 0 && since.elapsed() >= ack_timeout {
                 let model = task.record.model.clone();
+                task.record.cause = Some(FailureCause::NoMiners);
                 let error = format!("no miner serving model {model} is available");
                 self.finish(key, TaskState::Failed, None, Some(error), ctx);
             }
@@ -1299,6 +1301,7 @@ impl SessionQueue {
             charged: 0,
             outcome: None,
             error: None,
+            cause: None,
             resumed: 0,
             record_stages: t.record_stages,
             validation: t.validation.levels,

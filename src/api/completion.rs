@@ -11,7 +11,7 @@ use crate::actors::router::{SubmitTask, Submitted};
 use crate::actors::session_queue::{CancelTask, SessionQueue, Subscriber, SUBSCRIBER_CAPACITY};
 use crate::models::engine::GenerateRequest;
 use crate::models::sampling::SamplingParams;
-use crate::task::{TaskKey, TaskRecord, TaskState};
+use crate::task::{FailureCause, TaskKey, TaskRecord, TaskState};
 use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::web::Bytes;
@@ -47,57 +47,93 @@ impl StopField {
     }
 }
 
-/// Sampling fields as clients send them, before validation.
+/// Sampling fields as clients send them, before validation. Read as f64 so a value just past
+/// a bound (2.0000000000000004) is refused instead of rounding onto it as an f32.
 #[derive(Default, Debug, Clone, Deserialize)]
 pub struct SamplingFields {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
     pub top_k: Option<usize>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repeat_penalty: Option<f32>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repeat_penalty: Option<f64>,
     pub seed: Option<u64>,
 }
+
+/// The API's ranges (OpenAI's); the engine's own (`SamplingParams::validate`) are wider.
+pub const TEMPERATURE_MAX: f64 = 2.0;
+pub const PENALTY_RANGE: (f64, f64) = (-2.0, 2.0);
+pub const REPEAT_PENALTY_MAX: f64 = 10.0;
 
 impl SamplingFields {
     /// Validated parameters, with `default_temperature` when none is given.
     pub fn params(&self, default_temperature: f32) -> Result<SamplingParams, ApiError> {
-        let check = |name: &str, v: Option<f32>, lo: f32, hi: f32| match v {
-            Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::Invalid(format!(
-                "{name} must be between {lo} and {hi}, not {x}"
-            ))),
+        // `lo_open`: the lower bound itself is refused. NaN fails every comparison.
+        let check = |name: &str, v: Option<f64>, lo: f64, lo_open: bool, hi: f64| match v {
+            Some(x) if !(x.is_finite() && (x > lo || (!lo_open && x == lo)) && x <= hi) => {
+                let open = if lo_open { "above" } else { "at least" };
+                Err(ApiError::Invalid(format!(
+                    "{name} must be {open} {lo} and at most {hi}, not {x}"
+                )))
+            }
             _ => Ok(()),
         };
-        check("temperature", self.temperature, 0.0, 2.0)?;
-        check("top_p", self.top_p, 0.0, 1.0)?;
-        check("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
-        check("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
-        check("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?;
-        if self.top_p == Some(0.0) {
-            return Err(ApiError::Invalid("top_p must be above 0".into()));
-        }
-        Ok(SamplingParams {
-            temperature: self.temperature.unwrap_or(default_temperature),
+        check("temperature", self.temperature, 0.0, false, TEMPERATURE_MAX)?;
+        check("top_p", self.top_p, 0.0, true, 1.0)?;
+        check(
+            "presence_penalty",
+            self.presence_penalty,
+            PENALTY_RANGE.0,
+            false,
+            PENALTY_RANGE.1,
+        )?;
+        check(
+            "frequency_penalty",
+            self.frequency_penalty,
+            PENALTY_RANGE.0,
+            false,
+            PENALTY_RANGE.1,
+        )?;
+        check(
+            "repeat_penalty",
+            self.repeat_penalty,
+            0.0,
+            true,
+            REPEAT_PENALTY_MAX,
+        )?;
+        let f = |v: Option<f64>, default: f32| v.map_or(default, |x| x as f32);
+        let params = SamplingParams {
+            temperature: f(self.temperature, default_temperature),
             top_k: self.top_k.unwrap_or(0),
-            top_p: self.top_p.unwrap_or(1.0),
-            repeat_penalty: self.repeat_penalty.unwrap_or(1.0),
-            presence_penalty: self.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            top_p: f(self.top_p, 1.0),
+            repeat_penalty: f(self.repeat_penalty, 1.0),
+            presence_penalty: f(self.presence_penalty, 0.0),
+            frequency_penalty: f(self.frequency_penalty, 0.0),
             seed: self.seed.unwrap_or(0),
             ..SamplingParams::default()
-        })
+        };
+        // What the engines would refuse must be refused here, as a 400, not fail on every
+        // miner (a 502 and lost reputation for honest miners).
+        params
+            .validate()
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        Ok(params)
     }
 }
 
+/// The range of a client's `timeout` and `precommit_timeout`, in seconds. Cortensor gives them
+/// in whole seconds; below one second no miner can be expected to answer, and the task would
+/// end as a server-side failure for what is the request's own mistake.
+pub const SECONDS_RANGE: (f64, f64) = (1.0, 86_400.0);
+
 /// Seconds as clients give them (Cortensor's `timeout`, `precommit_timeout`).
 pub fn seconds_field(name: &str, value: Option<f64>) -> Result<Option<Duration>, ApiError> {
+    let (lo, hi) = SECONDS_RANGE;
     match value {
         None => Ok(None),
-        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
-            Ok(Some(Duration::from_secs_f64(s)))
-        }
+        Some(s) if s.is_finite() && s >= lo && s <= hi => Ok(Some(Duration::from_secs_f64(s))),
         Some(s) => Err(ApiError::Invalid(format!(
-            "{name} must be a number of seconds in (0, 86400], not {s}"
+            "{name} must be a number of seconds in [{lo}, {hi}], not {s}"
         ))),
     }
 }
@@ -181,6 +217,10 @@ pub async fn start(
     })
 }
 
+/// Seconds a client whose task found no free miner is asked to wait (miners' reservations
+/// last `reserve_period`; tasks end within seconds).
+pub const NO_MINERS_RETRY_AFTER_S: u64 = 5;
+
 /// The error a finished task that produced no accepted result stands for.
 pub fn task_error(record: &TaskRecord) -> Option<ApiError> {
     let message = format!(
@@ -191,6 +231,10 @@ pub fn task_error(record: &TaskRecord) -> Option<ApiError> {
     );
     let (code, status) = match record.state {
         TaskState::Completed => return None,
+        // No miner was free: capacity, not a failure of the task; worth retrying.
+        TaskState::Failed if record.cause == Some(FailureCause::NoMiners) => {
+            return Some(ApiError::Busy(message, NO_MINERS_RETRY_AFTER_S))
+        }
         TaskState::Ended => ("task_timeout", StatusCode::GATEWAY_TIMEOUT),
         TaskState::Cancelled => ("task_cancelled", StatusCode::CONFLICT),
         _ => ("task_failed", StatusCode::BAD_GATEWAY),

@@ -16,6 +16,8 @@ pub enum ApiError {
     NotFound(&'static str, String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{message}")]
+    MethodNotAllowed { message: String, allow: String },
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -48,6 +50,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(code, _) => code,
             ApiError::Invalid(_) => "invalid_request",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::InsufficientBalance(_) => "insufficient_balance",
             ApiError::TooLarge(_) => "payload_too_large",
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(..)
             | ApiError::Invalid(_)
+            | ApiError::MethodNotAllowed { .. }
             | ApiError::Conflict(_)
             | ApiError::TooLarge(_) => "invalid_request_error",
             ApiError::InsufficientBalance(_) => "insufficient_quota",
@@ -90,6 +94,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(..) => StatusCode::NOT_FOUND,
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::InsufficientBalance(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -110,6 +115,9 @@ impl ResponseError for ApiError {
         | ApiError::StorageUnavailable(_, s) = self
         {
             response.insert_header((header::RETRY_AFTER, s.to_string()));
+        }
+        if let ApiError::MethodNotAllowed { allow, .. } = self {
+            response.insert_header((header::ALLOW, allow.as_str()));
         }
         response.json(self.body())
     }

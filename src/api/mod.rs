@@ -5,11 +5,14 @@
 
 pub mod admission;
 pub mod auth;
+pub mod body;
 pub mod completion;
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub mod openapi;
 pub mod router_v1;
+pub mod routes;
 pub mod validate;
 pub mod views;
 pub mod ws;
@@ -97,9 +100,9 @@ pub fn serve(
             .app_data(
                 web::QueryConfig::default().error_handler(|e, _| json_error(e.to_string()).into()),
             )
-            .configure(router_v1::routes)
-            .configure(openai::routes)
-            .route("/metrics", web::get().to(metrics::metrics))
+            .configure(|cfg| {
+                register_routes(cfg);
+            })
             .default_service(web::to(not_found))
     })
     .workers(workers.max(1))
@@ -108,6 +111,17 @@ pub fn serve(
     .listen(listener)?
     .run();
     Ok(server)
+}
+
+/// Registers every route the server answers (through the one route table) and returns them:
+/// what `GET /openapi.json` must describe.
+pub fn register_routes(cfg: &mut web::ServiceConfig) -> Vec<routes::Route> {
+    let mut r = routes::Routes::new();
+    router_v1::routes(&mut r);
+    openai::routes(&mut r);
+    r.get("/metrics", metrics::metrics)
+        .get("/openapi.json", openapi::document);
+    r.register(cfg)
 }
 
 fn json_error(message: String) -> ApiError {

@@ -3,8 +3,10 @@
 //! session (or the one named by the `X-Cortensor-Session` header).
 
 use super::auth::Caller;
+use super::body::JsonObject;
 use super::completion::{self, SamplingFields, StopField, StreamEvent, TaskSpec};
 use super::error::ApiError;
+use super::routes::Routes;
 use super::{views, ApiState};
 use crate::models::chat::ChatMessage;
 use crate::models::engine::{GenerateRequest, Prompt};
@@ -13,14 +15,11 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::scope("/v1")
-            .route("/models", web::get().to(models))
-            .route("/models/{id}", web::get().to(model))
-            .route("/chat/completions", web::post().to(chat_completions))
-            .route("/completions", web::post().to(completions)),
-    );
+pub fn routes(r: &mut Routes) {
+    r.get("/v1/models", models)
+        .get("/v1/models/{id}", model)
+        .post("/v1/chat/completions", chat_completions)
+        .post("/v1/completions", completions);
 }
 
 fn model_json(id: &str) -> Value {
@@ -62,7 +61,7 @@ fn check_model(state: &ApiState, model: &str) -> Result<(), ApiError> {
 fn session_of(state: &ApiState, caller: &Caller, req: &HttpRequest) -> Result<u64, ApiError> {
     if let Some(v) = req.headers().get("x-cortensor-session") {
         let text = v.to_str().unwrap_or("");
-        return text.trim().parse().map_err(|_| {
+        return super::router_v1::parse_digits(text).ok_or_else(|| {
             ApiError::Invalid(format!(
                 "X-Cortensor-Session must be a session id, not {text:?}"
             ))
@@ -217,7 +216,7 @@ async fn chat_completions(
     state: web::Data<ApiState>,
     caller: Caller,
     req: HttpRequest,
-    body: web::Json<ChatBody>,
+    body: JsonObject<ChatBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     check_model(&state, &body.common.model)?;
@@ -294,7 +293,7 @@ async fn completions(
     state: web::Data<ApiState>,
     caller: Caller,
     req: HttpRequest,
-    body: web::Json<CompletionBody>,
+    body: JsonObject<CompletionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     check_model(&state, &body.common.model)?;

@@ -2,8 +2,10 @@
 //! completions (JSON or SSE) and, our addition for the embedded ledger, session creation.
 
 use super::auth::Caller;
+use super::body::JsonObject;
 use super::completion::{self, SamplingFields, StopField, StreamEvent, TaskSpec};
 use super::error::ApiError;
+use super::routes::Routes;
 use super::{views, ApiState};
 use crate::actors::chain_bridge::{
     GetNodeStats, GetSession, GetTaskTrace, ListSessions, NodePendingPayment,
@@ -19,26 +21,23 @@ use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::scope("/api/v1")
-            .route("/info", web::get().to(info))
-            .route("/ping", web::get().to(ping))
-            .route("/status", web::get().to(status))
-            .route("/miners", web::get().to(miners))
-            .route("/sessions", web::get().to(sessions))
-            .route("/sessions", web::post().to(create_session))
-            .route("/sessions/{id}", web::get().to(session))
-            .route("/sessions/{id}/nodes", web::post().to(pin_node))
-            .route("/tasks/{sid}", web::get().to(tasks))
-            .route("/tasks/{sid}/{tid}", web::get().to(task))
-            .route("/tasks/{sid}/{tid}/cancel", web::post().to(cancel))
-            .route("/tasks/{sid}/{tid}/chain", web::get().to(task_on_chain))
-            .route("/completions", web::post().to(completions))
-            .route("/validate", web::post().to(super::validate::validate))
-            .route("/completions/{sid}", web::post().to(completions_in_session))
-            .route("/ws", web::get().to(super::ws::websocket)),
-    );
+pub fn routes(r: &mut Routes) {
+    r.get("/api/v1/info", info)
+        .get("/api/v1/ping", ping)
+        .get("/api/v1/status", status)
+        .get("/api/v1/miners", miners)
+        .get("/api/v1/sessions", sessions)
+        .post("/api/v1/sessions", create_session)
+        .get("/api/v1/sessions/{id}", session)
+        .post("/api/v1/sessions/{id}/nodes", pin_node)
+        .get("/api/v1/tasks/{sid}", tasks)
+        .get("/api/v1/tasks/{sid}/{tid}", task)
+        .post("/api/v1/tasks/{sid}/{tid}/cancel", cancel)
+        .get("/api/v1/tasks/{sid}/{tid}/chain", task_on_chain)
+        .post("/api/v1/completions", completions)
+        .post("/api/v1/validate", super::validate::validate)
+        .post("/api/v1/completions/{sid}", completions_in_session)
+        .get("/api/v1/ws", super::ws::websocket);
 }
 
 /// Accepts ids as numbers or as strings of digits.
@@ -49,11 +48,9 @@ pub fn id_from_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Er
             .as_u64()
             .map(Some)
             .ok_or_else(|| serde::de::Error::custom("an id must be a non-negative integer")),
-        Some(Value::String(s)) => s
-            .trim()
-            .parse()
+        Some(Value::String(s)) => parse_digits(&s)
             .map(Some)
-            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an id"))),
+            .ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not an id"))),
         Some(other) => Err(serde::de::Error::custom(format!("{other} is not an id"))),
     }
 }
@@ -187,7 +184,7 @@ async fn pin_node(
     state: web::Data<ApiState>,
     caller: Caller,
     id: web::Path<String>,
-    body: web::Json<PinBody>,
+    body: JsonObject<PinBody>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id("session id", &id)?;
     let s = owned_session(&state, &caller, id).await?;
@@ -216,8 +213,17 @@ async fn pin_node(
     }
 }
 
+/// A u64 written as ASCII digits only (no sign, no spaces): what the OpenAPI document says an
+/// id in a string is (`^[0-9]{1,20}$`).
+pub fn parse_digits(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 fn parse_id(what: &str, text: &str) -> Result<u64, ApiError> {
-    text.parse().map_err(|_| {
+    parse_digits(text).ok_or_else(|| {
         ApiError::Invalid(format!(
             "{what} must be a non-negative integer, not {text:?}"
         ))
@@ -234,7 +240,7 @@ struct CreateSessionBody {
 async fn create_session(
     state: web::Data<ApiState>,
     caller: Caller,
-    body: web::Json<CreateSessionBody>,
+    body: JsonObject<CreateSessionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let params: SessionParams = serde_json::from_value(body.params)
@@ -270,13 +276,14 @@ async fn tasks(
     owned_session(&state, &caller, sid).await?;
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_TASKS_LISTED);
     let after = query.after.unwrap_or(0);
-    // Read through the queue, which knows the live state of unfinished tasks.
+    // Read through the queue, which knows the live state of unfinished tasks. No task comes
+    // after u64::MAX (and `after + 1` must not overflow).
     let mut out = Vec::new();
-    let mut next = after + 1;
-    while out.len() < limit {
+    let mut next = after.checked_add(1);
+    while let (Some(task_id), true) = (next, out.len() < limit) {
         let key = TaskKey {
             session_id: sid,
-            task_id: next,
+            task_id,
         };
         match state
             .actors
@@ -288,7 +295,7 @@ async fn tasks(
             Some(t) => out.push(views::task(&t)),
             None => break,
         }
-        next += 1;
+        next = task_id.checked_add(1);
     }
     Ok(HttpResponse::Ok().json(json!({"session_id": sid, "count": out.len(), "tasks": out})))
 }
@@ -437,7 +444,7 @@ impl CompletionBody {
 async fn completions(
     state: web::Data<ApiState>,
     caller: Caller,
-    body: web::Json<CompletionBody>,
+    body: JsonObject<CompletionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let sid = match body.session_id {
@@ -454,7 +461,7 @@ async fn completions_in_session(
     state: web::Data<ApiState>,
     caller: Caller,
     sid: web::Path<String>,
-    body: web::Json<CompletionBody>,
+    body: JsonObject<CompletionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let sid = parse_id("session id", &sid)?;
     let body = body.into_inner();

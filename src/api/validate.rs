@@ -5,6 +5,7 @@
 //! with reasons and per-output evidence.
 
 use super::auth::Caller;
+use super::body::JsonObject;
 use super::error::ApiError;
 use super::ApiState;
 use crate::actors::validator::{gather_evidence, Validate};
@@ -60,16 +61,18 @@ pub struct ValidateBody {
     consensus: Consensus,
     #[serde(default)]
     disagreement_policy: DisagreementPolicy,
-    #[serde(default = "default_poi_threshold")]
-    poi_threshold: f32,
-    #[serde(default = "default_judge_threshold")]
-    judge_threshold: f32,
+    // Floats are read as f64 and checked before they become f32, so a value just past a bound
+    // cannot round onto it.
+    #[serde(default = "default_poi_threshold_f64")]
+    poi_threshold: f64,
+    #[serde(default = "default_judge_threshold_f64")]
+    judge_threshold: f64,
     /// The sampling the outputs were made with; with `seed`, the replay checks that the
     /// sampler itself draws them.
     #[serde(default)]
-    temperature: Option<f32>,
+    temperature: Option<f64>,
     #[serde(default)]
-    top_p: Option<f32>,
+    top_p: Option<f64>,
     #[serde(default)]
     top_k: Option<usize>,
     #[serde(default)]
@@ -78,6 +81,17 @@ pub struct ValidateBody {
     #[serde(default)]
     num_of_validator_nodes: Option<u32>,
 }
+
+fn default_poi_threshold_f64() -> f64 {
+    default_poi_threshold() as f64
+}
+
+fn default_judge_threshold_f64() -> f64 {
+    default_judge_threshold() as f64
+}
+
+/// The engine's temperature range (`SamplingParams::validate`).
+const TEMPERATURE_MAX: f64 = 100.0;
 
 fn needs_spec(reason: String) -> HttpResponse {
     HttpResponse::Ok().json(json!({
@@ -91,7 +105,7 @@ fn needs_spec(reason: String) -> HttpResponse {
 pub async fn validate(
     state: web::Data<ApiState>,
     _caller: Caller,
-    body: web::Json<ValidateBody>,
+    body: JsonObject<ValidateBody>,
 ) -> Result<HttpResponse, ApiError> {
     let b = body.into_inner();
     let levels = b
@@ -108,9 +122,21 @@ pub async fn validate(
             "judge_threshold must be between 1 and 10".into(),
         ));
     }
+    if b.temperature
+        .is_some_and(|t| !(0.0..=TEMPERATURE_MAX).contains(&t))
+    {
+        return Err(ApiError::Invalid(format!(
+            "temperature must be between 0 and {TEMPERATURE_MAX}"
+        )));
+    }
+    if b.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(ApiError::Invalid(
+            "top_p must be above 0 and at most 1".into(),
+        ));
+    }
     let params = SamplingParams {
-        temperature: b.temperature.unwrap_or(0.0),
-        top_p: b.top_p.unwrap_or(1.0),
+        temperature: b.temperature.unwrap_or(0.0) as f32,
+        top_p: b.top_p.unwrap_or(1.0) as f32,
         top_k: b.top_k.unwrap_or(0),
         seed: b.seed.unwrap_or(0),
         ..SamplingParams::default()
@@ -207,8 +233,8 @@ pub async fn validate(
         levels,
         b.consensus,
         b.disagreement_policy,
-        b.poi_threshold,
-        b.judge_threshold,
+        b.poi_threshold as f32,
+        b.judge_threshold as f32,
     );
     let ask = Validate {
         key: TaskKey {

@@ -3,7 +3,8 @@
 //!
 //! In: `{"type":"submit","id":..,"session_id":..,"prompt":..,<completion fields>}`,
 //! `{"type":"cancel","session_id":..,"task_id":..}`, `{"type":"ping"}`.
-//! Out: `accepted`, `state`, `token`, `completed`, `failed`, `error`, `pong`.
+//! Out: `accepted`, `state`, `token`, `completed`, `failed`, `error`, `pong` (each with the
+//! request's `id` when it had one); a binary frame gets an `error`.
 
 use super::auth::Caller;
 use super::completion::{self, task_error};
@@ -29,7 +30,10 @@ pub async fn websocket(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    // Not an upgrade (or a malformed one): the JSON error every route answers with, not
+    // actix's empty 400.
+    let (response, session, stream) = actix_ws::handle(&req, body)
+        .map_err(|e| ApiError::Invalid(format!("a WebSocket upgrade is required here: {e}")))?;
     let stream = stream.max_frame_size(MAX_MESSAGE_BYTES);
     actix_rt::spawn(connection(state, caller, session, stream));
     Ok(response)
@@ -55,6 +59,11 @@ async fn connection(
                 continue;
             }
             Ok(Message::Close(_)) | Err(_) => break,
+            Ok(Message::Binary(_)) => {
+                let err = ApiError::Invalid("messages are JSON text frames, not binary".into());
+                send(&mut session, with_type(err.body(), "error", None)).await;
+                continue;
+            }
             Ok(_) => continue,
         };
         let request: Value = match serde_json::from_str(&text) {
@@ -68,7 +77,7 @@ async fn connection(
         let id = request.get("id").cloned();
         match request.get("type").and_then(Value::as_str) {
             Some("ping") => {
-                send(&mut session, json!({"type": "pong"})).await;
+                send(&mut session, with_type(json!({}), "pong", id)).await;
             }
             Some("submit") => {
                 if tasks.len() >= MAX_TASKS_PER_CONNECTION {
