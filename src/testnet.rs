@@ -484,7 +484,8 @@ async fn start_actors(
         &keys,
         default_sessions,
         chain_name,
-    );
+        store.clone(),
+    )?;
     let server = api::serve(state, listener, options.http_workers).map_err(TestnetError::Http)?;
     let handle = server.handle();
     actix_rt::spawn(server);

@@ -29,7 +29,14 @@ impl Admission {
         })
     }
 
-    pub fn try_admit(self: &Arc<Self>, owner: &str) -> Result<Permit, ApiError> {
+    /// Admits one task for `owner`, whose own limit (a key's quota) replaces the per-key
+    /// default when given.
+    pub fn try_admit(
+        self: &Arc<Self>,
+        owner: &str,
+        own_limit: Option<usize>,
+    ) -> Result<Permit, ApiError> {
+        let max_per_key = own_limit.unwrap_or(self.max_per_key);
         let mut guard = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         let (total, per_key) = &mut *guard;
         let mine = per_key.get(owner).copied().unwrap_or(0);
@@ -39,9 +46,9 @@ impl Admission {
                 self.retry_after_s,
             ));
         }
-        if mine >= self.max_per_key {
+        if mine >= max_per_key {
             return Err(ApiError::RateLimited(
-                format!("{} for this key", self.max_per_key),
+                format!("{max_per_key} for this key"),
                 self.retry_after_s,
             ));
         }

@@ -1,6 +1,6 @@
 //! Bearer keys: a request names its key in `Authorization: Bearer <key>` (WebSocket clients,
 //! which cannot always set headers, may use `?token=<key>`). The caller is known by the key's
-//! owner identity from then on.
+//! owner identity from then on. Keys are looked up by their SHA-256 (`keys.rs`).
 
 use super::error::ApiError;
 use super::ApiState;
@@ -9,6 +9,21 @@ use std::future::{ready, Ready};
 
 pub struct Caller {
     pub owner: String,
+    /// SHA-256 of the key (hex): what its quota is counted under.
+    pub key_hash: String,
+    pub key: super::keys::KeyEntry,
+}
+
+impl Caller {
+    pub fn is_operator(&self) -> bool {
+        self.key.role == super::keys::Role::Operator
+    }
+    /// The session its requests use when they name none.
+    pub fn default_session(&self) -> Result<u64, ApiError> {
+        self.key.default_session.ok_or_else(|| {
+            ApiError::Invalid("this key has no default session; name a session".into())
+        })
+    }
 }
 
 impl FromRequest for Caller {
@@ -41,8 +56,10 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
     let key = from_header
         .or_else(from_query)
         .ok_or(ApiError::Unauthorized)?;
-    let owner = state.keys.get(&key).ok_or(ApiError::Unauthorized)?;
+    let (key_hash, key) = state.keys.authenticate(&key).ok_or(ApiError::Unauthorized)?;
     Ok(Caller {
-        owner: owner.clone(),
+        owner: key.owner.clone(),
+        key_hash,
+        key,
     })
 }

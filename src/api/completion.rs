@@ -191,7 +191,10 @@ pub async fn start(
             "stop may hold at most {MAX_STOP_STRINGS} strings"
         )));
     }
-    let permit = state.admission.try_admit(&caller.owner)?;
+    let permit = state
+        .admission
+        .try_admit(&caller.owner, caller.key.max_inflight)?;
+    state.keys.take_task(&caller.key_hash, &caller.key)?;
     let (tx, rx) = mpsc::channel(SUBSCRIBER_CAPACITY);
     let submit = SubmitTask {
         owner: caller.owner.clone(),

@@ -26,6 +26,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("too many tasks in flight ({0}); retry after {1} s")]
     RateLimited(String, u64),
+    /// The key's task quota is used up (no retry helps).
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("{0}")]
     Busy(String, u64),
     #[error("{0}")]
@@ -55,6 +58,7 @@ impl ApiError {
             ApiError::InsufficientBalance(_) => "insufficient_balance",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::RateLimited(..) => "rate_limited",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::Busy(..) => "overloaded",
             ApiError::ChainUnavailable(..) => "chain_unavailable",
             ApiError::StorageUnavailable(..) => "storage_unavailable",
@@ -73,7 +77,9 @@ impl ApiError {
             | ApiError::Conflict(_)
             | ApiError::TooLarge(_) => "invalid_request_error",
             ApiError::InsufficientBalance(_) => "insufficient_quota",
-            ApiError::RateLimited(..) | ApiError::Busy(..) => "rate_limit_error",
+            ApiError::RateLimited(..) | ApiError::Busy(..) | ApiError::QuotaExceeded(_) => {
+                "rate_limit_error"
+            }
             ApiError::TaskFailed { .. }
             | ApiError::Internal(_)
             | ApiError::ChainUnavailable(..)
@@ -98,7 +104,9 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::InsufficientBalance(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited(..) | ApiError::QuotaExceeded(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Busy(..)
             | ApiError::ChainUnavailable(..)
             | ApiError::StorageUnavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
@@ -134,6 +142,18 @@ impl From<SubmitError> for ApiError {
             SubmitError::ChainUnavailable(_) => ApiError::ChainUnavailable(e.to_string(), 5),
             SubmitError::StorageUnavailable(m) => ApiError::StorageUnavailable(m, 1),
             SubmitError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<super::keys::KeyError> for ApiError {
+    fn from(e: super::keys::KeyError) -> Self {
+        use super::keys::KeyError;
+        match e {
+            KeyError::NameTaken(_) | KeyError::Full => ApiError::Conflict(e.to_string()),
+            KeyError::NoSuchKey(_) => ApiError::NotFound("not_found", e.to_string()),
+            KeyError::QuotaExhausted(_) => ApiError::QuotaExceeded(e.to_string()),
+            KeyError::Store(_) => ApiError::StorageUnavailable(e.to_string(), 1),
         }
     }
 }

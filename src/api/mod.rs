@@ -8,6 +8,8 @@ pub mod auth;
 pub mod body;
 pub mod completion;
 pub mod error;
+pub mod key_admin;
+pub mod keys;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
@@ -19,7 +21,7 @@ pub mod ws;
 
 use crate::actors::router::RouterSettings;
 use crate::config::TestnetConfig;
-use crate::testnet::{owner_of_key, Actors};
+use crate::testnet::Actors;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use admission::Admission;
 use error::ApiError;
@@ -31,10 +33,8 @@ use std::time::Instant;
 pub struct ApiState {
     pub actors: Actors,
     pub settings: RouterSettings,
-    /// API key → owner identity.
-    pub keys: HashMap<String, String>,
-    /// Owner identity → the session its OpenAI-compatible requests use.
-    pub default_sessions: HashMap<String, u64>,
+    /// The keys accepted (by hash), with their owners, quotas and default sessions.
+    pub keys: keys::KeyRing,
     pub admission: Arc<Admission>,
     pub default_deposit: u64,
     pub max_body_bytes: usize,
@@ -51,13 +51,13 @@ impl ApiState {
         keys: &[String],
         default_sessions: HashMap<String, u64>,
         chain: &'static str,
-    ) -> Self {
+        store: crate::store::Store,
+    ) -> Result<Self, crate::store::StoreError> {
         let r = &config.router;
-        Self {
+        Ok(Self {
             actors,
             settings,
-            keys: keys.iter().map(|k| (k.clone(), owner_of_key(k))).collect(),
-            default_sessions,
+            keys: keys::KeyRing::new(keys, &default_sessions, store)?,
             admission: Admission::new(
                 r.max_inflight_per_key,
                 r.max_inflight_total,
@@ -67,7 +67,7 @@ impl ApiState {
             max_body_bytes: r.max_body_bytes,
             started: Instant::now(),
             chain,
-        }
+        })
     }
 }
 
@@ -118,6 +118,7 @@ pub fn serve(
 pub fn register_routes(cfg: &mut web::ServiceConfig) -> Vec<routes::Route> {
     let mut r = routes::Routes::new();
     router_v1::routes(&mut r);
+    key_admin::routes(&mut r);
     openai::routes(&mut r);
     r.get("/metrics", metrics::metrics)
         .get("/openapi.json", openapi::document);

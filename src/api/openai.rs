@@ -58,7 +58,7 @@ fn check_model(state: &ApiState, model: &str) -> Result<(), ApiError> {
     ))
 }
 
-fn session_of(state: &ApiState, caller: &Caller, req: &HttpRequest) -> Result<u64, ApiError> {
+fn session_of(caller: &Caller, req: &HttpRequest) -> Result<u64, ApiError> {
     if let Some(v) = req.headers().get("x-cortensor-session") {
         let text = v.to_str().unwrap_or("");
         return super::router_v1::parse_digits(text).ok_or_else(|| {
@@ -67,13 +67,9 @@ fn session_of(state: &ApiState, caller: &Caller, req: &HttpRequest) -> Result<u6
             ))
         });
     }
-    state
-        .default_sessions
-        .get(&caller.owner)
-        .copied()
-        .ok_or_else(|| {
-            ApiError::Invalid("this key has no default session; send X-Cortensor-Session".into())
-        })
+    caller.key.default_session.ok_or_else(|| {
+        ApiError::Invalid("this key has no default session; send X-Cortensor-Session".into())
+    })
 }
 
 #[derive(Deserialize)]
@@ -220,7 +216,7 @@ async fn chat_completions(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     check_model(&state, &body.common.model)?;
-    let session_id = session_of(&state, &caller, &req)?;
+    let session_id = session_of(&caller, &req)?;
     let prompt = chat_prompt(body.messages)?;
     let spec = body.common.spec(
         session_id,
@@ -297,7 +293,7 @@ async fn completions(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     check_model(&state, &body.common.model)?;
-    let session_id = session_of(&state, &caller, &req)?;
+    let session_id = session_of(&caller, &req)?;
     let text = match body.prompt {
         PromptIn::One(s) => s,
         PromptIn::Many(mut v) if v.len() == 1 => v.remove(0),

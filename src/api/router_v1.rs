@@ -449,10 +449,7 @@ async fn completions(
     let body = body.into_inner();
     let sid = match body.session_id {
         Some(id) => id,
-        None => *state
-            .default_sessions
-            .get(&caller.owner)
-            .ok_or_else(|| ApiError::Invalid("session_id is required".into()))?,
+        None => caller.default_session()?,
     };
     run_completion(state, caller, sid, body).await
 }

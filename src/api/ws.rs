@@ -140,10 +140,7 @@ async fn submit(
         .map_err(|e| ApiError::Invalid(format!("invalid submit message: {e}")))?;
     let sid = match body.session_id {
         Some(id) => id,
-        None => *state
-            .default_sessions
-            .get(&caller.owner)
-            .ok_or_else(|| ApiError::Invalid("session_id is required".into()))?,
+        None => caller.default_session()?,
     };
     completion::start(state, caller, body.spec(sid)?, true).await
 }

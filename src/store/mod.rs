@@ -54,6 +54,8 @@ pub struct Store {
     tasks: sled::Tree,
     meta: sled::Tree,
     outbox: sled::Tree,
+    /// Clients' API keys by the SHA-256 of the key (`api::keys`).
+    api_keys: sled::Tree,
     /// Outbox entries the chain took, kept until a later check finds them still there.
     delivered: sled::Tree,
     flusher: std::sync::Arc<Flusher>,
@@ -130,6 +132,7 @@ impl Store {
             tasks: db.open_tree("tasks")?,
             meta: db.open_tree("meta")?,
             outbox: db.open_tree("outbox")?,
+            api_keys: db.open_tree("api_keys")?,
             delivered: db.open_tree("outbox_delivered")?,
             db,
             flusher,
@@ -196,6 +199,25 @@ impl Store {
             .iter()
             .filter(|item| item.as_ref().map_or(true, |(k, _)| k.len() == 8));
         scan(sessions, "session")
+    }
+
+    pub fn put_api_key<T: Serialize>(&self, hash: &str, entry: &T) -> Result<(), StoreError> {
+        put(&self.api_keys, hash.as_bytes(), entry)
+    }
+
+    /// Every stored API key entry, with its hash.
+    pub fn api_keys<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
+        self.api_keys
+            .iter()
+            .map(|item| {
+                let (k, v) = item?;
+                let entry = serde_json::from_slice(&v).map_err(|source| StoreError::Corrupt {
+                    what: "api key".into(),
+                    source,
+                })?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), entry))
+            })
+            .collect()
     }
 
     pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
