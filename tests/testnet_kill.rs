@@ -65,7 +65,7 @@ fn submit(node: &Node, sid: u64, prompts: &[&str]) -> Vec<u64> {
     let (mut ws, _) = tungstenite::connect(ws_url).unwrap();
     let mut ids = Vec::new();
     for p in prompts {
-        let m = json!({"type": "submit", "session_id": sid, "prompt": p, "max_tokens": 48, "temperature": 0.9});
+        let m = json!({"type": "submit", "session_id": sid, "prompt": p, "max_tokens": 24, "temperature": 0.9});
         ws.send(tungstenite::Message::Text(m.to_string())).unwrap();
         loop {
             let tungstenite::Message::Text(t) = ws.read().unwrap() else {
