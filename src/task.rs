@@ -233,6 +233,9 @@ pub enum FailureCause {
     /// No miner could take it: none serves its model, or every one is busy or reserved by
     /// other sessions. A capacity problem: the client may retry.
     NoMiners,
+    /// The miners refused the request itself (its prompt does not fit the model's context):
+    /// the client's error.
+    InvalidRequest,
 }
 
 /// Everything the queue knows about one task; persisted on every transition.

@@ -1076,3 +1076,33 @@ fn miners_that_all_disagree_fail_the_task_and_cost_nothing() {
     assert!(v["error"]["message"].as_str().unwrap().contains("disagree"));
     assert_eq!(net.session_view(sid)["balance"], 1_000);
 }
+
+#[test]
+fn a_prompt_too_long_for_the_model_is_the_clients_error_not_the_miners() {
+    let (net, _dir) = net("nodes.miners = 3", HashMap::new(), HashMap::new());
+    let sid = net.session(3, 1_000_000);
+    let (_, before) = net.get("/api/v1/miners");
+    let balance = net.session_view(sid)["balance"].clone();
+    // The scripted model's context is 4096 tokens (one a word): every miner refuses this.
+    let prompt = vec!["word"; 5000].join(" ");
+    let (status, v) = net.post(
+        "/api/v1/completions",
+        &json!({"session_id": sid, "prompt": prompt, "max_tokens": 8}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_request", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("exceeds the context"), "{v}");
+    // Nobody is blamed and nothing is charged.
+    let (_, after) = net.get("/api/v1/miners");
+    for m in ["miner-1", "miner-2", "miner-3"] {
+        assert!(after["nodes"][m]["reputation"].is_number(), "{after}");
+        assert_eq!(
+            before["nodes"][m]["reputation"], after["nodes"][m]["reputation"],
+            "{m}: {before} -> {after}"
+        );
+    }
+    assert_eq!(net.session_view(sid)["balance"], balance);
+    // And the network still answers prompts that fit.
+    let ok = complete(&net, sid, "short", 4);
+    assert_eq!(ok["usage"]["completion_tokens"], 4);
+}

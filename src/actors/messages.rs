@@ -61,6 +61,11 @@ pub enum ReportKind {
     Failed {
         error: String,
     },
+    /// The request cannot be run by any honest engine of the model (the prompt does not fit
+    /// the context, it is empty): the client's fault, not the miner's.
+    Refused {
+        error: String,
+    },
 }
 
 /// What a client following a task receives, in order; the last one is `Finished`.

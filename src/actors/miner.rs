@@ -423,7 +423,8 @@ enum EngineEvent {
     Done {
         generation: u64,
         key: TaskKey,
-        result: Result<TaskResult, String>,
+        /// The error, and whether it is the request's fault (see `EngineError::is_request_error`).
+        result: Result<TaskResult, (String, bool)>,
     },
     Crashed {
         generation: u64,
@@ -483,9 +484,14 @@ impl Handler<EngineEvent> for Miner {
                         held.result = Some(result);
                         self.report(key, nonce, ReportKind::Precommit { hash });
                     }
-                    Err(error) => {
+                    Err((error, request_error)) => {
                         self.held.remove(&key);
-                        self.report(key, nonce, ReportKind::Failed { error });
+                        let kind = if request_error {
+                            ReportKind::Refused { error }
+                        } else {
+                            ReportKind::Failed { error }
+                        };
+                        self.report(key, nonce, kind);
                     }
                 }
             }
@@ -593,7 +599,7 @@ fn engine_thread(
             Ok(Err(e)) => addr.do_send(EngineEvent::Done {
                 generation,
                 key,
-                result: Err(e.to_string()),
+                result: Err((e.to_string(), e.is_request_error())),
             }),
             Err(p) => {
                 // The engine may be half-updated: give it up and let the supervisor restart us.

@@ -51,6 +51,10 @@ pub fn report_digest(report: &MinerReport) -> H256 {
             field(b"failed");
             field(error.as_bytes());
         }
+        ReportKind::Refused { error } => {
+            field(b"refused");
+            field(error.as_bytes());
+        }
     }
     H256(ethers::utils::keccak256(bytes))
 }

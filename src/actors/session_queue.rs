@@ -1029,6 +1029,10 @@ impl SessionQueue {
                     miners: vec![miner],
                 });
             }
+            ReportKind::Refused { error } => {
+                self.refused(key, &miner, error, ctx);
+                return;
+            }
             ReportKind::Failed { error } => {
                 let note = format!("failed: {error}");
                 self.remove_miner(
@@ -1044,6 +1048,40 @@ impl SessionQueue {
         }
         self.dirty.insert(key);
         self.advance(key, ctx);
+    }
+
+    /// A miner refused the request itself. It is taken off the task without blame and not
+    /// replaced (another honest miner would refuse too); once no assigned miner is left
+    /// working and none committed, the task fails as the client's error.
+    fn refused(&mut self, key: TaskKey, miner: &str, error: String, ctx: &mut Context<Self>) {
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
+        let Some(a) = task.record.assignment_mut(miner) else {
+            return;
+        };
+        a.state = AssignmentState::Dropped;
+        a.note = Some(format!("refused the request: {error}"));
+        task.deadlines.remove(miner);
+        task.wanted = task.wanted.saturating_sub(1);
+        self.dirty.insert(key);
+        self.pool.do_send(Release {
+            miners: vec![miner.to_string()],
+        });
+        let task = self.live.get_mut(&key).expect("checked above");
+        let working = task.active_count();
+        let committed = task
+            .record
+            .assignments
+            .iter()
+            .any(|a| a.state == AssignmentState::Committed);
+        if working == 0 && !committed {
+            task.record.cause = Some(FailureCause::InvalidRequest);
+            let error = format!("the miners refused the request: {error}");
+            self.finish(key, TaskState::Failed, None, Some(error), ctx);
+        } else {
+            self.advance(key, ctx);
+        }
     }
 
     /// Checks every deadline: the task's own, and each active miner's next step.

@@ -238,6 +238,10 @@ pub fn task_error(record: &TaskRecord) -> Option<ApiError> {
         TaskState::Failed if record.cause == Some(FailureCause::NoMiners) => {
             return Some(ApiError::Busy(message, NO_MINERS_RETRY_AFTER_S))
         }
+        // The miners refused the request itself: the client's error.
+        TaskState::Failed if record.cause == Some(FailureCause::InvalidRequest) => {
+            return Some(ApiError::Invalid(message))
+        }
         TaskState::Ended => ("task_timeout", StatusCode::GATEWAY_TIMEOUT),
         TaskState::Cancelled => ("task_cancelled", StatusCode::CONFLICT),
         _ => ("task_failed", StatusCode::BAD_GATEWAY),

@@ -164,6 +164,17 @@ pub enum EngineError {
     ThreadPool(String),
 }
 
+impl EngineError {
+    /// The request itself cannot be run (by any honest engine of this model): not the
+    /// engine's fault.
+    pub fn is_request_error(&self) -> bool {
+        matches!(
+            self,
+            EngineError::PromptTooLong { .. } | EngineError::EmptyPrompt
+        )
+    }
+}
+
 /// What miners and validators need from a model.
 pub trait InferenceEngine: Send {
     fn info(&self) -> EngineInfo;

@@ -126,9 +126,17 @@ impl InferenceEngine for ScriptedEngine {
             panic!("scripted engine panic");
         }
         if self.script.fail {
-            return Err(EngineError::EmptyPrompt);
+            return Err(EngineError::ThreadPool("a scripted failure".into()));
         }
         let prompt_tokens = self.tokenize(&request.prompt)?.len();
+        let limit = self.info().max_context;
+        if prompt_tokens + request.max_tokens > limit {
+            return Err(EngineError::PromptTooLong {
+                prompt: prompt_tokens,
+                max_tokens: request.max_tokens,
+                limit,
+            });
+        }
         let mut prompt = prompt_text(&request.prompt);
         if self.script.dishonest {
             prompt.push_str("\u{0}dishonest");
