@@ -166,7 +166,9 @@ impl TestnetConfig {
         for (text, origin) in layers {
             merge(&mut base, parse(text, origin)?);
         }
-        let origin = layers.last().map_or("embedded config/testnet.toml", |l| l.1);
+        let origin = layers
+            .last()
+            .map_or("embedded config/testnet.toml", |l| l.1);
         let config: TestnetConfig =
             toml::Value::Table(base)
                 .try_into()

@@ -226,6 +226,14 @@ pub struct TaskOutcome {
     pub alternatives: Vec<(String, TaskResult)>,
 }
 
+/// An ended task's settlement, written with its end before it is made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlementDue {
+    pub hold: u64,
+    pub charge: u64,
+    pub payees: Vec<String>,
+}
+
 /// Why a task failed, where the miners are not to blame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -271,6 +279,10 @@ pub struct TaskRecord {
     /// Why it failed, when that is not the miners' doing (the API answers accordingly).
     #[serde(default)]
     pub cause: Option<FailureCause>,
+    /// Its end is written and its settlement not yet confirmed: what a restart settles (and
+    /// never runs again).
+    #[serde(default)]
+    pub settlement_due: Option<SettlementDue>,
     /// How often it was resumed after a restart.
     pub resumed: u32,
     /// Every stage goes on chain too (the session's `task_record: per_stage`).

@@ -9,13 +9,22 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Duration;
 
-fn call(net: &common::Net, method: &str, key: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+fn call(
+    net: &common::Net,
+    method: &str,
+    key: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let url = net.url(path);
     let request = match method {
         "GET" => net.http.get(url),
         _ => net.http.post(url).json(&body.unwrap_or(json!({}))),
     };
-    let r = request.bearer_auth(key).send().expect("the request is sent");
+    let r = request
+        .bearer_auth(key)
+        .send()
+        .expect("the request is sent");
     let status = r.status().as_u16();
     (status, r.json().unwrap_or(Value::Null))
 }
@@ -56,9 +65,18 @@ fn issued_keys_have_quotas_see_only_their_own_and_are_stored_hashed() {
         Some(json!({"name": "alice", "max_inflight": 1, "max_tasks": 3, "deposit": 100000})),
     );
     assert_eq!(status, 201, "{alice}");
-    let (status, bob) = call(&net, "POST", &operator, "/api/v1/keys", Some(json!({"name": "bob"})));
+    let (status, bob) = call(
+        &net,
+        "POST",
+        &operator,
+        "/api/v1/keys",
+        Some(json!({"name": "bob"})),
+    );
     assert_eq!(status, 201, "{bob}");
-    let (a, b) = (alice["key"].as_str().unwrap().to_string(), bob["key"].as_str().unwrap().to_string());
+    let (a, b) = (
+        alice["key"].as_str().unwrap().to_string(),
+        bob["key"].as_str().unwrap().to_string(),
+    );
     assert!(a.starts_with("ctsr_") && a.len() > 60 && a != b);
     // The same name twice, bad names and quotas: refused.
     for (body, code) in [
@@ -75,19 +93,45 @@ fn issued_keys_have_quotas_see_only_their_own_and_are_stored_hashed() {
     }
 
     // Alice works in her default session, through both APIs.
-    let (status, v) = call(&net, "POST", &a, "/v1/completions", Some(json!({"model": "scripted-echo", "prompt": "hi", "max_tokens": 4})));
+    let (status, v) = call(
+        &net,
+        "POST",
+        &a,
+        "/v1/completions",
+        Some(json!({"model": "scripted-echo", "prompt": "hi", "max_tokens": 4})),
+    );
     assert_eq!(status, 200, "{v}");
-    let (status, created) = call(&net, "POST", &a, "/api/v1/sessions", Some(json!({"name": "alice's", "redundant": 1, "deposit": 10000})));
+    let (status, created) = call(
+        &net,
+        "POST",
+        &a,
+        "/api/v1/sessions",
+        Some(json!({"name": "alice's", "redundant": 1, "deposit": 10000})),
+    );
     assert_eq!(status, 201, "{created}");
     let alice_session = created["session_id"].as_u64().unwrap();
-    let (status, v) = call(&net, "POST", &a, &format!("/api/v1/completions/{alice_session}"), Some(json!({"prompt": "mine", "max_tokens": 4})));
+    let (status, v) = call(
+        &net,
+        "POST",
+        &a,
+        &format!("/api/v1/completions/{alice_session}"),
+        Some(json!({"prompt": "mine", "max_tokens": 4})),
+    );
     assert_eq!(status, 200, "{v}");
     let tid = v["task_id"].as_u64().unwrap();
 
     // Bob sees none of it and can use none of it.
     let (_, list) = call(&net, "GET", &b, "/api/v1/sessions", None);
-    let ids: Vec<u64> = list["sessions"].as_array().unwrap().iter().map(|s| s["id"].as_u64().or(s["session_id"].as_u64()).unwrap()).collect();
-    assert!(!ids.contains(&alice_session), "bob lists alice's session: {list}");
+    let ids: Vec<u64> = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_u64().or(s["session_id"].as_u64()).unwrap())
+        .collect();
+    assert!(
+        !ids.contains(&alice_session),
+        "bob lists alice's session: {list}"
+    );
     for path in [
         format!("/api/v1/sessions/{alice_session}"),
         format!("/api/v1/tasks/{alice_session}"),
@@ -96,13 +140,31 @@ fn issued_keys_have_quotas_see_only_their_own_and_are_stored_hashed() {
         let (status, v) = call(&net, "GET", &b, &path, None);
         assert_eq!(status, 403, "{path}: {v}");
     }
-    let (status, v) = call(&net, "POST", &b, &format!("/api/v1/completions/{alice_session}"), Some(json!({"prompt": "hers", "max_tokens": 4})));
+    let (status, v) = call(
+        &net,
+        "POST",
+        &b,
+        &format!("/api/v1/completions/{alice_session}"),
+        Some(json!({"prompt": "hers", "max_tokens": 4})),
+    );
     assert_eq!(status, 403, "{v}");
-    let (status, _) = call(&net, "POST", &b, &format!("/api/v1/tasks/{alice_session}/{tid}/cancel"), None);
+    let (status, _) = call(
+        &net,
+        "POST",
+        &b,
+        &format!("/api/v1/tasks/{alice_session}/{tid}/cancel"),
+        None,
+    );
     assert_eq!(status, 403);
 
     // Clients manage no keys.
-    let (status, _) = call(&net, "POST", &b, "/api/v1/keys", Some(json!({"name": "mallory"})));
+    let (status, _) = call(
+        &net,
+        "POST",
+        &b,
+        "/api/v1/keys",
+        Some(json!({"name": "mallory"})),
+    );
     assert_eq!(status, 403);
     let (status, _) = call(&net, "GET", &a, "/api/v1/keys", None);
     assert_eq!(status, 403);
@@ -111,22 +173,57 @@ fn issued_keys_have_quotas_see_only_their_own_and_are_stored_hashed() {
     let slow_one = {
         let (http, url, key) = (net.http.clone(), net.url("/api/v1/completions"), a.clone());
         std::thread::spawn(move || {
-            http.post(url).bearer_auth(key).json(&json!({"prompt": "slow", "max_tokens": 8})).send().unwrap().status().as_u16()
+            http.post(url)
+                .bearer_auth(key)
+                .json(&json!({"prompt": "slow", "max_tokens": 8}))
+                .send()
+                .unwrap()
+                .status()
+                .as_u16()
         })
     };
     std::thread::sleep(Duration::from_millis(100));
-    let (status, v) = call(&net, "POST", &a, "/api/v1/completions", Some(json!({"prompt": "second", "max_tokens": 2})));
-    assert_eq!((status, v["error"]["code"].as_str()), (429, Some("rate_limited")), "{v}");
+    let (status, v) = call(
+        &net,
+        "POST",
+        &a,
+        "/api/v1/completions",
+        Some(json!({"prompt": "second", "max_tokens": 2})),
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (429, Some("rate_limited")),
+        "{v}"
+    );
     assert_eq!(slow_one.join().unwrap(), 200);
-    let (status, v) = call(&net, "POST", &a, "/api/v1/completions", Some(json!({"prompt": "fourth", "max_tokens": 2})));
-    assert_eq!((status, v["error"]["code"].as_str()), (429, Some("quota_exceeded")), "{v}");
+    let (status, v) = call(
+        &net,
+        "POST",
+        &a,
+        "/api/v1/completions",
+        Some(json!({"prompt": "fourth", "max_tokens": 2})),
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (429, Some("quota_exceeded")),
+        "{v}"
+    );
 
     // The listing shows names and use, never keys.
     let (status, keys) = call(&net, "GET", &operator, "/api/v1/keys", None);
     assert_eq!(status, 200);
     let text = keys.to_string();
-    assert!(!text.contains(&a) && !text.contains(&b), "a key is listed: {text}");
-    let alice_row = keys["keys"].as_array().unwrap().iter().find(|k| k["name"] == "alice").unwrap().clone();
+    assert!(
+        !text.contains(&a) && !text.contains(&b),
+        "a key is listed: {text}"
+    );
+    let alice_row = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "alice")
+        .unwrap()
+        .clone();
     assert_eq!(alice_row["tasks_used"], 3, "{alice_row}");
 
     // Revoked: Bob is turned away.
@@ -140,13 +237,40 @@ fn issued_keys_have_quotas_see_only_their_own_and_are_stored_hashed() {
     // After a restart: alice still works (and is still out of tasks), bob still revoked, and
     // no file of the router holds either key.
     net.testnet.shutdown();
-    assert!(!files_contain(dir.path(), a.as_bytes()), "alice's key is stored in clear");
-    assert!(!files_contain(dir.path(), b.as_bytes()), "bob's key is stored in clear");
-    let net = scripted("nodes.miners = 2", HashMap::new(), HashMap::new(), dir.path());
-    let (status, v) = call(&net, "GET", &a, &format!("/api/v1/sessions/{alice_session}"), None);
+    assert!(
+        !files_contain(dir.path(), a.as_bytes()),
+        "alice's key is stored in clear"
+    );
+    assert!(
+        !files_contain(dir.path(), b.as_bytes()),
+        "bob's key is stored in clear"
+    );
+    let net = scripted(
+        "nodes.miners = 2",
+        HashMap::new(),
+        HashMap::new(),
+        dir.path(),
+    );
+    let (status, v) = call(
+        &net,
+        "GET",
+        &a,
+        &format!("/api/v1/sessions/{alice_session}"),
+        None,
+    );
     assert_eq!(status, 200, "{v}");
-    let (status, v) = call(&net, "POST", &a, "/api/v1/completions", Some(json!({"prompt": "again", "max_tokens": 2})));
-    assert_eq!((status, v["error"]["code"].as_str()), (429, Some("quota_exceeded")), "{v}");
+    let (status, v) = call(
+        &net,
+        "POST",
+        &a,
+        "/api/v1/completions",
+        Some(json!({"prompt": "again", "max_tokens": 2})),
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (429, Some("quota_exceeded")),
+        "{v}"
+    );
     let (status, _) = call(&net, "GET", &b, "/api/v1/sessions", None);
     assert_eq!(status, 401);
 }

@@ -6,10 +6,10 @@
 //! Also: the invariant checker itself catches what it claims to catch.
 
 use cortensor::history::Operation;
-use cortensor::store::Store;
 use cortensor::models::engine::FinishReason;
+use cortensor::store::Store;
 use cortensor::task::{TaskKey, TaskResult, TaskState};
-use cortensor::testkit::invariants::check;
+use cortensor::testkit::invariants::{check, Ledger};
 use cortensor::testkit::scenario::{replay_command, run};
 use cortensor::testkit::{Fault, FaultPlan, TestnetBuilder};
 use std::collections::BTreeMap;
@@ -25,7 +25,10 @@ fn a_hundred_seeded_fault_scenarios_keep_every_invariant() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::random::<u32>() as u64 * 1000);
-    eprintln!("fault scenarios: seeds {base}..{} (set CORTENSOR_FAULT_SEEDS={base} to repeat them)", base + SEEDS);
+    eprintln!(
+        "fault scenarios: seeds {base}..{} (set CORTENSOR_FAULT_SEEDS={base} to repeat them)",
+        base + SEEDS
+    );
     let started = Instant::now();
     let reports = Arc::new(Mutex::new(Vec::new()));
     let workers: Vec<_> = (0..THREADS)
@@ -93,7 +96,10 @@ fn a_hundred_seeded_fault_scenarios_keep_every_invariant() {
         failures.len(),
         failures.join("\n")
     );
-    assert!(accepted > 0 && scheduled > 0 && link > 0, "the scenarios exercised nothing");
+    assert!(
+        accepted > 0 && scheduled > 0 && link > 0,
+        "the scenarios exercised nothing"
+    );
 }
 
 fn fault_kind(f: &Fault) -> &'static str {
@@ -266,7 +272,7 @@ fn the_checker_catches_broken_histories() {
         ),
     ];
     for (name, ops, expected) in cases {
-        let (_, violations) = check(&ops, &store, &[]);
+        let (_, violations) = check(&ops, &store, &Ledger::default());
         assert!(
             violations.iter().any(|v| v.contains(expected)),
             "{name}: expected a violation containing {expected:?}, got {violations:?}"
@@ -285,6 +291,68 @@ fn the_checker_catches_broken_histories() {
             result: r,
         },
     ];
-    let (_, violations) = check(&ok, &store, &[]);
+    let (_, violations) = check(&ok, &store, &Ledger::default());
     assert!(violations.is_empty(), "{violations:?}");
+}
+
+/// The same kit on Cortensor's contracts (the pinned anvil): link faults, a crashed miner, a
+/// cut RPC and a restart, with the money invariants read back from the chain.
+#[test]
+fn faults_on_the_contracts_keep_the_invariants() {
+    use cortensor::chain::anvil::AnvilNode;
+    use cortensor::chain::evm::ANVIL_DEV_KEY;
+    use cortensor::testkit::LinkFaults;
+    use cortensor::testnet::ChainChoice;
+    let anvil = AnvilNode::start(None).expect("anvil starts");
+    let plan = FaultPlan {
+        to_queue: LinkFaults {
+            drop: 0.02,
+            duplicate: 0.1,
+            delay: 0.3,
+            delay_max: Duration::from_millis(20),
+            corrupt: 0.0,
+        },
+        schedule: vec![cortensor::testkit::ScheduledFault {
+            at: Duration::ZERO,
+            fault: Fault::CutChain {
+                for_: Duration::from_millis(300),
+            },
+        }],
+        ..FaultPlan::calm(9)
+    };
+    let mut net = TestnetBuilder::new()
+        .chain(ChainChoice::Evm {
+            rpc_url: anvil.url.clone(),
+            private_key: ANVIL_DEV_KEY.into(),
+            deployment: None,
+            fund_nodes: true,
+        })
+        .faults(plan)
+        .start()
+        .unwrap();
+    let sid = net.create_session(2, 1_000_000).unwrap();
+    let mut completed = 0;
+    for (i, fault) in [
+        Fault::CutChain {
+            for_: Duration::from_millis(300),
+        },
+        Fault::CrashMiner { miner: 1 },
+        Fault::RestartNetwork,
+    ]
+    .iter()
+    .enumerate()
+    {
+        net.apply(fault).unwrap();
+        let (status, v) = net.post(
+            &format!("/api/v1/completions/{sid}"),
+            &serde_json::json!({"prompt": format!("on chain {i}"), "max_tokens": 6}),
+        );
+        assert!(status == 200 || status == 503, "{status}: {v}");
+        completed += (status == 200) as usize;
+    }
+    assert!(completed >= 2, "only {completed} of 3 completed");
+    let report = net.finish(Duration::from_secs(60));
+    eprint!("{report}");
+    assert!(report.violations.is_empty(), "{report}");
+    assert!(report.checked.accepted >= 2, "{report}");
 }

@@ -17,10 +17,20 @@ fn overload_is_answered_with_429_and_nothing_else() {
     };
     let figures = measure(&args).expect("the load runs");
     eprintln!("{figures}");
-    assert!(figures.errors.is_empty(), "errors other than 429: {figures}");
-    assert_eq!(figures.completed + figures.rate_limited, args.requests, "{figures}");
+    assert!(
+        figures.errors.is_empty(),
+        "errors other than 429: {figures}"
+    );
+    assert_eq!(
+        figures.completed + figures.rate_limited,
+        args.requests,
+        "{figures}"
+    );
     assert!(figures.completed > 0, "nothing completed: {figures}");
-    assert!(figures.rate_limited > 0, "the load never reached the admission limit: {figures}");
+    assert!(
+        figures.rate_limited > 0,
+        "the load never reached the admission limit: {figures}"
+    );
     // Bounded: the in-flight limits cap what the network holds, whatever the offered load.
     assert!(
         figures.rss_peak_mb - figures.rss_before_mb < 1024.0,

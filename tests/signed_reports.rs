@@ -103,11 +103,19 @@ fn a_forging_miner_gets_nothing_accepted_and_nothing_paid() {
             .filter(|a| a["miner"] == "miner-2")
             .count();
     }
-    assert!(forger_assigned > 0, "the forger was never assigned: nothing was tested");
+    assert!(
+        forger_assigned > 0,
+        "the forger was never assigned: nothing was tested"
+    );
     assert!(net.metric("cortensor_rejected_reports_total") > 0.0);
     let (_, miners) = net.get("/api/v1/miners");
     assert_eq!(miners["nodes"]["miner-2"]["pending_payment"], 0, "{miners}");
-    assert!(miners["nodes"]["miner-1"]["pending_payment"].as_u64().unwrap() > 0);
+    assert!(
+        miners["nodes"]["miner-1"]["pending_payment"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }
 
 #[test]

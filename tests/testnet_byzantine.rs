@@ -7,13 +7,13 @@ mod common;
 
 use common::{faults, scripted, Net};
 use cortensor::actors::messages::{MinerReport, ReportKind};
-use cortensor::actors::report_signing;
-use cortensor::chain::node_key::NodeKey;
-use cortensor::testnet::node_keys_dir;
 use cortensor::actors::miner::{Byzantine, MinerFaults};
+use cortensor::actors::report_signing;
 use cortensor::actors::session_queue::GetTask;
+use cortensor::chain::node_key::NodeKey;
 use cortensor::task::TaskKey;
 use cortensor::testkit::scripted_engine::Script;
+use cortensor::testnet::node_keys_dir;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -168,7 +168,12 @@ fn copying_another_miners_precommit_and_reveal_is_rejected() {
         .block_on(queue.send(GetTask(key)))
         .unwrap()
         .unwrap()
-        .and_then(|r| r.assignments.iter().find(|a| a.miner == "miner-3").map(|a| a.nonce))
+        .and_then(|r| {
+            r.assignments
+                .iter()
+                .find(|a| a.miner == "miner-3")
+                .map(|a| a.nonce)
+        })
         .expect("miner-3 was assigned");
     let signed = |kind: ReportKind| {
         let mut report = MinerReport {

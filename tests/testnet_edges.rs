@@ -1091,7 +1091,13 @@ fn a_prompt_too_long_for_the_model_is_the_clients_error_not_the_miners() {
     );
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["code"], "invalid_request", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("exceeds the context"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds the context"),
+        "{v}"
+    );
     // Nobody is blamed and nothing is charged.
     let (_, after) = net.get("/api/v1/miners");
     for m in ["miner-1", "miner-2", "miner-3"] {

@@ -133,7 +133,9 @@ fn acknowledged_work_survives_fifty_sigkills() {
         }
         let sid = sessions[rng.gen_range(0..sessions.len())];
         let n = rng.gen_range(1..=2);
-        let chosen: Vec<&str> = (0..n).map(|_| prompts[rng.gen_range(0..prompts.len())]).collect();
+        let chosen: Vec<&str> = (0..n)
+            .map(|_| prompts[rng.gen_range(0..prompts.len())])
+            .collect();
         acknowledged.extend(submit(&node, sid, &chosen).into_iter().map(|t| (sid, t)));
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..800)));
         // Read a few results before the kill.
@@ -141,7 +143,10 @@ fn acknowledged_work_survives_fifty_sigkills() {
             let (sid, tid) = acknowledged[rng.gen_range(0..acknowledged.len())];
             let task = get(&format!("{}/api/v1/tasks/{sid}/{tid}", node.url));
             if task["status"] == "Completed" {
-                let text = task["results"]["data"][0].as_str().unwrap_or("").to_string();
+                let text = task["results"]["data"][0]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
                 seen_results.insert((sid, tid), text);
             }
         }
@@ -170,7 +175,10 @@ fn acknowledged_work_survives_fifty_sigkills() {
                 let text = task["results"]["data"][0].as_str().unwrap().to_string();
                 assert!(!text.is_empty());
                 if let Some(before) = seen_results.get(&(sid, tid)) {
-                    assert_eq!(&text, before, "task {sid}/{tid}'s result changed (seed {seed})");
+                    assert_eq!(
+                        &text, before,
+                        "task {sid}/{tid}'s result changed (seed {seed})"
+                    );
                 }
                 break;
             }
@@ -194,7 +202,10 @@ fn acknowledged_work_survives_fifty_sigkills() {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        assert_eq!(session["deposit"], DEPOSIT, "session {sid} (seed {seed}): {session}");
+        assert_eq!(
+            session["deposit"], DEPOSIT,
+            "session {sid} (seed {seed}): {session}"
+        );
         assert_eq!(session["held"], 0, "seed {seed}: {session}");
         let (balance, spent) = (
             session["balance"].as_u64().unwrap(),

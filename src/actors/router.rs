@@ -263,7 +263,9 @@ impl Handler<SubmitTask> for Router {
                         Ok(Err(QueueError::Full(n))) => {
                             SubmitError::Busy(format!("the queue holds {n} tasks, its limit"))
                         }
-                        Ok(Err(QueueError::Store(e))) => SubmitError::StorageUnavailable(e.to_string()),
+                        Ok(Err(QueueError::Store(e))) => {
+                            SubmitError::StorageUnavailable(e.to_string())
+                        }
                         Ok(Err(e)) => SubmitError::Internal(e.to_string()),
                         Ok(Ok(_)) => unreachable!("handled above"),
                         Err(e) => e.into(),

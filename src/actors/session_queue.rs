@@ -12,10 +12,10 @@
 
 use super::chain_bridge::{ChainBridge, Settle};
 use super::messages::{MinerReport, Probe, ReportKind, TaskEvent, ToMiner, NETWORK_SESSION};
-use super::report_signing;
 use super::node_pool::{
     ListNodes, NodePool, ProbeFinished, RecordOutcome, Release, SelectMiners, Selection,
 };
+use super::report_signing;
 use super::validator::{gather_evidence, Validate, Validator};
 use crate::config::QueueConfig;
 use crate::history::{History, Operation, Recorder};
@@ -23,8 +23,8 @@ use crate::models::engine::GenerateRequest;
 use crate::reputation::{Outcome, Stage};
 use crate::store::{Store, StoreError};
 use crate::task::{
-    now_ms, Assignment, AssignmentState, FailureCause, TaskKey, TaskOutcome, TaskRecord,
-    TaskResult, TaskState,
+    now_ms, Assignment, AssignmentState, FailureCause, SettlementDue, TaskKey, TaskOutcome,
+    TaskRecord, TaskResult, TaskState,
 };
 use crate::validation::consensus::{
     decide, Consensus, DisagreementPolicy, Evidence, Levels, ValidationPlan,
@@ -242,6 +242,9 @@ pub struct SessionQueue {
     /// Ended tasks whose final record could not be written yet: retried every tick, and read
     /// from here meanwhile (an end is never forgotten because a write failed).
     unwritten_ends: HashMap<TaskKey, (TaskRecord, Vec<Subscriber>)>,
+    /// Ended tasks whose end (with its settlement due) is not written yet: no settlement
+    /// before it is.
+    ends_to_write: std::collections::HashSet<TaskKey>,
     history: Recorder,
     /// The last assignment nonce given; starts from the clock, so nonces stay unique across
     /// restarts.
@@ -295,6 +298,7 @@ impl SessionQueue {
             probe_validation: Levels::default(),
             probes_started: 0,
             unwritten_ends: HashMap::new(),
+            ends_to_write: Default::default(),
             history: Recorder::default(),
             nonces: now_ms() << 20,
         }
@@ -776,10 +780,34 @@ impl SessionQueue {
             self.finished(key, 0);
             return;
         }
-        let settlement = PendingSettlement {
+        // The end is written before the settlement is made: a restart then settles it (once:
+        // settlements are keyed by task) and never runs the task again.
+        task.record.settlement_due = Some(SettlementDue {
             hold: task.record.hold,
             charge,
             payees,
+        });
+        self.settle_when_written(key, ctx);
+    }
+
+    /// Settles an ended task once its end (with the settlement due) is written; while the
+    /// store refuses the write, tried again at every tick.
+    fn settle_when_written(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
+        let Some(task) = self.live.get(&key) else {
+            return;
+        };
+        if !self.write(&task.record) {
+            self.ends_to_write.insert(key);
+            return;
+        }
+        self.ends_to_write.remove(&key);
+        let Some(due) = task.record.settlement_due.clone() else {
+            return;
+        };
+        let settlement = PendingSettlement {
+            hold: due.hold,
+            charge: due.charge,
+            payees: due.payees,
             trace: task.record.record_stages.then(|| task.record.trace()),
         };
         self.settle(key, settlement, 0, ctx);
@@ -802,19 +830,25 @@ impl SessionQueue {
             payees: settlement.payees.clone(),
             trace: settlement.trace.clone(),
         };
-        ctx.spawn(self.chain.send(settle).into_actor(self).map(move |settled, queue, ctx| {
-            let error = match settled {
-                Ok(Ok(_)) => return queue.finished(key, settlement.charge),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => format!("the chain bridge did not answer: {e}"),
-            };
-            let backoff = (Duration::from_millis(50) * 2u32.saturating_pow(failures.min(10)))
-                .min(MAX_SETTLE_BACKOFF);
-            tracing::warn!(task = %key, %error, ?backoff, "settlement failed; retrying");
-            ctx.run_later(backoff, move |queue, ctx| {
-                queue.settle(key, settlement, failures + 1, ctx)
-            });
-        }));
+        ctx.spawn(
+            self.chain
+                .send(settle)
+                .into_actor(self)
+                .map(move |settled, queue, ctx| {
+                    let error = match settled {
+                        Ok(Ok(_)) => return queue.finished(key, settlement.charge),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => format!("the chain bridge did not answer: {e}"),
+                    };
+                    let backoff = (Duration::from_millis(50)
+                        * 2u32.saturating_pow(failures.min(10)))
+                    .min(MAX_SETTLE_BACKOFF);
+                    tracing::warn!(task = %key, %error, ?backoff, "settlement failed; retrying");
+                    ctx.run_later(backoff, move |queue, ctx| {
+                        queue.settle(key, settlement, failures + 1, ctx)
+                    });
+                }),
+        );
     }
 
     fn finished(&mut self, key: TaskKey, charged: u64) {
@@ -823,6 +857,7 @@ impl SessionQueue {
         };
         self.dirty.remove(&key);
         task.record.charged = charged;
+        task.record.settlement_due = None;
         let state = task.record.state;
         let written = self.write(&task.record);
         let network = key.session_id == NETWORK_SESSION;
@@ -1140,8 +1175,20 @@ impl SessionQueue {
     }
 
     /// Tasks that were live when the process stopped start again from Queued.
-    fn resume(&mut self) -> Result<(), StoreError> {
+    /// Returns the ended tasks whose settlement is still due (the caller settles them).
+    fn resume(&mut self) -> Result<Vec<TaskKey>, StoreError> {
+        let mut due = Vec::new();
         for mut record in self.store.unfinished_tasks()? {
+            if record.state.is_terminal() {
+                // It ended before the restart: settle it, never run it again.
+                tracing::info!(task = %record.key, "settling a task that ended before a restart");
+                let key = record.key;
+                let mut task = LiveTask::new(record, Duration::ZERO);
+                task.finishing = true;
+                self.live.insert(key, task);
+                due.push(key);
+                continue;
+            }
             for a in record
                 .assignments
                 .iter_mut()
@@ -1156,13 +1203,15 @@ impl SessionQueue {
                 Duration::from_millis(record.deadline_ms.saturating_sub(record.created_at_ms))
                     .max(self.config.ack_timeout());
             tracing::info!(task = %record.key, "resuming a task after a restart");
-            self.history.record(|| Operation::Resumed { key: record.key });
+            self.history
+                .record(|| Operation::Resumed { key: record.key });
             if !self.write(&record) {
                 self.dirty.insert(record.key);
             }
             self.live.insert(record.key, LiveTask::new(record, timeout));
         }
-        self.store.flush()
+        self.store.flush()?;
+        Ok(due)
     }
 }
 
@@ -1170,12 +1219,21 @@ impl Actor for SessionQueue {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        if let Err(e) = self.resume() {
-            tracing::error!(error = %e, "cannot resume the stored tasks");
+        match self.resume() {
+            Ok(due) => {
+                for key in due {
+                    self.settle_when_written(key, ctx);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot resume the stored tasks"),
         }
         ctx.run_interval(Duration::from_millis(self.config.tick_ms), |queue, ctx| {
             queue.tick(ctx);
             queue.write_dirty();
+            let ends: Vec<TaskKey> = queue.ends_to_write.iter().copied().collect();
+            for key in ends {
+                queue.settle_when_written(key, ctx);
+            }
         });
     }
 }
@@ -1340,6 +1398,7 @@ impl SessionQueue {
             outcome: None,
             error: None,
             cause: None,
+            settlement_due: None,
             resumed: 0,
             record_stages: t.record_stages,
             validation: t.validation.levels,

@@ -56,7 +56,10 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
     let key = from_header
         .or_else(from_query)
         .ok_or(ApiError::Unauthorized)?;
-    let (key_hash, key) = state.keys.authenticate(&key).ok_or(ApiError::Unauthorized)?;
+    let (key_hash, key) = state
+        .keys
+        .authenticate(&key)
+        .ok_or(ApiError::Unauthorized)?;
     Ok(Caller {
         owner: key.owner.clone(),
         key_hash,

@@ -194,7 +194,7 @@ pub async fn start(
     let permit = state
         .admission
         .try_admit(&caller.owner, caller.key.max_inflight)?;
-    state.keys.take_task(&caller.key_hash, &caller.key)?;
+    state.keys.take_task(&caller.key_hash, &caller.key).await?;
     let (tx, rx) = mpsc::channel(SUBSCRIBER_CAPACITY);
     let submit = SubmitTask {
         owner: caller.owner.clone(),

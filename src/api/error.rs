@@ -104,9 +104,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::InsufficientBalance(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited(..) | ApiError::QuotaExceeded(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::RateLimited(..) | ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Busy(..)
             | ApiError::ChainUnavailable(..)
             | ApiError::StorageUnavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
@@ -153,7 +151,9 @@ impl From<super::keys::KeyError> for ApiError {
             KeyError::NameTaken(_) | KeyError::Full => ApiError::Conflict(e.to_string()),
             KeyError::NoSuchKey(_) => ApiError::NotFound("not_found", e.to_string()),
             KeyError::QuotaExhausted(_) => ApiError::QuotaExceeded(e.to_string()),
-            KeyError::Store(_) => ApiError::StorageUnavailable(e.to_string(), 1),
+            KeyError::Store(_) | KeyError::Stopped(_) => {
+                ApiError::StorageUnavailable(e.to_string(), 1)
+            }
         }
     }
 }

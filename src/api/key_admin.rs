@@ -77,7 +77,8 @@ async fn issue(
     }
     let (key, entry) = state
         .keys
-        .issue(&body.name, body.max_inflight, body.max_tasks)?;
+        .issue(&body.name, body.max_inflight, body.max_tasks)
+        .await?;
     let open = OpenSession {
         owner: entry.owner.clone(),
         params: SessionParams {
@@ -90,7 +91,8 @@ async fn issue(
     let session = state.actors.router.send(open).await??;
     state
         .keys
-        .set_default_session(&super::keys::key_hash(&key), session.id)?;
+        .set_default_session(&super::keys::key_hash(&key), session.id)
+        .await?;
     Ok(HttpResponse::Created().json(json!({
         "key": key,
         "name": entry.name,
@@ -106,6 +108,7 @@ async fn list(state: web::Data<ApiState>, caller: Caller) -> Result<HttpResponse
     let keys: Vec<_> = state
         .keys
         .list()
+        .await?
         .into_iter()
         .map(|(hash_prefix, e, used)| {
             json!({
@@ -131,6 +134,6 @@ async fn revoke(
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     operator(&caller)?;
-    let entry = state.keys.revoke(&name)?;
+    let entry = state.keys.revoke(&name).await?;
     Ok(HttpResponse::Ok().json(json!({"name": entry.name, "revoked": true})))
 }

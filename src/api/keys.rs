@@ -2,9 +2,13 @@
 //! operator (`POST /api/v1/keys`), each with its quotas (tasks in flight, tasks in all) and a
 //! default session. Only the SHA-256 of a key is kept (in memory and, for clients' keys, in the
 //! store): a key is shown once, when it is issued, and cannot be recovered from what is stored.
+//!
+//! The ring answers lookups from memory; what must persist goes to the [`KeyStore`] actor, so
+//! the store is held by the actor system alone and closes with it.
 
 use crate::store::{Store, StoreError};
 use crate::testnet::owner_of_key;
+use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -27,6 +31,8 @@ pub enum KeyError {
     QuotaExhausted(u64),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("the key store stopped: {0}")]
+    Stopped(#[from] MailboxError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,13 +65,64 @@ pub fn key_hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-pub struct KeyRing {
-    by_hash: RwLock<HashMap<String, KeyEntry>>,
+/// Persists keys and counts tasks against quotas (the one holder of the store here).
+pub struct KeyStore {
     store: Store,
 }
 
+impl Actor for KeyStore {
+    type Context = Context<Self>;
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+struct SaveKey {
+    hash: String,
+    entry: KeyEntry,
+}
+
+impl Handler<SaveKey> for KeyStore {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, m: SaveKey, _: &mut Context<Self>) -> Self::Result {
+        self.store.put_api_key(&m.hash, &m.entry)?;
+        self.store.flush()
+    }
+}
+
+/// Adds `add` (0 or 1) to each key's task count; the counts after.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<u64>, StoreError>")]
+struct CountTasks {
+    hashes: Vec<String>,
+    add: u64,
+}
+
+impl Handler<CountTasks> for KeyStore {
+    type Result = Result<Vec<u64>, StoreError>;
+    fn handle(&mut self, m: CountTasks, _: &mut Context<Self>) -> Self::Result {
+        m.hashes
+            .iter()
+            .map(|h| {
+                let name = format!("key-tasks/{h}");
+                if m.add == 0 {
+                    self.store.amount(&name)
+                } else {
+                    // One atomic increment: two requests cannot both take the last task.
+                    self.store.add_amount(&name, m.add)
+                }
+            })
+            .collect()
+    }
+}
+
+pub struct KeyRing {
+    by_hash: RwLock<HashMap<String, KeyEntry>>,
+    store: Addr<KeyStore>,
+}
+
 impl KeyRing {
-    /// Operators' keys (with the owners' default sessions) and the clients' keys in the store.
+    /// Operators' keys (with the owners' default sessions) and the clients' keys in the store;
+    /// starts the key store actor (call inside the actor system).
     pub fn new(
         operator_keys: &[String],
         default_sessions: &HashMap<String, u64>,
@@ -90,7 +147,7 @@ impl KeyRing {
         }
         Ok(Self {
             by_hash: RwLock::new(by_hash),
-            store,
+            store: KeyStore { store }.start(),
         })
     }
 
@@ -107,23 +164,27 @@ impl KeyRing {
         Some((hash, entry))
     }
 
+    async fn save(&self, hash: &str, entry: KeyEntry) -> Result<(), KeyError> {
+        self.store
+            .send(SaveKey {
+                hash: hash.to_string(),
+                entry,
+            })
+            .await??;
+        Ok(())
+    }
+
     /// A new random key; the caller must still give it a default session
     /// ([`KeyRing::set_default_session`]). Returns the key (shown once) and its entry.
-    pub fn issue(
+    pub async fn issue(
         &self,
         name: &str,
         max_inflight: Option<usize>,
         max_tasks: Option<u64>,
     ) -> Result<(String, KeyEntry), KeyError> {
-        let mut ring = self.by_hash.write().unwrap_or_else(|e| e.into_inner());
-        if ring.values().any(|e| e.name == name) {
-            return Err(KeyError::NameTaken(name.to_string()));
-        }
-        if ring.values().filter(|e| e.role == Role::Client).count() >= MAX_CLIENT_KEYS {
-            return Err(KeyError::Full);
-        }
         let secret: [u8; 32] = rand::random();
         let key = format!("{KEY_PREFIX}{}", hex::encode(secret));
+        let hash = key_hash(&key);
         let entry = KeyEntry {
             name: name.to_string(),
             owner: owner_of_key(&key),
@@ -134,64 +195,88 @@ impl KeyRing {
             created_at_ms: crate::task::now_ms(),
             revoked: false,
         };
-        let hash = key_hash(&key);
-        self.store.put_api_key(&hash, &entry)?;
-        self.store.flush()?;
-        ring.insert(hash, entry.clone());
+        {
+            let mut ring = self.by_hash.write().unwrap_or_else(|e| e.into_inner());
+            if ring.values().any(|e| e.name == name) {
+                return Err(KeyError::NameTaken(name.to_string()));
+            }
+            if ring.values().filter(|e| e.role == Role::Client).count() >= MAX_CLIENT_KEYS {
+                return Err(KeyError::Full);
+            }
+            ring.insert(hash.clone(), entry.clone());
+        }
+        if let Err(e) = self.save(&hash, entry.clone()).await {
+            self.by_hash
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&hash);
+            return Err(e);
+        }
         Ok((key, entry))
     }
 
-    pub fn set_default_session(&self, hash: &str, session: u64) -> Result<(), KeyError> {
-        let mut ring = self.by_hash.write().unwrap_or_else(|e| e.into_inner());
-        let entry = ring
-            .get_mut(hash)
-            .ok_or_else(|| KeyError::NoSuchKey(hash.to_string()))?;
-        entry.default_session = Some(session);
-        self.store.put_api_key(hash, entry)?;
-        self.store.flush()?;
-        Ok(())
+    pub async fn set_default_session(&self, hash: &str, session: u64) -> Result<(), KeyError> {
+        let entry = {
+            let mut ring = self.by_hash.write().unwrap_or_else(|e| e.into_inner());
+            let entry = ring
+                .get_mut(hash)
+                .ok_or_else(|| KeyError::NoSuchKey(hash.to_string()))?;
+            entry.default_session = Some(session);
+            entry.clone()
+        };
+        self.save(hash, entry).await
     }
 
     /// Every key's entry, with the first 8 hex digits of its hash and the tasks it used.
-    pub fn list(&self) -> Vec<(String, KeyEntry, u64)> {
-        let ring = self.by_hash.read().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<(String, KeyEntry, u64)> = ring
+    pub async fn list(&self) -> Result<Vec<(String, KeyEntry, u64)>, KeyError> {
+        let mut all: Vec<(String, KeyEntry)> = self
+            .by_hash
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(h, e)| {
-                let used = self.tasks_used(h);
-                let used = e.max_tasks.map_or(used, |m| used.min(m));
-                (h[..8].to_string(), e.clone(), used)
-            })
+            .map(|(h, e)| (h.clone(), e.clone()))
             .collect();
         all.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-        all
+        let hashes = all.iter().map(|(h, _)| h.clone()).collect();
+        let used = self.store.send(CountTasks { hashes, add: 0 }).await??;
+        Ok(all
+            .into_iter()
+            .zip(used)
+            .map(|((h, e), used)| {
+                let used = e.max_tasks.map_or(used, |m| used.min(m));
+                (h[..8].to_string(), e, used)
+            })
+            .collect())
     }
 
     /// Revokes a client's key by name: it authenticates no more (its sessions stay).
-    pub fn revoke(&self, name: &str) -> Result<KeyEntry, KeyError> {
-        let mut ring = self.by_hash.write().unwrap_or_else(|e| e.into_inner());
-        let (hash, entry) = ring
-            .iter_mut()
-            .find(|(_, e)| e.name == name && e.role == Role::Client)
-            .ok_or_else(|| KeyError::NoSuchKey(name.to_string()))?;
-        entry.revoked = true;
-        self.store.put_api_key(hash, entry)?;
-        self.store.flush()?;
-        Ok(entry.clone())
-    }
-
-    fn tasks_used(&self, hash: &str) -> u64 {
-        self.store.amount(&format!("key-tasks/{hash}")).unwrap_or(0)
+    pub async fn revoke(&self, name: &str) -> Result<KeyEntry, KeyError> {
+        let (hash, entry) = {
+            let mut ring = self.by_hash.write().unwrap_or_else(|e| e.into_inner());
+            let (hash, entry) = ring
+                .iter_mut()
+                .find(|(_, e)| e.name == name && e.role == Role::Client)
+                .ok_or_else(|| KeyError::NoSuchKey(name.to_string()))?;
+            entry.revoked = true;
+            (hash.clone(), entry.clone())
+        };
+        self.save(&hash, entry.clone()).await?;
+        Ok(entry)
     }
 
     /// Counts one task against the key's quota, or refuses it when the quota is used up.
-    pub fn take_task(&self, hash: &str, entry: &KeyEntry) -> Result<(), KeyError> {
+    pub async fn take_task(&self, hash: &str, entry: &KeyEntry) -> Result<(), KeyError> {
         let Some(max) = entry.max_tasks else {
             return Ok(());
         };
-        // One atomic increment: concurrent requests cannot both take the last task.
-        let used = self.store.add_amount(&format!("key-tasks/{hash}"), 1)?;
-        if used > max {
+        let used = self
+            .store
+            .send(CountTasks {
+                hashes: vec![hash.to_string()],
+                add: 1,
+            })
+            .await??;
+        if used.first().copied().unwrap_or(0) > max {
             return Err(KeyError::QuotaExhausted(max));
         }
         Ok(())

@@ -314,7 +314,10 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         ),
         ..args.clone()
     };
-    println!("-- admission limits raised to {} in flight", args.concurrency);
+    println!(
+        "-- admission limits raised to {} in flight",
+        args.concurrency
+    );
     println!("{}", measure(&raised)?);
     Ok(())
 }

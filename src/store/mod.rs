@@ -486,10 +486,12 @@ impl Store {
     }
 
     /// Tasks that had not reached a terminal state when last written.
+    /// Tasks a restart must take up again: those not ended, and those ended whose settlement
+    /// was not confirmed.
     pub fn unfinished_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
         Ok(scan::<TaskRecord>(self.tasks.iter(), "task")?
             .into_iter()
-            .filter(|t| !t.state.is_terminal())
+            .filter(|t| !t.state.is_terminal() || t.settlement_due.is_some())
             .collect())
     }
 }

@@ -1,9 +1,7 @@
 //! A chain whose RPC a test can cut: while the switch is on, every call fails as an
 //! unreachable node's would, and nothing reaches the chain behind it.
 
-use crate::chain::{
-    Chain, ChainError, HoldRequest, NodeOutcome, NodeStats, Settlement, TaskTrace,
-};
+use crate::chain::{Chain, ChainError, HoldRequest, NodeOutcome, NodeStats, Settlement, TaskTrace};
 use crate::session::{Session, SessionParams};
 use crate::task::TaskKey;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,7 +36,9 @@ impl CuttableChain {
     fn reachable(&self) -> Result<(), ChainError> {
         if self.cut.is_cut() {
             self.cut.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(ChainError::Unreachable("the RPC is cut (an injected fault)".into()));
+            return Err(ChainError::Unreachable(
+                "the RPC is cut (an injected fault)".into(),
+            ));
         }
         Ok(())
     }

@@ -111,7 +111,11 @@ impl FaultPlan {
                 duplicate: rng.gen_range(0.0..0.2),
                 delay: rng.gen_range(0.0..0.5),
                 delay_max: Duration::from_millis(rng.gen_range(1..40)),
-                corrupt: if corrupt { rng.gen_range(0.0..0.1) } else { 0.0 },
+                corrupt: if corrupt {
+                    rng.gen_range(0.0..0.1)
+                } else {
+                    0.0
+                },
             }
         };
         let to_queue = link(&mut rng, true);
@@ -124,9 +128,8 @@ impl FaultPlan {
         let count = rng.gen_range(0..=MAX_RANDOM_FAULTS);
         let mut schedule: Vec<ScheduledFault> = (0..count)
             .map(|_| {
-                let at = Duration::from_millis(
-                    rng.gen_range(0..RANDOM_FAULT_WINDOW.as_millis() as u64),
-                );
+                let at =
+                    Duration::from_millis(rng.gen_range(0..RANDOM_FAULT_WINDOW.as_millis() as u64));
                 let miner = rng.gen_range(0..miners.max(1));
                 let for_ = Duration::from_millis(rng.gen_range(50..600));
                 let fault = match rng.gen_range(0..7) {

@@ -13,8 +13,10 @@
 //!
 //! [`History`]: crate::history::History
 
+use crate::chain::{Chain, ChainError};
 use crate::history::Operation;
-use crate::store::Store;
+use crate::session::Session;
+use crate::store::{Store, StoreError};
 use crate::task::TaskKey;
 use std::collections::{BTreeMap, HashMap};
 
@@ -33,14 +35,45 @@ pub struct Checked {
     pub lost: usize,
 }
 
-/// Checks every invariant; the violations found (empty when all hold).
-///
-/// `payees` names every node that could have been paid (miners and validators).
-pub fn check(
-    operations: &[Operation],
-    store: &Store,
-    payees: &[String],
-) -> (Checked, Vec<String>) {
+/// The money side of the network once it stopped: its sessions, and what its nodes earned
+/// (pending and withdrawn), read from the embedded ledger's store or from the chain.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    pub sessions: Vec<Session>,
+    pub earned: u64,
+}
+
+impl Ledger {
+    /// The embedded ledger, from its store. `payees` names every node that could have been
+    /// paid (miners and validators).
+    pub fn from_store(store: &Store, payees: &[String]) -> Result<Self, StoreError> {
+        let mut earned = 0;
+        for node in payees {
+            earned += store.amount(&format!("pay/{node}"))?;
+            earned += store.amount(&format!("withdrawn/{node}"))?;
+        }
+        Ok(Self {
+            sessions: store.sessions()?,
+            earned,
+        })
+    }
+
+    /// Any chain (an EVM's contracts): its sessions and its nodes' payments.
+    pub fn from_chain(chain: &dyn Chain, payees: &[String]) -> Result<Self, ChainError> {
+        let mut earned = chain.total_withdrawn()?;
+        for node in payees {
+            earned += chain.node_pending_payment(node)?;
+        }
+        Ok(Self {
+            sessions: chain.sessions()?,
+            earned,
+        })
+    }
+}
+
+/// Checks every invariant over the history, the task records in `store` and the `ledger`;
+/// the violations found (empty when all hold).
+pub fn check(operations: &[Operation], store: &Store, ledger: &Ledger) -> (Checked, Vec<String>) {
     let mut seen = Checked::default();
     let mut violations = Vec::new();
     let mut accepted: BTreeMap<TaskKey, u64> = BTreeMap::new();
@@ -88,7 +121,9 @@ pub fn check(
                 charged,
             } => {
                 if !state.is_terminal() {
-                    violations.push(format!("task {key} ended in a state that is no end: {state:?}"));
+                    violations.push(format!(
+                        "task {key} ended in a state that is no end: {state:?}"
+                    ));
                 }
                 ends.entry(*key)
                     .or_default()
@@ -135,7 +170,10 @@ pub fn check(
                     }
                 }
                 if record.state.name() == "Completed"
-                    && record.outcome.as_ref().is_none_or(|o| o.result.text.is_empty())
+                    && record
+                        .outcome
+                        .as_ref()
+                        .is_none_or(|o| o.result.text.is_empty())
                 {
                     violations.push(format!("task {key} completed without a result"));
                 }
@@ -155,15 +193,8 @@ pub fn check(
             *charged_by_session.entry(key.session_id).or_default() += charged;
         }
     }
-    let sessions = match store.sessions() {
-        Ok(s) => s,
-        Err(e) => {
-            violations.push(format!("the sessions cannot be read: {e}"));
-            Vec::new()
-        }
-    };
     let mut spent_total = 0u64;
-    for s in &sessions {
+    for s in &ledger.sessions {
         spent_total += s.spent;
         if s.deposit != s.balance + s.held + s.spent {
             violations.push(format!(
@@ -186,11 +217,7 @@ pub fn check(
             ));
         }
     }
-    let mut earned = 0u64;
-    for node in payees {
-        earned += store.amount(&format!("pay/{node}")).unwrap_or(0);
-        earned += store.amount(&format!("withdrawn/{node}")).unwrap_or(0);
-    }
+    let earned = ledger.earned;
     if earned != spent_total {
         seen.double_paid += 1;
         violations.push(format!(

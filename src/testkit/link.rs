@@ -56,7 +56,9 @@ impl LinkControl {
     }
     fn stall_left(&self) -> Duration {
         let until = *self.stalled_until.lock().unwrap_or_else(|e| e.into_inner());
-        until.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()))
+        until.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        })
     }
 }
 

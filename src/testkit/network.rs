@@ -15,7 +15,7 @@
 
 use super::chain_cut::{ChainCut, CuttableChain};
 use super::fault_plan::{Fault, FaultPlan, LinkFaults};
-use super::invariants::{check, Checked};
+use super::invariants::{check, Checked, Ledger};
 use super::link::{Corruptor, FaultyLink, LinkControl, LinkCounters};
 use super::scripted_engine::{Script, ScriptedEngine, SCRIPTED_MODEL};
 use crate::actors::chain_bridge::GetOutboxCounts;
@@ -42,7 +42,10 @@ pub enum Engines {
     /// Scripted engines (instant, deterministic; a test double): one script for every miner.
     Scripted(Script),
     /// Any engines, e.g. the real model: a factory and the model name miners register.
-    Custom { factory: EngineFactory, model: String },
+    Custom {
+        factory: EngineFactory,
+        model: String,
+    },
 }
 
 pub struct TestnetBuilder {
@@ -358,6 +361,12 @@ impl TestNetwork {
         };
         let listener = TcpListener::bind("127.0.0.1:0").map_err(TestnetError::Http)?;
         let testnet = Testnet::start(options, listener)?;
+        // Contracts deployed by the first start are where later starts attach.
+        if let ChainChoice::Evm { deployment, .. } = &mut self.chain {
+            if deployment.is_none() {
+                *deployment = testnet.deployment;
+            }
+        }
         self.testnet = Some(testnet);
         self.wait_for_miners(Duration::from_secs(30));
         Ok(())
@@ -526,7 +535,13 @@ impl TestNetwork {
         testnet.shutdown();
         let operations = self.history.operations();
         let (checked, mut violations) = match Store::open(&self.data_dir) {
-            Ok(store) => check(&operations, &store, &payees),
+            Ok(store) => match self.ledger(&store, &payees) {
+                Ok(ledger) => check(&operations, &store, &ledger),
+                Err(e) => (
+                    Checked::default(),
+                    vec![format!("the ledger cannot be read after the run: {e}")],
+                ),
+            },
             Err(e) => (
                 Checked::default(),
                 vec![format!("the store does not open after the run: {e}")],
@@ -548,6 +563,39 @@ impl TestNetwork {
                 .load(std::sync::atomic::Ordering::Relaxed),
             restarts: self.restarts,
         }
+    }
+}
+
+impl TestNetwork {
+    /// The money side, from wherever it lives: the store, or the contracts on the EVM.
+    fn ledger(&self, store: &Store, payees: &[String]) -> Result<Ledger, String> {
+        match &self.chain {
+            ChainChoice::Embedded => Ledger::from_store(store, payees).map_err(|e| e.to_string()),
+            ChainChoice::Evm {
+                rpc_url,
+                private_key,
+                deployment,
+                ..
+            } => {
+                let deployment = (*deployment).ok_or("the contracts were never deployed")?;
+                let keys = self
+                    .testnet_miner_keys()
+                    .map_err(|e| format!("the miners' keys: {e}"))?;
+                let chain = crate::chain::evm::EvmChain::attach(rpc_url, private_key, deployment)
+                    .map_err(|e| e.to_string())?
+                    .with_node_keys(&keys);
+                Ledger::from_chain(&chain, payees).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn testnet_miner_keys(
+        &self,
+    ) -> Result<Vec<crate::chain::node_key::NodeKey>, crate::chain::ChainError> {
+        let dir = crate::testnet::node_keys_dir(&self.data_dir);
+        (0..self.config.nodes.miners)
+            .map(|i| crate::chain::node_key::NodeKey::load(&dir, &crate::testnet::miner_id(i)))
+            .collect()
     }
 }
 
