@@ -403,7 +403,7 @@ async fn start_actors(
     pool.do_send(SetProber(queue.clone().recipient()));
 
     let mut miners = Vec::new();
-    for index in 0..config.nodes.miners {
+    for (index, key) in node_keys.iter().enumerate().take(config.nodes.miners) {
         let id = miner_id(index);
         let upstream: Recipient<MinerReport> = match &options.wiring.to_queue {
             Some(wrap) => wrap(&id, queue.clone().recipient()),
@@ -416,7 +416,7 @@ async fn start_actors(
             max_tasks: config.nodes.max_tasks_per_miner,
             heartbeat_interval: Duration::from_millis(config.nodes.heartbeat_interval_ms),
             inbound: options.wiring.to_miner.clone(),
-            key: node_keys[index].clone(),
+            key: key.clone(),
         };
         let (factory, pool) = (options.engine.clone(), pool.clone());
         miners.push(Supervisor::start(move |_| {

@@ -304,7 +304,10 @@ fn reads_file_written_by_python_gguf() {
     assert_eq!(g.get_f32("test.f32"), Some(0.15625));
     assert_eq!(g.get_u64("test.u64"), Some(1 << 40));
     assert_eq!(g.get_i64("test.i64"), Some(-(1 << 40)));
-    assert_eq!(g.get("test.f64"), Some(&GgufValue::F64(2.718281828459045)));
+    assert_eq!(
+        g.get("test.f64"),
+        Some(&GgufValue::F64(std::f64::consts::E))
+    );
     assert_eq!(g.get_bool("test.bool"), Some(true));
     assert_eq!(g.get_str("test.str"), Some("héllo ☃"));
     assert_eq!(

@@ -45,7 +45,8 @@ fn signatures_bind_the_task_the_miner_the_assignment_and_the_content() {
         Err(SignatureError::WrongSigner { .. })
     ));
     // Any field changed after signing: the signature no longer recovers the miner's address.
-    let changes: Vec<(&str, Box<dyn Fn(&mut MinerReport)>)> = vec![
+    type Change = Box<dyn Fn(&mut MinerReport)>;
+    let changes: Vec<(&str, Change)> = vec![
         ("task", Box::new(|r| r.key.task_id = 3)),
         ("session", Box::new(|r| r.key.session_id = 9)),
         ("miner", Box::new(|r| r.miner = "miner-2".into())),

@@ -1243,7 +1243,7 @@ impl Handler<Enqueue> for SessionQueue {
     fn handle(&mut self, m: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
         // A client that only waits for the end hears nothing before it, and the end is flushed
         // (with this write before it): only a live follower is acknowledged now.
-        let acknowledged_now = m.subscriber.as_ref().map_or(true, |s| s.live);
+        let acknowledged_now = m.subscriber.as_ref().is_none_or(|s| s.live);
         let hold = m.task.hold;
         match self.enqueue(m, ctx) {
             Ok(key) if !acknowledged_now => {
@@ -1253,18 +1253,20 @@ impl Handler<Enqueue> for SessionQueue {
             // Acknowledged only once the task is on disk.
             Ok(key) => {
                 let durable = self.store.durable();
-                Box::pin(async move { durable.await }.into_actor(self).map(
-                    move |durable, queue, _| match durable {
-                        Ok(()) => {
-                            queue.history.record(|| Operation::Accepted { key, hold });
-                            Ok(key)
-                        }
-                        Err(e) => {
-                            queue.refuse(key, &e);
-                            Err(QueueError::from(e))
-                        }
-                    },
-                ))
+                Box::pin(
+                    durable
+                        .into_actor(self)
+                        .map(move |durable, queue, _| match durable {
+                            Ok(()) => {
+                                queue.history.record(|| Operation::Accepted { key, hold });
+                                Ok(key)
+                            }
+                            Err(e) => {
+                                queue.refuse(key, &e);
+                                Err(QueueError::from(e))
+                            }
+                        }),
+                )
             }
             Err(e) => Box::pin(actix::fut::ready(Err(e))),
         }
