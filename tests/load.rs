@@ -1,6 +1,7 @@
 //! The bounded load test (`cortensor bench load` with smaller numbers): many clients at once,
 //! most streaming, against scripted miners on loopback. Overload is refused with 429 (with
-//! Retry-After) and nothing else fails; memory stays bounded. The figures are printed.
+//! Retry-After) and nothing else fails; every request retried after its 429s is served in the
+//! end; memory stays bounded. The figures are printed.
 
 use cortensor::commands::bench_load::{measure, LoadArgs};
 
@@ -21,12 +22,8 @@ fn overload_is_answered_with_429_and_nothing_else() {
         figures.errors.is_empty(),
         "errors other than 429: {figures}"
     );
-    assert_eq!(
-        figures.completed + figures.rate_limited,
-        args.requests,
-        "{figures}"
-    );
-    assert!(figures.completed > 0, "nothing completed: {figures}");
+    // Every request is served in the end: overload delays, it never loses.
+    assert_eq!(figures.completed, args.requests, "{figures}");
     assert!(
         figures.rate_limited > 0,
         "the load never reached the admission limit: {figures}"

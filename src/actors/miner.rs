@@ -220,7 +220,9 @@ impl Miner {
             kind,
             signature: None,
         };
-        if self.spec.faults.forge_signatures {
+        if !report_signing::needs_signature(&report.kind) {
+            // Streamed tokens are a preview, not a claim: unsigned (see report_signing).
+        } else if self.spec.faults.forge_signatures {
             report_signing::sign(&mut report, &NodeKey::random(&self.spec.id));
         } else {
             report_signing::sign(&mut report, &self.spec.key);

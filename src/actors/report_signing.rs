@@ -7,6 +7,15 @@ use super::messages::{MinerReport, ReportKind};
 use crate::chain::node_key::NodeKey;
 use ethers::types::{Address, H256};
 
+/// Whether a report of this kind must be signed. Every claim is (ack, precommit, commit,
+/// failure, refusal); streamed tokens are not: they are a preview the client sees before the
+/// result is validated, the validated result is what counts, and signing each one measured
+/// too dear (`bench load`: a signature and a recovery per token on the queue's thread
+/// halved throughput and pushed tasks past their deadlines).
+pub fn needs_signature(kind: &ReportKind) -> bool {
+    !matches!(kind, ReportKind::Token { .. })
+}
+
 /// Bumped when what is signed changes.
 pub const REPORT_DOMAIN: &[u8] = b"cortensor/miner-report/v1";
 

@@ -956,6 +956,9 @@ impl SessionQueue {
                 report.nonce, a.nonce
             ));
         }
+        if !report_signing::needs_signature(&report.kind) {
+            return Ok(());
+        }
         report_signing::verify(report, *address).map_err(|e| e.to_string())
     }
 
@@ -1169,6 +1172,12 @@ impl SessionQueue {
                 ctx,
             );
         }
+        // Oldest first: the pool answers in order, so a task waiting longest gets the next
+        // free miner (no task starves behind newer ones).
+        starving.sort_by_key(|key| {
+            let created = self.live.get(key).map_or(0, |t| t.record.created_at_ms);
+            (created, *key)
+        });
         for key in starving {
             self.fill(key, ctx);
         }
