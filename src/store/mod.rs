@@ -46,6 +46,10 @@ impl WriteFaults {
     }
 }
 
+/// Tries at taking the database's lock, and the pause between them (2 s in all).
+pub const OPEN_LOCK_ATTEMPTS: u32 = 40;
+pub const OPEN_LOCK_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A handle on the database; clones share it (sled keeps one `Db` per process).
 #[derive(Clone)]
 pub struct Store {
@@ -98,13 +102,27 @@ impl Store {
             path: dir.display().to_string(),
             message: e.to_string(),
         })?;
-        let db = sled::Config::new()
-            .path(dir.join("sled"))
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: dir.display().to_string(),
-                message: e.to_string(),
-            })?;
+        // A database closed a moment ago in this process may still be locked by sled's own
+        // background flusher, which lets go on its next wake-up: wait for it, boundedly.
+        let mut attempt = 0;
+        let db = loop {
+            match sled::Config::new().path(dir.join("sled")).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && attempt < OPEN_LOCK_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(OPEN_LOCK_PAUSE);
+                }
+                Err(e) => {
+                    return Err(StoreError::Open {
+                        path: dir.display().to_string(),
+                        message: e.to_string(),
+                    })
+                }
+            }
+        };
         Self::from_db(db)
     }
 
