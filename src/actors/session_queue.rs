@@ -212,6 +212,29 @@ impl LiveTask {
         }
     }
 
+    /// Tells every active miner to stop (marking its assignment Dropped with `note`, when
+    /// given); the miners, for the pool to release.
+    fn stop_active(&mut self, note: Option<String>) -> Vec<String> {
+        let key = self.record.key;
+        let mut stopped = Vec::new();
+        for a in self
+            .record
+            .assignments
+            .iter_mut()
+            .filter(|a| a.state.is_active())
+        {
+            if let Some(note) = &note {
+                a.state = AssignmentState::Dropped;
+                a.note = Some(note.clone());
+            }
+            if let Some(addr) = self.miners.get(&a.miner) {
+                addr.do_send(ToMiner::Cancel { key });
+            }
+            stopped.push(a.miner.clone());
+        }
+        stopped
+    }
+
     fn active_count(&self) -> u32 {
         self.record.active().count() as u32
     }
@@ -733,17 +756,7 @@ impl SessionQueue {
             return;
         }
         task.finishing = true;
-        let mut released = Vec::new();
-        for a in task.record.assignments.iter_mut() {
-            if a.state.is_active() {
-                a.state = AssignmentState::Dropped;
-                a.note = Some(format!("the task ended ({})", state.name()));
-                if let Some(addr) = task.miners.get(&a.miner) {
-                    addr.do_send(ToMiner::Cancel { key });
-                }
-                released.push(a.miner.clone());
-            }
-        }
+        let released = task.stop_active(Some(format!("the task ended ({})", state.name())));
         let tokens = match (&outcome, state) {
             (Some(o), TaskState::Completed) => o.result.completion_tokens(),
             (_, TaskState::Cancelled) => task.streamed_tokens,
@@ -1352,13 +1365,7 @@ impl SessionQueue {
             return;
         };
         self.dirty.remove(&key);
-        let mut released = Vec::new();
-        for a in task.record.active() {
-            if let Some(addr) = task.miners.get(&a.miner) {
-                addr.do_send(ToMiner::Cancel { key });
-            }
-            released.push(a.miner.clone());
-        }
+        let released = task.stop_active(None);
         if !released.is_empty() {
             self.pool.do_send(Release { miners: released });
         }
