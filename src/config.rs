@@ -219,8 +219,17 @@ impl TestnetConfig {
         {
             return fail("chain.kind = \"rpc\" needs chain.rpc_url and chain.private_key");
         }
+        Ok(())
+    }
+
+    /// A network whose nodes are all in process needs a validator of its own (a router
+    /// serving remote validators may have none).
+    pub fn validate_local(&self) -> Result<(), ConfigError> {
+        self.validate()?;
         if self.nodes.validators == 0 {
-            return fail("nodes.validators must be at least 1 (the queue needs a verdict)");
+            return Err(ConfigError::Invalid(
+                "nodes.validators must be at least 1 (the queue needs a verdict)".into(),
+            ));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod history;
 pub mod models;
+pub mod nodes;
 pub mod reputation;
 pub mod session;
 pub mod store;

@@ -1,7 +1,7 @@
 //! The `cortensor` command: parse the command line and hand over to the library.
 
 use clap::{Parser, Subcommand};
-use cortensor::commands::{bench, client, generate, models, node, testnet};
+use cortensor::commands::{bench, client, generate, models, node, remote_node, router, testnet};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +23,12 @@ enum Command {
     Models(models::ModelsCommand),
     /// Run a router, miners and validators in one process (the embedded defaults).
     Testnet(testnet::TestnetArgs),
+    /// A router serving remote miners and validators on its node WebSocket (port 9001).
+    Router(router::RouterArgs),
+    /// A miner on this host, joined to a router over its node WebSocket.
+    Miner(remote_node::MinerArgs),
+    /// A validator on this host, joined to a router over its node WebSocket.
+    Validator(remote_node::ValidatorArgs),
     /// Sessions on a running router.
     #[command(subcommand)]
     Session(client::SessionCommand),
@@ -50,6 +56,9 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Models(cmd) => models::run(cmd),
         Command::Testnet(args) => testnet::run(args),
+        Command::Router(args) => router::run(args),
+        Command::Miner(args) => remote_node::miner(args),
+        Command::Validator(args) => remote_node::validator(args),
         Command::Session(cmd) => client::session(cmd),
         Command::Prompt(args) => client::prompt(args),
         Command::Node(cmd) => node::run(cmd),

@@ -5,7 +5,7 @@
 
 use crate::actors::chain_bridge::{ChainBridge, CreateSession, ListSessions};
 use crate::actors::messages::{MinerReport, ToMiner, Wrap};
-use crate::actors::miner::{EngineFactory, Miner, MinerFaults, MinerSpec};
+use crate::actors::miner::{EngineFactory, Miner, MinerFaults, MinerSpec, NodeUplink};
 use crate::actors::node_pool::{NodePool, SetProber};
 use crate::actors::router::{Router, RouterSettings};
 use crate::actors::session_queue::{SessionQueue, Shutdown};
@@ -17,6 +17,7 @@ use crate::chain::node_key::NodeKey;
 use crate::chain::Chain;
 use crate::config::TestnetConfig;
 use crate::history::History;
+use crate::nodes::gateway::{self, GatewaySettings, NodeGateway};
 use crate::session::SessionParams;
 use crate::store::{Store, StoreError, WriteFaults};
 use crate::validation::consensus::{Level, Levels};
@@ -66,6 +67,8 @@ pub struct TestnetOptions {
     pub embedding_model: Option<PathBuf>,
     /// Fault-injection seams (see [`crate::testkit`]); all absent in a real network.
     pub wiring: Wiring,
+    /// Where remote miners and validators connect (the node WebSocket); none: local nodes only.
+    pub node_listener: Option<TcpListener>,
 }
 
 /// Wraps the chain a testnet talks to.
@@ -139,8 +142,12 @@ pub struct Testnet {
     pub miner_addresses: Vec<String>,
     /// Where the contracts are, when the chain is an EVM.
     pub deployment: Option<crate::chain::deploy::Deployment>,
+    /// The node WebSocket's address and its gateway, when remote nodes may connect.
+    pub node_addr: Option<SocketAddr>,
+    pub gateway: Option<Addr<NodeGateway>>,
     system: Option<actix_rt::System>,
     server: Option<actix_web::dev::ServerHandle>,
+    node_server: Option<actix_web::dev::ServerHandle>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -160,6 +167,7 @@ struct Started {
     actors: Actors,
     system: actix_rt::System,
     server: actix_web::dev::ServerHandle,
+    nodes: Option<(Addr<NodeGateway>, actix_web::dev::ServerHandle)>,
 }
 
 impl Testnet {
@@ -167,6 +175,10 @@ impl Testnet {
     /// be loading their engines: they join the pool when ready).
     pub fn start(options: TestnetOptions, listener: TcpListener) -> Result<Testnet, TestnetError> {
         let addr = listener.local_addr().map_err(TestnetError::Http)?;
+        let node_addr = match &options.node_listener {
+            Some(l) => Some(l.local_addr().map_err(TestnetError::Http)?),
+            None => None,
+        };
         // Store and chain are built here, outside the actor system: the EVM client runs its
         // own runtime and must not start inside another.
         let mut store = match &options.storage {
@@ -253,6 +265,9 @@ impl Testnet {
                 .map(|k| format!("{:?}", k.address()))
                 .collect(),
             deployment: deployed,
+            node_addr,
+            gateway: started.nodes.as_ref().map(|(g, _)| g.clone()),
+            node_server: started.nodes.map(|(_, s)| s),
             system: Some(started.system),
             server: Some(started.server),
             thread: Some(thread),
@@ -270,8 +285,12 @@ impl Testnet {
         if let (Some(server), Some(system)) = (self.server.take(), self.system.take()) {
             let queue = self.actors.queue.clone();
             let system2 = system.clone();
+            let node_server = self.node_server.take();
             system.arbiter().spawn(async move {
                 let _ = queue.send(Shutdown).await;
+                if let Some(nodes) = node_server {
+                    nodes.stop(false).await;
+                }
                 server.stop(false).await;
                 system2.stop();
             });
@@ -420,7 +439,7 @@ async fn start_actors(
         };
         let (factory, pool) = (options.engine.clone(), pool.clone());
         miners.push(Supervisor::start(move |_| {
-            Miner::new(spec, factory, upstream, pool)
+            Miner::new(spec, factory, upstream, NodeUplink::pool(&pool))
         }));
     }
 
@@ -486,6 +505,29 @@ async fn start_actors(
         chain_name,
         store.clone(),
     )?;
+    let nodes = match options.node_listener {
+        Some(listener) => {
+            let gateway = NodeGateway::new(actors.queue.clone(), actors.pool.clone()).start();
+            let settings = GatewaySettings {
+                models: vec![options.model.clone()],
+                max_tasks: config.nodes.max_tasks_per_miner,
+                heartbeat: Duration::from_millis(config.nodes.heartbeat_interval_ms),
+                offline_after: Duration::from_millis(config.nodes.offline_after_ms),
+            };
+            let server = gateway::serve(
+                gateway.clone(),
+                actors.queue.clone().recipient(),
+                actors.pool.clone(),
+                settings,
+                listener,
+            )
+            .map_err(TestnetError::Http)?;
+            let handle = server.handle();
+            actix_rt::spawn(server);
+            Some((gateway, handle))
+        }
+        None => None,
+    };
     let server = api::serve(state, listener, options.http_workers).map_err(TestnetError::Http)?;
     let handle = server.handle();
     actix_rt::spawn(server);
@@ -495,5 +537,6 @@ async fn start_actors(
         actors,
         system: actix_rt::System::current(),
         server: handle,
+        nodes,
     })
 }

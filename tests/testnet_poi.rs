@@ -49,6 +49,7 @@ fn network(dir: &std::path::Path, embedding: bool) -> common::Net {
         chain: Default::default(),
         embedding_model,
         wiring: Default::default(),
+        node_listener: None,
     })
 }
 

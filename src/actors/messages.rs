@@ -42,7 +42,8 @@ pub struct MinerReport {
     pub signature: Option<ethers::types::Signature>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ReportKind {
     Ack,
     /// A piece of generated text, in order (`index` counts tokens from 0).

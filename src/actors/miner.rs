@@ -9,6 +9,7 @@
 use super::messages::{MinerReport, ReportKind, ToMiner, Wrap};
 use super::node_pool::{GoOffline, Heartbeat, NodePool, Register};
 use super::report_signing;
+use super::router_link::RouterLink;
 use crate::chain::node_key::NodeKey;
 use crate::models::engine::{
     CancelToken, EngineError, FinishReason, GenerateRequest, Generation, InferenceEngine,
@@ -170,11 +171,38 @@ struct Held {
     nonce: u64,
 }
 
+/// Where a miner announces itself and heartbeats: the node pool of a router in the same
+/// process, or the link to a remote router (which carries the same messages over the wire).
+#[derive(Clone)]
+pub struct NodeUplink {
+    pub register: Recipient<Register>,
+    pub heartbeat: Recipient<Heartbeat>,
+    pub offline: Recipient<GoOffline>,
+}
+
+impl NodeUplink {
+    pub fn pool(pool: &Addr<NodePool>) -> Self {
+        Self {
+            register: pool.clone().recipient(),
+            heartbeat: pool.clone().recipient(),
+            offline: pool.clone().recipient(),
+        }
+    }
+
+    pub fn link(link: &Addr<RouterLink>) -> Self {
+        Self {
+            register: link.clone().recipient(),
+            heartbeat: link.clone().recipient(),
+            offline: link.clone().recipient(),
+        }
+    }
+}
+
 pub struct Miner {
     spec: MinerSpec,
     factory: EngineFactory,
     queue: Recipient<MinerReport>,
-    pool: Addr<NodePool>,
+    pool: NodeUplink,
     jobs: Option<SyncSender<Job>>,
     held: HashMap<TaskKey, Held>,
     /// Bumped on every restart, so events from an old engine thread are ignored.
@@ -190,7 +218,7 @@ impl Miner {
         spec: MinerSpec,
         factory: EngineFactory,
         queue: Recipient<MinerReport>,
-        pool: Addr<NodePool>,
+        pool: NodeUplink,
     ) -> Self {
         Self {
             spec,
@@ -289,7 +317,7 @@ impl Actor for Miner {
         }
         ctx.run_interval(self.spec.heartbeat_interval, |miner, _| {
             if miner.ready && !miner.spec.faults.no_heartbeats {
-                miner.pool.do_send(Heartbeat {
+                miner.pool.heartbeat.do_send(Heartbeat {
                     id: miner.spec.id.clone(),
                 });
             }
@@ -297,7 +325,7 @@ impl Actor for Miner {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        self.pool.do_send(GoOffline {
+        self.pool.offline.do_send(GoOffline {
             id: self.spec.id.clone(),
         });
     }
@@ -461,7 +489,7 @@ impl Handler<EngineEvent> for Miner {
                     Some(wrap) => wrap(&self.spec.id, own),
                     None => own,
                 };
-                self.pool.do_send(Register {
+                self.pool.register.do_send(Register {
                     address: self.spec.key.address(),
                     id: self.spec.id.clone(),
                     model: self.spec.model.clone(),
@@ -511,7 +539,7 @@ impl Handler<EngineEvent> for Miner {
                         },
                     );
                 }
-                self.pool.do_send(GoOffline {
+                self.pool.offline.do_send(GoOffline {
                     id: self.spec.id.clone(),
                 });
                 ctx.stop(); // the Supervisor restarts us

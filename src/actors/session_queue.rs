@@ -117,9 +117,39 @@ pub struct GetStats;
 #[rtype(result = "()")]
 pub struct Shutdown;
 
+/// A remote validator is ready: it is asked like the local ones from now on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct JoinValidator {
+    pub id: String,
+    pub validator: Recipient<Validate>,
+}
+
+/// A remote validator's connection is gone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeaveValidator {
+    pub id: String,
+}
+
+/// Where validators are asked now (`/api/v1/validate` asks them too).
+#[derive(Message)]
+#[rtype(result = "Vec<Recipient<Validate>>")]
+pub struct GetValidators;
+
+/// A remote miner's connection is gone: its tasks go to other miners now rather than at their
+/// next deadline.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeLost {
+    pub miner: String,
+}
+
 /// Counters for /metrics and /status.
 #[derive(Clone, Debug, Default)]
 pub struct QueueStats {
+    /// Validators asked now (local and remote).
+    pub validators: usize,
     /// Live tasks by state.
     pub live: BTreeMap<&'static str, u64>,
     /// Tasks that ended, by final state.
@@ -253,7 +283,8 @@ pub struct SessionQueue {
     store: Store,
     pool: Addr<NodePool>,
     chain: Addr<ChainBridge>,
-    validators: Vec<Addr<Validator>>,
+    /// Local validators, then remote ones as they join: (id, where to ask).
+    validators: Vec<(String, Recipient<Validate>)>,
     next_validator: usize,
     live: HashMap<TaskKey, LiveTask>,
     /// Live tasks changed since they were last written.
@@ -313,7 +344,11 @@ impl SessionQueue {
             store,
             pool,
             chain,
-            validators,
+            validators: validators
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("validator-{}", i + 1), v.recipient()))
+                .collect(),
             next_validator: 0,
             live: HashMap::new(),
             dirty: Default::default(),
@@ -651,8 +686,10 @@ impl SessionQueue {
             plan: plan.clone(),
             seeded: true,
         };
+        let validators: Vec<Recipient<Validate>> =
+            self.validators.iter().map(|(_, v)| v.clone()).collect();
         let evidence = gather_evidence(
-            &self.validators,
+            &validators,
             task.record.validators as usize,
             &mut self.next_validator,
             ask,
@@ -1455,6 +1492,55 @@ impl Handler<MinerReport> for SessionQueue {
     }
 }
 
+impl Handler<JoinValidator> for SessionQueue {
+    type Result = ();
+    fn handle(&mut self, m: JoinValidator, _: &mut Context<Self>) {
+        self.validators.retain(|(id, _)| *id != m.id);
+        self.validators.push((m.id, m.validator));
+    }
+}
+
+impl Handler<LeaveValidator> for SessionQueue {
+    type Result = ();
+    fn handle(&mut self, m: LeaveValidator, _: &mut Context<Self>) {
+        self.validators.retain(|(id, _)| *id != m.id);
+    }
+}
+
+impl Handler<GetValidators> for SessionQueue {
+    type Result = MessageResult<GetValidators>;
+    fn handle(&mut self, _: GetValidators, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.validators.iter().map(|(_, v)| v.clone()).collect())
+    }
+}
+
+impl Handler<NodeLost> for SessionQueue {
+    type Result = ();
+    fn handle(&mut self, m: NodeLost, ctx: &mut Context<Self>) {
+        let keys: Vec<TaskKey> = self
+            .live
+            .iter()
+            .filter(|(_, t)| {
+                t.record
+                    .assignments
+                    .iter()
+                    .any(|a| a.miner == m.miner && a.state.is_active())
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            self.remove_miner(
+                key,
+                &m.miner,
+                AssignmentState::Replaced,
+                "its connection to the router was lost".into(),
+                Outcome::Failed,
+                ctx,
+            );
+        }
+    }
+}
+
 impl Handler<CancelTask> for SessionQueue {
     type Result = Result<TaskRecord, QueueError>;
     fn handle(&mut self, m: CancelTask, ctx: &mut Context<Self>) -> Self::Result {
@@ -1533,6 +1619,7 @@ impl Handler<GetStats> for SessionQueue {
     type Result = MessageResult<GetStats>;
     fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> Self::Result {
         let mut stats = self.stats.clone();
+        stats.validators = self.validators.len();
         for t in self.live.values() {
             *stats.live.entry(t.record.state.name()).or_default() += 1;
         }

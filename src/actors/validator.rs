@@ -96,7 +96,7 @@ impl Handler<Validate> for Validator {
 /// Asks `count` of `validators`, round robin from `*next`, and returns the evidence of those
 /// that answered within `timeout`. Asks nobody when the plan needs no validator.
 pub fn gather_evidence(
-    validators: &[Addr<Validator>],
+    validators: &[Recipient<Validate>],
     count: usize,
     next: &mut usize,
     m: Validate,

@@ -89,6 +89,7 @@ pub async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
             .count();
         let _ = writeln!(out, "cortensor_miners{{state=\"{name}\"}} {n}");
     }
+    let _ = writeln!(out, "# HELP cortensor_validators Validators the queue asks (local, and remote ones connected).\n# TYPE cortensor_validators gauge\ncortensor_validators {}", stats.validators);
     let _ = writeln!(out, "# HELP cortensor_http_tasks_in_flight Tasks admitted and not finished.\n# TYPE cortensor_http_tasks_in_flight gauge\ncortensor_http_tasks_in_flight {}", state.admission.in_flight());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

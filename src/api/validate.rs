@@ -247,14 +247,13 @@ pub async fn validate(
         seeded: b.seed.is_some(),
     };
     let count = b.num_of_validator_nodes.unwrap_or(1) as usize;
-    let evidence = gather_evidence(
-        &state.actors.validators,
-        count,
-        &mut 0,
-        ask,
-        VALIDATE_TIMEOUT,
-    )
-    .await;
+    let validators = state
+        .actors
+        .queue
+        .send(crate::actors::session_queue::GetValidators)
+        .await
+        .unwrap_or_default();
+    let evidence = gather_evidence(&validators, count, &mut 0, ask, VALIDATE_TIMEOUT).await;
     for e in &evidence {
         if let Some(err) = e.errors.iter().find(|e| e.contains("exceeds the context")) {
             return Err(ApiError::Invalid(err.clone()));

@@ -146,6 +146,7 @@ fn run_one(
             chain: Default::default(),
             embedding_model: embedding,
             wiring: Default::default(),
+            node_listener: None,
         },
         TcpListener::bind("127.0.0.1:0")?,
     )?;

@@ -167,6 +167,7 @@ pub fn run(args: OrchestrateArgs) -> anyhow::Result<()> {
             chain: Default::default(),
             embedding_model: None,
             wiring: Default::default(),
+            node_listener: None,
         },
         TcpListener::bind("127.0.0.1:0")?,
     )?;

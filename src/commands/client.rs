@@ -76,6 +76,21 @@ impl Client {
             .map_or(0, |n| n.values().filter(|m| is_ready(m)).count()))
     }
 
+    /// Validators the router asks now (its `cortensor_validators` gauge).
+    pub fn validators(&self) -> anyhow::Result<usize> {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .with_context(|| format!("cannot reach the router at {}", self.base))?;
+        let text = Self::check(r)?.text()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("cortensor_validators "))
+            .and_then(|n| n.trim().parse().ok())
+            .context("the router's /metrics has no cortensor_validators")
+    }
+
     pub fn create_session(&self, redundant: u32, name: &str) -> anyhow::Result<u64> {
         let body = json!({"name": name, "redundant": redundant, "min_num_of_nodes": 1, "max_num_of_nodes": redundant.max(1)});
         self.create_session_with(&body)

@@ -11,4 +11,7 @@ pub mod client;
 pub mod generate;
 pub mod models;
 pub mod node;
+pub mod processes;
+pub mod remote_node;
+pub mod router;
 pub mod testnet;

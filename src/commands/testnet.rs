@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// What starts a network (`testnet` and `router` share it).
 #[derive(Debug, clap::Args)]
-pub struct TestnetArgs {
+pub struct NetworkArgs {
     /// A TOML file laid over the embedded defaults (config/testnet.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -47,6 +48,12 @@ pub struct TestnetArgs {
     /// The router's account on the chain (hex); also read from CORTENSOR_PRIVATE_KEY.
     #[arg(long, env = "CORTENSOR_PRIVATE_KEY", hide_env_values = true)]
     pub private_key: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TestnetArgs {
+    #[command(flatten)]
+    pub network: NetworkArgs,
     /// Answer this prompt through the API once the miners are ready, print the task, and stop.
     #[arg(long)]
     pub prompt: Option<String>,
@@ -55,6 +62,11 @@ pub struct TestnetArgs {
     pub redundant: u32,
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
+    /// Run the router, each miner and each validator as a process of its own (`cortensor
+    /// router`, `cortensor miner`, `cortensor validator`) joined over the node WebSocket, on
+    /// anvil unless --chain says otherwise.
+    #[arg(long)]
+    pub processes: bool,
 }
 
 /// The network's name for a model file: its file name without `.gguf`.
@@ -84,7 +96,18 @@ pub fn llama_factory(
     })
 }
 
-pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
+/// A network's settings resolved from its arguments: the configuration, the model file and
+/// the backend (checked: the model loads).
+pub struct Resolved {
+    pub config: TestnetConfig,
+    pub model_path: PathBuf,
+    pub model: String,
+    pub backend: BackendChoice,
+}
+
+/// Lays the command line over the configuration and checks that the model loads. A network
+/// that serves remote nodes may have no validator of its own.
+pub fn resolve(args: NetworkArgs, remote_nodes: bool) -> anyhow::Result<Resolved> {
     let mut config = TestnetConfig::load(args.config.as_deref())?;
     if let Some(n) = args.miners {
         config.nodes.miners = n;
@@ -110,37 +133,12 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     if let Some(key) = args.private_key {
         config.chain.private_key = key;
     }
-    config.validate()?;
-    if args.prompt.is_some() && args.redundant as usize > config.nodes.miners {
-        anyhow::bail!(
-            "--redundant {} needs at least that many miners (--miners {})",
-            args.redundant,
-            config.nodes.miners
-        );
+    if remote_nodes {
+        config.validate()?;
+    } else {
+        config.validate_local()?;
     }
-    let mut backend: BackendChoice = config
-        .nodes
-        .backend
-        .parse()
-        .map_err(|e| anyhow::anyhow!("nodes.backend: {e}"))?;
-    if backend == BackendChoice::Auto {
-        // Probe once here rather than once per miner.
-        let gpu = crate::models::backend::wgpu_adapters()
-            .into_iter()
-            .find(|a| a.is_gpu);
-        backend = if gpu.is_some() {
-            BackendChoice::Wgpu
-        } else {
-            BackendChoice::Cpu
-        };
-        eprintln!(
-            "testnet: backend auto → {}",
-            match gpu {
-                Some(g) => format!("wgpu on {}", g.name),
-                None => "cpu (no GPU adapter)".into(),
-            }
-        );
-    }
+    let backend = resolve_backend(&config.nodes.backend)?;
     let model_path = match (args.model, config.nodes.model.as_str()) {
         (Some(p), _) => super::generate::resolve_model(Some(p))?,
         (None, "") => super::generate::resolve_model(None)?,
@@ -157,6 +155,53 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         LlamaEngine::load(&opts)
             .with_context(|| format!("loading the model {}", model_path.display()))?;
     }
+    Ok(Resolved {
+        config,
+        model_path,
+        model,
+        backend,
+    })
+}
+
+/// `auto` becomes wgpu when a GPU adapter is there, else the CPU (probed once, here).
+pub fn resolve_backend(name: &str) -> anyhow::Result<BackendChoice> {
+    let backend: BackendChoice = name
+        .parse()
+        .map_err(|e| anyhow::anyhow!("nodes.backend: {e}"))?;
+    if backend != BackendChoice::Auto {
+        return Ok(backend);
+    }
+    let gpu = crate::models::backend::wgpu_adapters()
+        .into_iter()
+        .find(|a| a.is_gpu);
+    eprintln!(
+        "backend auto → {}",
+        match &gpu {
+            Some(g) => format!("wgpu on {}", g.name),
+            None => "cpu (no GPU adapter)".into(),
+        }
+    );
+    Ok(if gpu.is_some() {
+        BackendChoice::Wgpu
+    } else {
+        BackendChoice::Cpu
+    })
+}
+
+/// A started network and the chain node it needs kept alive.
+pub struct Running {
+    pub testnet: Testnet,
+    _anvil: Option<AnvilNode>,
+}
+
+/// Starts the network: the API on `router.listen`, remote nodes on `node_listener` if given.
+pub fn start(resolved: Resolved, node_listener: Option<TcpListener>) -> anyhow::Result<Running> {
+    let Resolved {
+        config,
+        model_path,
+        model,
+        backend,
+    } = resolved;
     let listener = TcpListener::bind(config.router.listen).with_context(|| {
         format!(
             "cannot listen on {} (is another testnet running? try --listen 127.0.0.1:0)",
@@ -165,7 +210,7 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     })?;
     let miners = config.nodes.miners;
     let data_dir = config.storage.data_dir.clone();
-    let (chain, _anvil) = chain_choice(&config, &data_dir)?;
+    let (chain, anvil) = chain_choice(&config, &data_dir)?;
     eprintln!("testnet: {miners} miner(s) loading {model} ({}), {} validator(s), data in {}, selection seed {}",
         model_path.display(), config.nodes.validators, data_dir.display(), config.nodes.selection_seed);
     let options = TestnetOptions {
@@ -175,13 +220,14 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
             config.nodes.threads_per_miner,
             config.nodes.max_context,
         ),
-        model: model.clone(),
+        model,
         storage: Storage::Dir(data_dir.clone()),
         faults: Default::default(),
         http_workers: 2,
         chain,
         embedding_model: embedding_model(),
         wiring: Default::default(),
+        node_listener,
         config,
     };
     let rpc_url = match &options.chain {
@@ -206,6 +252,28 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
             println!("node:    {id} is paid at {address}");
         }
     }
+    Ok(Running {
+        testnet,
+        _anvil: anvil,
+    })
+}
+
+pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
+    if args.processes {
+        return super::processes::run(args);
+    }
+    let resolved = resolve(args.network, false)?;
+    if args.prompt.is_some() && args.redundant as usize > resolved.config.nodes.miners {
+        anyhow::bail!(
+            "--redundant {} needs at least that many miners (--miners {})",
+            args.redundant,
+            resolved.config.nodes.miners
+        );
+    }
+    let miners = resolved.config.nodes.miners;
+    let model = resolved.model.clone();
+    let running = start(resolved, None)?;
+    let testnet = &running.testnet;
     let client = client::Client::new(&testnet.url, &testnet.api_key);
     wait_for_miners(&client, miners, Duration::from_secs(600))?;
     println!("router:  {}", testnet.url);
@@ -242,16 +310,21 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
                 .unwrap_or(0),
             task["results"]["miners"]
         );
-        testnet.shutdown();
+        running.testnet.shutdown();
         return Ok(());
     }
+    wait_for_ctrl_c()?;
+    eprintln!("testnet: shutting down");
+    running.testnet.shutdown();
+    Ok(())
+}
+
+pub fn wait_for_ctrl_c() -> anyhow::Result<()> {
     println!("Ctrl-C stops it.");
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(tokio::signal::ctrl_c())?;
-    eprintln!("testnet: shutting down");
-    testnet.shutdown();
     Ok(())
 }
 

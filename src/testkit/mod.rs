@@ -16,6 +16,7 @@ pub mod fault_plan;
 pub mod invariants;
 pub mod link;
 pub mod network;
+pub mod remote;
 pub mod scenario;
 pub mod scripted_engine;
 

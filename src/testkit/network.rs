@@ -57,6 +57,7 @@ pub struct TestnetBuilder {
     plan: FaultPlan,
     data_dir: Option<PathBuf>,
     history: History,
+    node_gateway: bool,
 }
 
 impl Default for TestnetBuilder {
@@ -77,7 +78,13 @@ impl TestnetBuilder {
             plan: FaultPlan::calm(0),
             data_dir: None,
             history: History::new(),
+            node_gateway: false,
         }
+    }
+    /// Serve the node WebSocket too (on a free loopback port), for remote miners.
+    pub fn node_gateway(mut self) -> Self {
+        self.node_gateway = true;
+        self
     }
     pub fn miners(mut self, n: usize) -> Self {
         self.miners = n;
@@ -160,6 +167,7 @@ impl TestnetBuilder {
                 .build()
                 .map_err(|e| TestnetError::Start(e.to_string()))?,
             restarts: 0,
+            node_gateway: self.node_gateway,
         };
         net.boot()?;
         Ok(net)
@@ -311,6 +319,7 @@ pub struct TestNetwork {
     faults: Faults,
     http: reqwest::blocking::Client,
     restarts: usize,
+    node_gateway: bool,
 }
 
 /// What a finished scenario found.
@@ -358,6 +367,10 @@ impl TestNetwork {
             chain: self.chain.clone(),
             embedding_model: None,
             wiring: self.wiring.clone(),
+            node_listener: match self.node_gateway {
+                true => Some(TcpListener::bind("127.0.0.1:0").map_err(TestnetError::Http)?),
+                false => None,
+            },
         };
         let listener = TcpListener::bind("127.0.0.1:0").map_err(TestnetError::Http)?;
         let testnet = Testnet::start(options, listener)?;
@@ -394,6 +407,14 @@ impl TestNetwork {
     pub fn url(&self) -> String {
         self.testnet().url.clone()
     }
+    /// The node WebSocket (`ws://…`), when the network serves one.
+    pub fn node_url(&self) -> Option<String> {
+        self.testnet().node_addr.map(|a| format!("ws://{a}"))
+    }
+    /// Builds the engines its miners use, and the model name they register.
+    pub fn engine(&self) -> (EngineFactory, String) {
+        (self.engine.clone(), self.model.clone())
+    }
     pub fn api_key(&self) -> String {
         self.testnet().api_key.clone()
     }
@@ -412,6 +433,17 @@ impl TestNetwork {
             Ok(r) => (r.status().as_u16(), r.json().unwrap_or(Value::Null)),
             Err(e) => (0, Value::String(e.to_string())),
         }
+    }
+
+    /// A text body (`/metrics`); empty when the request fails.
+    pub fn get_text(&self, path: &str) -> String {
+        let t = self.testnet();
+        self.http
+            .get(format!("{}{path}", t.url))
+            .bearer_auth(&t.api_key)
+            .send()
+            .and_then(|r| r.text())
+            .unwrap_or_default()
     }
 
     /// POSTs JSON; status 0 when the request could not be made (the network restarting).

@@ -74,6 +74,7 @@ pub fn start_on(
         chain,
         embedding_model: None,
         wiring: Default::default(),
+        node_listener: None,
     };
     start_with(options)
 }

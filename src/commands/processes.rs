@@ -1,0 +1,233 @@
+//! `cortensor testnet --processes`: the same network as `cortensor testnet`, each node a
+//! process of its own: `cortensor router` (on anvil unless `--chain` says otherwise), then
+//! `cortensor validator` and `cortensor miner` processes joined to it over the node WebSocket
+//! on loopback. Children get SIGINT when the testnet stops (and SIGKILL if they linger).
+
+use super::client::Client;
+use super::testnet::{wait_for_ctrl_c, wait_for_miners, TestnetArgs};
+use crate::config::{ChainKind, TestnetConfig};
+use crate::testnet::{miner_id, node_keys_dir};
+use anyhow::Context;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the router may take to answer HTTP after it starts (deploying contracts).
+const ROUTER_START_LIMIT: Duration = Duration::from_secs(180);
+/// How long a child may take to stop after SIGINT before it is killed.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+
+/// The children, stopped in reverse order when dropped.
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn spawn(&mut self, name: String, command: &mut Command) -> anyhow::Result<()> {
+        let child = command
+            // The children's output goes to stderr: stdout stays the answer's.
+            .stdout(Stdio::from(std::io::stderr()))
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        eprintln!("testnet: started {name} (pid {})", child.id());
+        self.0.push((name, child));
+        Ok(())
+    }
+
+    /// Fails when a child has exited.
+    fn check(&mut self) -> anyhow::Result<()> {
+        for (name, child) in &mut self.0 {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("{name} exited ({status}); see its log above");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in self.0.iter().rev() {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        }
+        let deadline = Instant::now() + STOP_LIMIT;
+        for (name, child) in self.0.iter_mut().rev() {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        eprintln!("testnet: {name} did not stop; killed");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
+    let net = &args.network;
+    let mut config = TestnetConfig::load(net.config.as_deref())?;
+    if let Some(n) = net.miners {
+        config.nodes.miners = n;
+    }
+    if let Some(n) = net.validators {
+        config.nodes.validators = n;
+    }
+    if let Some(a) = net.listen {
+        config.router.listen = a;
+    }
+    if let Some(d) = &net.data_dir {
+        config.storage.data_dir = d.clone();
+    }
+    config.validate_local()?;
+    let (miners, validators) = (config.nodes.miners, config.nodes.validators);
+    if args.prompt.is_some() && args.redundant as usize > miners {
+        anyhow::bail!(
+            "--redundant {} needs at least that many miners (--miners {miners})",
+            args.redundant
+        );
+    }
+    let data_dir = config.storage.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)?;
+    let keys = node_keys_dir(&data_dir);
+    let exe = std::env::current_exe().context("cannot find this program to start its nodes")?;
+    let listen = if config.router.listen.port() == 0 {
+        std::net::SocketAddr::new(config.router.listen.ip(), free_port()?)
+    } else {
+        config.router.listen
+    };
+    let node_port = free_port()?;
+    let nodes_url = format!("ws://127.0.0.1:{node_port}");
+    let chain = net.chain.unwrap_or(ChainKind::Anvil);
+
+    let mut children = Children(Vec::new());
+    let mut router = Command::new(&exe);
+    router
+        .arg("router")
+        .args(["--listen", &listen.to_string()])
+        .args(["--node-listen", &format!("127.0.0.1:{node_port}")])
+        .args(["--miners", "0", "--validators", "0"])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args([
+            "--chain",
+            match chain {
+                ChainKind::Embedded => "embedded",
+                ChainKind::Anvil => "anvil",
+                ChainKind::Rpc => "rpc",
+            },
+        ]);
+    if let Some(key) = &net.private_key {
+        router.env("CORTENSOR_PRIVATE_KEY", key);
+    }
+    if let Some(c) = &net.config {
+        router.arg("--config").arg(c);
+    }
+    if let Some(url) = &net.rpc_url {
+        router.args(["--rpc-url", url]);
+    }
+    let model_args: Vec<String> = net
+        .model
+        .iter()
+        .flat_map(|m| ["--model".to_string(), m.display().to_string()])
+        .chain(
+            net.backend
+                .iter()
+                .flat_map(|b| ["--backend".to_string(), b.clone()]),
+        )
+        .collect();
+    router.args(&model_args);
+    children.spawn("the router".into(), &mut router)?;
+
+    let api_key = config.router.effective_api_keys()[0].clone();
+    let client = Client::new(&format!("http://{listen}"), &api_key);
+    let started = Instant::now();
+    while client.validators().is_err() {
+        children.check()?;
+        if started.elapsed() > ROUTER_START_LIMIT {
+            anyhow::bail!("the router did not answer on {listen} within {ROUTER_START_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let threads = config.nodes.threads_per_miner.to_string();
+    // Validators first: new miners are probed, and probes are validated.
+    for i in 0..validators {
+        let name = format!("validator-{}", i + 1);
+        let key = keys.join(format!("{name}.key"));
+        let mut command = Command::new(&exe);
+        command
+            .args(["validator", "--router", &nodes_url, "--threads", &threads])
+            .arg("--key")
+            .arg(&key)
+            .args(&model_args);
+        children.spawn(name, &mut command)?;
+    }
+    while client.validators()? < validators {
+        children.check()?;
+        if started.elapsed() > ROUTER_START_LIMIT {
+            anyhow::bail!("the validators did not join within {ROUTER_START_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for i in 0..miners {
+        let name = miner_id(i);
+        let key = keys.join(format!("{name}.key"));
+        let mut command = Command::new(&exe);
+        command
+            .args(["miner", "--router", &nodes_url, "--threads", &threads])
+            .args(["--max-tasks", &config.nodes.max_tasks_per_miner.to_string()])
+            .args([
+                "--heartbeat-ms",
+                &config.nodes.heartbeat_interval_ms.to_string(),
+            ])
+            .arg("--key")
+            .arg(&key)
+            .args(&model_args);
+        children.spawn(name, &mut command)?;
+    }
+    wait_for_miners(&client, miners, Duration::from_secs(600))?;
+    println!("router:  http://{listen} (each node a process; nodes join at {nodes_url})");
+    println!("api key: {api_key}");
+    if let Some(prompt) = args.prompt {
+        let session = client.create_session(
+            args.redundant,
+            &format!(
+                "testnet --processes --prompt (redundant {})",
+                args.redundant
+            ),
+        )?;
+        println!("session: {session} (redundant {})", args.redundant);
+        let answer = client.complete(
+            session,
+            &prompt,
+            args.max_tokens,
+            true,
+            &mut std::io::stdout(),
+        )?;
+        println!();
+        let task = client.task(session, answer.task_id)?;
+        println!(
+            "task {}/{}: {} by {} miner(s): {}",
+            session,
+            answer.task_id,
+            task["status"],
+            task["results"]["miners"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0),
+            task["results"]["miners"]
+        );
+        return Ok(());
+    }
+    wait_for_ctrl_c()?;
+    eprintln!("testnet: stopping the nodes");
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! Miners on other hosts: remote miners join a router over its node WebSocket (real TCP,
+//! the same link and miner actors `cortensor miner` runs), log in with a signed challenge,
+//! and serve tasks like local ones; a connection lost mid-task hands the task to another
+//! miner and takes the lost one offline. The login refuses bad keys, other versions,
+//! malformed and oversized frames, each with a reason.
+
+use cortensor::chain::node_key::NodeKey;
+use cortensor::nodes::protocol::{
+    self, NodeFrame, NodeRole, RouterFrame, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+use cortensor::testkit::network::{Engines, TestNetwork, TestnetBuilder};
+use cortensor::testkit::remote::RemoteMiner;
+use cortensor::testkit::scripted_engine::Script;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+fn network(script: Script) -> TestNetwork {
+    TestnetBuilder::new()
+        // Scripted generations take seconds here (slow scripts): room for them.
+        .config("[queue]\nprecommit_timeout_ms = 20000\n")
+        .miners(0)
+        .validators(1)
+        .engines(Engines::Scripted(script))
+        .node_gateway()
+        .start()
+        .expect("the network starts")
+}
+
+fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn miner_states(net: &TestNetwork) -> Value {
+    net.get("/api/v1/miners").1["nodes"].clone()
+}
+
+fn ready(net: &TestNetwork) -> usize {
+    miner_states(net).as_object().map_or(0, |n| {
+        n.values()
+            .filter(|m| cortensor::commands::client::is_ready(m))
+            .count()
+    })
+}
+
+fn join(net: &TestNetwork, n: usize) -> Vec<RemoteMiner> {
+    let (engine, model) = net.engine();
+    let url = net.node_url().expect("the network serves nodes");
+    let miners: Vec<RemoteMiner> = (0..n)
+        .map(|_| RemoteMiner::start(&url, engine.clone(), &model, 4))
+        .collect();
+    wait_for(Duration::from_secs(20), "the remote miners to join", || {
+        ready(net) == n
+    });
+    miners
+}
+
+#[test]
+fn remote_miners_serve_tasks_as_local_ones_do() {
+    let net = network(Script::default());
+    let miners = join(&net, 3);
+    let sid = net.create_session(3, 1_000_000).unwrap();
+    for i in 0..5 {
+        let (status, v) = net.post(
+            "/api/v1/completions",
+            &json!({"session_id": sid, "prompt": format!("remote {i}"), "max_tokens": 8}),
+        );
+        assert_eq!(status, 200, "{v}");
+        let task = net.get(&format!("/api/v1/tasks/{sid}/{}", v["task_id"])).1;
+        assert_eq!(task["status"], "Completed", "{task}");
+        let mut served: Vec<String> = task["results"]["miners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_string())
+            .collect();
+        served.sort();
+        let mut ids: Vec<String> = miners.iter().map(|m| m.id.clone()).collect();
+        ids.sort();
+        assert_eq!(
+            served, ids,
+            "all three remote miners committed, by their addresses"
+        );
+    }
+    // Their claims were signed with the keys they logged in with: none refused.
+    let metrics = net.get_text("/metrics");
+    assert!(
+        metrics.contains("cortensor_rejected_reports_total 0"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_lost_connection_mid_task_hands_the_task_to_another_miner() {
+    // 40 tokens at 50 ms: two seconds of generation, plenty of time to cut one miner off.
+    let script = Script {
+        length: 40,
+        ..Script::slow(Duration::from_millis(50))
+    };
+    let net = network(script);
+    let mut miners = join(&net, 2);
+    let sid = net.create_session(1, 1_000_000).unwrap();
+    let url = net.url();
+    let key = net.api_key();
+    let client = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .post(format!("{url}/api/v1/completions"))
+            .bearer_auth(key)
+            .json(&json!({"session_id": sid, "prompt": "a long answer", "max_tokens": 40}))
+            .send()
+            .and_then(|r| r.json::<Value>())
+    });
+    let task_path = format!("/api/v1/tasks/{sid}/1");
+    let mut first = String::new();
+    wait_for(Duration::from_secs(10), "the task to be acked", || {
+        let (_, t) = net.get(&task_path);
+        match t["assignments"][0]["acked_at"].as_u64() {
+            Some(_) => {
+                first = t["assignments"][0]["miner"].as_str().unwrap().to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300)); // mid-generation
+    let index = miners.iter().position(|m| m.id == first).unwrap();
+    miners.remove(index).stop();
+
+    let answer = client.join().unwrap().expect("the client gets an answer");
+    let (_, task) = net.get(&task_path);
+    assert!(
+        answer["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{answer}\n{task}\n{}",
+        miner_states(&net)
+    );
+    let (_, task) = net.get(&task_path);
+    assert_eq!(task["status"], "Completed", "{task}");
+    let lost = &task["assignments"][0];
+    assert_eq!(lost["miner"], first.as_str());
+    assert_eq!(lost["state"], "Replaced", "{task}");
+    assert!(
+        lost["note"].as_str().unwrap().contains("connection"),
+        "{task}"
+    );
+    assert_eq!(task["results"]["miners"], json!([miners[0].id]), "{task}");
+    // The lost miner is offline in the pool.
+    let states = miner_states(&net);
+    assert_eq!(states[&first]["state"], "offline", "{states}");
+}
+
+/// A raw WebSocket client at the node port: reads the challenge.
+fn dial(
+    net: &TestNetwork,
+) -> (
+    tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    String,
+) {
+    let (mut socket, _) = tungstenite::connect(net.node_url().unwrap()).expect("connects");
+    let Message::Text(text) = socket.read().unwrap() else {
+        panic!("the router speaks first, in text");
+    };
+    let RouterFrame::Challenge {
+        versions,
+        challenge,
+    } = protocol::decode(&text).unwrap()
+    else {
+        panic!("the first frame is a challenge: {text}");
+    };
+    assert_eq!(versions, [protocol::MIN_VERSION, PROTOCOL_VERSION]);
+    (socket, challenge)
+}
+
+/// Reads until the router's `rejected` frame and returns its reason (or the close reason).
+fn refusal(
+    socket: &mut tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+) -> String {
+    loop {
+        match socket.read() {
+            Ok(Message::Text(text)) => {
+                if let Ok(RouterFrame::Rejected { reason, .. }) = protocol::decode(&text) {
+                    return reason;
+                }
+            }
+            Ok(Message::Close(frame)) => {
+                return frame.map(|f| f.reason.to_string()).unwrap_or_default()
+            }
+            Ok(_) => {}
+            Err(e) => return format!("connection ended: {e}"),
+        }
+    }
+}
+
+#[test]
+fn the_login_refuses_wrong_keys_versions_and_frames() {
+    let net = network(Script::default());
+    let key = NodeKey::random("n");
+
+    // Signed by another key than the address it claims.
+    let (mut s, challenge) = dial(&net);
+    let NodeFrame::Hello { signature, .. } =
+        protocol::hello(&challenge, NodeRole::Miner, &NodeKey::random("x")).unwrap()
+    else {
+        unreachable!()
+    };
+    let forged = NodeFrame::Hello {
+        version: PROTOCOL_VERSION,
+        role: NodeRole::Miner,
+        address: key.address(),
+        signature,
+    };
+    s.send(Message::Text(protocol::encode(&forged))).unwrap();
+    let reason = refusal(&mut s);
+    assert!(reason.contains("signed by"), "{reason}");
+
+    // A login replayed from another connection's challenge.
+    let (_, old_challenge) = dial(&net);
+    let (mut s, _) = dial(&net);
+    let replay = protocol::hello(&old_challenge, NodeRole::Miner, &key).unwrap();
+    s.send(Message::Text(protocol::encode(&replay))).unwrap();
+    let reason = refusal(&mut s);
+    assert!(reason.contains("signed by"), "{reason}");
+
+    // Another protocol version.
+    let (mut s, challenge) = dial(&net);
+    let NodeFrame::Hello {
+        role,
+        address,
+        signature,
+        ..
+    } = protocol::hello(&challenge, NodeRole::Miner, &key).unwrap()
+    else {
+        unreachable!()
+    };
+    let future = NodeFrame::Hello {
+        version: PROTOCOL_VERSION + 1,
+        role,
+        address,
+        signature,
+    };
+    s.send(Message::Text(protocol::encode(&future))).unwrap();
+    let reason = refusal(&mut s);
+    assert!(reason.contains("version"), "{reason}");
+
+    // Not a frame at all; a report before logging in; binary.
+    for bad in [
+        Message::Text("{\"type\":\"launch\"}".into()),
+        Message::Text(protocol::encode(&NodeFrame::Heartbeat)),
+        Message::Binary(vec![1, 2, 3]),
+    ] {
+        let (mut s, _) = dial(&net);
+        s.send(bad.clone()).unwrap();
+        let reason = refusal(&mut s);
+        assert!(!reason.is_empty(), "{bad:?} was refused with a reason");
+    }
+
+    // A frame over the limit ends the connection.
+    let (mut s, _) = dial(&net);
+    let huge = format!(
+        "{{\"type\":\"heartbeat\",\"pad\":\"{}\"}}",
+        "x".repeat(MAX_FRAME_BYTES)
+    );
+    let _ = s.send(Message::Text(huge));
+    let reason = refusal(&mut s);
+    assert!(!reason.is_empty());
+
+    // A model the router does not serve.
+    let (mut s, challenge) = dial(&net);
+    let hello = protocol::hello(&challenge, NodeRole::Miner, &key).unwrap();
+    s.send(Message::Text(protocol::encode(&hello))).unwrap();
+    let Message::Text(welcome) = s.read().unwrap() else {
+        panic!("welcome")
+    };
+    assert!(welcome.contains("welcome"), "{welcome}");
+    let register = NodeFrame::Register {
+        model: "not-served".into(),
+        backend: "cpu".into(),
+        max_tasks: 1,
+    };
+    s.send(Message::Text(protocol::encode(&register))).unwrap();
+    let reason = refusal(&mut s);
+    assert!(reason.contains("not-served"), "{reason}");
+
+    // After all that, a good node still joins and works.
+    let _miners = join(&net, 1);
+    let sid = net.create_session(1, 1_000_000).unwrap();
+    let (status, v) = net.post(
+        "/api/v1/completions",
+        &json!({"session_id": sid, "prompt": "still fine", "max_tokens": 4}),
+    );
+    assert_eq!(status, 200, "{v}");
+}
