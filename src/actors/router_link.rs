@@ -118,9 +118,11 @@ impl RouterLink {
         let generation = self.generation;
         let url = self.settings.url.clone();
         let dial = async move {
-            let mut config = WebSocketConfig::default();
-            config.max_message_size = Some(MAX_FRAME_BYTES);
-            config.max_frame_size = Some(MAX_FRAME_BYTES);
+            let config = WebSocketConfig {
+                max_message_size: Some(MAX_FRAME_BYTES),
+                max_frame_size: Some(MAX_FRAME_BYTES),
+                ..WebSocketConfig::default()
+            };
             match tokio::time::timeout(
                 CONNECT_TIMEOUT,
                 tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true),

@@ -34,6 +34,9 @@ pub enum BenchCommand {
     /// A bounded load test on loopback (10,000 requests, 1,000 clients at once, scripted
     /// miners): what came back (completions and 429s only), p50/p99, memory.
     Load(super::bench_load::LoadArgs),
+    /// What the wire costs: tasks/s with 1, 4 and 16 scripted miners remote vs in process,
+    /// and a real-model miner's tokens/s remote vs in process.
+    Remote(super::bench_remote::RemoteArgs),
     /// One configuration, printed as one JSON line (what `generate` runs in each child).
     #[command(hide = true)]
     GenerateOne(OneArgs),
@@ -113,6 +116,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Likelihood(args) => super::bench_likelihood::run(args),
         BenchCommand::Byzantine(args) => super::bench_byzantine::run(args),
         BenchCommand::Load(args) => super::bench_load::run(args),
+        BenchCommand::Remote(args) => super::bench_remote::run(args),
     }
 }
 

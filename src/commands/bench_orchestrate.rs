@@ -32,13 +32,13 @@ pub struct OrchestrateArgs {
     pub memory_store: bool,
 }
 
-struct Figures {
-    name: String,
-    completed: usize,
-    errors: usize,
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(crate) struct Figures {
+    pub name: String,
+    pub completed: usize,
+    pub errors: usize,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -49,7 +49,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// `clients` threads post `body` to `url` for `seconds`, each with a keep-alive connection.
-fn load(name: &str, url: &str, key: &str, body: &Value, clients: usize, seconds: f64) -> Figures {
+pub(crate) fn load(
+    name: &str,
+    url: &str,
+    key: &str,
+    body: &Value,
+    clients: usize,
+    seconds: f64,
+) -> Figures {
     let until = Instant::now() + Duration::from_secs_f64(seconds);
     let threads: Vec<_> = (0..clients)
         .map(|_| {

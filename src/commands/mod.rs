@@ -7,6 +7,7 @@ pub mod bench_chain;
 pub mod bench_likelihood;
 pub mod bench_load;
 pub mod bench_orchestrate;
+pub mod bench_remote;
 pub mod client;
 pub mod generate;
 pub mod models;

@@ -163,6 +163,12 @@ pub fn serve(
             .route("/", web::get().to(connect))
             .route("/node", web::get().to(connect))
     })
+    // Frames are small and latency matters: no Nagle delay on the router's side either.
+    .on_connect(|connection, _| {
+        if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            let _ = tcp.set_nodelay(true);
+        }
+    })
     .workers(2)
     .disable_signals()
     .shutdown_timeout(1)
