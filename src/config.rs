@@ -72,6 +72,31 @@ pub struct RouterConfig {
     pub max_inflight_total: usize,
     pub retry_after_s: u64,
     pub max_body_bytes: usize,
+    /// This router's number among the routers sharing a chain (0..=255): its task ids start
+    /// at `instance << 40`, so routers never give out the same id in a session.
+    pub instance: u8,
+    /// The other routers sharing the chain.
+    pub peers: Vec<PeerConfig>,
+    /// A peer that does not answer for this long is taken as dead: its tasks run here.
+    pub peer_dead_after_ms: u64,
+}
+
+/// Another router on the same chain and sessions.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its HTTP API, e.g. `http://10.0.0.2:5010`.
+    pub url: String,
+    pub instance: u8,
+    /// Its chain account: the router that deployed the contracts grants it the router's
+    /// roles at start.
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+/// The first task id of a router instance (ids count on from there).
+pub fn task_id_base(instance: u8) -> u64 {
+    (instance as u64) << 40
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -218,6 +243,24 @@ impl TestnetConfig {
             && (self.chain.rpc_url.is_empty() || self.chain.private_key.is_empty())
         {
             return fail("chain.kind = \"rpc\" needs chain.rpc_url and chain.private_key");
+        }
+        let mut instances = vec![self.router.instance];
+        for p in &self.router.peers {
+            if instances.contains(&p.instance) {
+                return fail("router.peers: every router needs its own instance number");
+            }
+            instances.push(p.instance);
+            if !(p.url.starts_with("http://") || p.url.starts_with("https://")) {
+                return fail("router.peers: url must be http://host:port");
+            }
+            if let Some(a) = &p.address {
+                if a.parse::<ethers::types::Address>().is_err() {
+                    return fail("router.peers: address must be 0x and 40 hex digits");
+                }
+            }
+        }
+        if self.router.peer_dead_after_ms == 0 {
+            return fail("router.peer_dead_after_ms must be above 0");
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ use crate::actors::chain_bridge::{ChainBridge, CreateSession, ListSessions};
 use crate::actors::messages::{MinerReport, ToMiner, Wrap};
 use crate::actors::miner::{EngineFactory, Miner, MinerFaults, MinerSpec, NodeUplink};
 use crate::actors::node_pool::{NodePool, SetProber};
+use crate::actors::peer_routers::PeerRouters;
 use crate::actors::router::{Router, RouterSettings};
 use crate::actors::session_queue::{SessionQueue, Shutdown};
 use crate::actors::validator::Validator;
@@ -126,6 +127,8 @@ pub struct Actors {
     pub validators: Vec<Addr<Validator>>,
     /// In `miner_ids` order.
     pub miners: Vec<Addr<Miner>>,
+    /// The routers sharing this one's chain, when it has peers.
+    pub peers: Option<Addr<PeerRouters>>,
 }
 
 /// A running testnet. Dropping it shuts it down.
@@ -213,6 +216,21 @@ impl Testnet {
                 .with_node_keys(&node_keys);
                 if *fund_nodes {
                     evm.fund_nodes(NODE_FUNDING_WEI.into())?;
+                }
+                // Peer routers on this chain act as routers too (granted by the admin: the
+                // router that deployed the contracts; others' grants are refused, harmlessly).
+                for peer in &options.config.router.peers {
+                    let Some(address) = peer.address.as_ref().and_then(|a| a.parse().ok()) else {
+                        continue;
+                    };
+                    match evm.grant_router(address) {
+                        Ok(()) => {
+                            tracing::info!(peer = %peer.url, ?address, "peer router granted the router's roles")
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %peer.url, error = %e, "cannot grant a peer router its roles (only the deploying router can)")
+                        }
+                    }
                 }
                 tracing::info!(deployment = ?evm.deployment, "the chain: Cortensor's contracts on {rpc_url}");
                 deployed = Some(evm.deployment);
@@ -403,6 +421,23 @@ async fn start_actors(
         })
         .collect();
 
+    // The queue's context comes first: peer routers (when there are any) and the queue know
+    // each other.
+    let queue_context = Context::<SessionQueue>::new();
+    let queue_addr = queue_context.address();
+    // Routers sharing the chain: task ids from this router's base, and every task told to
+    // the peers (which run it if this router dies; theirs run here if they die).
+    let peers = (!config.router.peers.is_empty()).then(|| {
+        PeerRouters::new(
+            config.router.peers.clone(),
+            config.router.effective_api_keys()[0].clone(),
+            store.clone(),
+            queue_addr.clone(),
+            chain.clone(),
+            Duration::from_millis(config.router.peer_dead_after_ms),
+        )
+        .start()
+    });
     let queue = SessionQueue::new(
         config.queue.clone(),
         config.pricing.price_per_token,
@@ -418,7 +453,11 @@ async fn start_actors(
         Levels::default()
     })
     .with_history(options.wiring.history.clone())
-    .start();
+    .with_peers(
+        crate::config::task_id_base(config.router.instance),
+        peers.clone().map(Addr::recipient),
+    );
+    let queue = queue_context.run(queue);
     pool.do_send(SetProber(queue.clone().recipient()));
 
     let mut miners = Vec::new();
@@ -495,6 +534,7 @@ async fn start_actors(
         chain,
         validators,
         miners,
+        peers,
     };
     let state = ApiState::new(
         &config,

@@ -36,6 +36,22 @@ fn bad_values_are_refused_by_name() {
     check("[router]\napi_keys = [\"\"]", "api_keys");
     check("[queue]\ntick_ms = 0", "tick_ms");
     check(
+        "[router]\npeers = [{ url = \"http://b:5010\", instance = 0 }]",
+        "instance",
+    );
+    check(
+        "[router]\npeers = [{ url = \"b:5010\", instance = 1 }]",
+        "http://",
+    );
+    check(
+        "[router]\npeers = [{ url = \"http://b:5010\", instance = 1, address = \"0x12\" }]",
+        "address",
+    );
+    check(
+        "[router]\npeers = [{ url = \"http://b:5010\", instance = 1, color = 1 }]",
+        "color",
+    );
+    check(
         "[nodes]\nheartbeat_interval_ms = 1000\noffline_after_ms = 500",
         "offline_after_ms",
     );

@@ -189,6 +189,18 @@ pub struct NodePendingPayment(pub String);
 #[rtype(result = "Result<Option<TaskTrace>, ChainError>")]
 pub struct GetTaskTrace(pub TaskKey);
 
+/// Where a task stands on the chain: (its hold is recorded, it is settled).
+#[derive(Message)]
+#[rtype(result = "Result<(bool, bool), ChainError>")]
+pub struct TaskOnChain(pub TaskKey);
+
+impl Handler<TaskOnChain> for ChainBridge {
+    type Result = Result<(bool, bool), ChainError>;
+    fn handle(&mut self, m: TaskOnChain, _: &mut Context<Self>) -> Self::Result {
+        Ok((self.chain.hold_recorded(m.0)?, self.chain.settled(m.0)?))
+    }
+}
+
 impl Handler<CreateSession> for ChainBridge {
     type Result = Result<Session, ChainError>;
     fn handle(&mut self, m: CreateSession, _: &mut Context<Self>) -> Self::Result {

@@ -15,6 +15,7 @@ pub mod chain_outbox;
 pub mod messages;
 pub mod miner;
 pub mod node_pool;
+pub mod peer_routers;
 pub mod remote_node;
 pub mod report_signing;
 pub mod router;

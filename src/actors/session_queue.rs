@@ -15,6 +15,7 @@ use super::messages::{MinerReport, Probe, ReportKind, TaskEvent, ToMiner, NETWOR
 use super::node_pool::{
     ListNodes, NodePool, ProbeFinished, RecordOutcome, Release, SelectMiners, Selection,
 };
+use super::peer_routers::PeerEvent;
 use super::report_signing;
 use super::validator::{gather_evidence, Validate, Validator};
 use crate::config::QueueConfig;
@@ -116,6 +117,11 @@ pub struct GetStats;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
+
+/// A task a peer router accepted and did not end before it died: run it here.
+#[derive(Message)]
+#[rtype(result = "Result<(), QueueError>")]
+pub struct Adopt(pub Box<TaskRecord>);
 
 /// A remote validator is ready: it is asked like the local ones from now on.
 #[derive(Message)]
@@ -303,6 +309,10 @@ pub struct SessionQueue {
     /// The last assignment nonce given; starts from the clock, so nonces stay unique across
     /// restarts.
     nonces: u64,
+    /// Where this router's task ids start (`config::task_id_base` of its instance).
+    task_id_base: u64,
+    /// The peer routers, told of each task accepted and ended (they run it if we die).
+    peers: Option<Recipient<PeerEvent>>,
 }
 
 /// Longest pause between attempts to settle a task whose settlement failed (the task stays
@@ -359,11 +369,21 @@ impl SessionQueue {
             ends_to_write: Default::default(),
             history: Recorder::default(),
             nonces: now_ms() << 20,
+            task_id_base: 0,
+            peers: None,
         }
     }
 
     /// Records what the queue does into `history` (fault-injection tests check invariants
     /// over it).
+    /// Shares the chain with other routers: task ids from `base`, and the peers told of
+    /// every task accepted and ended.
+    pub fn with_peers(mut self, base: u64, peers: Option<Recipient<PeerEvent>>) -> Self {
+        self.task_id_base = base;
+        self.peers = peers;
+        self
+    }
+
     pub fn with_history(mut self, history: Option<History>) -> Self {
         self.history = Recorder::new(history);
         self
@@ -830,6 +850,9 @@ impl SessionQueue {
             self.finished(key, 0);
             return;
         }
+        if let Some(peers) = &self.peers {
+            peers.do_send(PeerEvent::Ended(key));
+        }
         // The end is written before the settlement is made: a restart then settles it (once:
         // settlements are keyed by task) and never runs the task again.
         task.record.settlement_due = Some(SettlementDue {
@@ -1237,7 +1260,7 @@ impl SessionQueue {
     /// Returns the ended tasks whose settlement is still due (the caller settles them).
     fn resume(&mut self) -> Result<Vec<TaskKey>, StoreError> {
         let mut due = Vec::new();
-        for mut record in self.store.unfinished_tasks()? {
+        for record in self.store.unfinished_tasks()? {
             if record.state.is_terminal() {
                 // It ended before the restart: settle it, never run it again.
                 tracing::info!(task = %record.key, "settling a task that ended before a restart");
@@ -1248,29 +1271,35 @@ impl SessionQueue {
                 due.push(key);
                 continue;
             }
-            for a in record
-                .assignments
-                .iter_mut()
-                .filter(|a| a.state.is_active() || a.state == AssignmentState::Committed)
-            {
-                a.state = AssignmentState::Dropped;
-                a.note = Some("the router restarted".into());
-            }
-            record.state = TaskState::Queued;
-            record.resumed += 1;
-            let timeout =
-                Duration::from_millis(record.deadline_ms.saturating_sub(record.created_at_ms))
-                    .max(self.config.ack_timeout());
             tracing::info!(task = %record.key, "resuming a task after a restart");
-            self.history
-                .record(|| Operation::Resumed { key: record.key });
-            if !self.write(&record) {
-                self.dirty.insert(record.key);
-            }
-            self.live.insert(record.key, LiveTask::new(record, timeout));
+            self.run_again(record, "the router restarted");
         }
         self.store.flush()?;
         Ok(due)
+    }
+
+    /// Runs a stored task again from Queued: after a restart, or a peer's task after that
+    /// router died. Its old assignments are dropped (their miners are not waited for).
+    fn run_again(&mut self, mut record: TaskRecord, why: &str) {
+        for a in record
+            .assignments
+            .iter_mut()
+            .filter(|a| a.state.is_active() || a.state == AssignmentState::Committed)
+        {
+            a.state = AssignmentState::Dropped;
+            a.note = Some(why.to_string());
+        }
+        record.state = TaskState::Queued;
+        record.resumed += 1;
+        let timeout =
+            Duration::from_millis(record.deadline_ms.saturating_sub(record.created_at_ms))
+                .max(self.config.ack_timeout());
+        self.history
+            .record(|| Operation::Resumed { key: record.key });
+        if !self.write(&record) {
+            self.dirty.insert(record.key);
+        }
+        self.live.insert(record.key, LiveTask::new(record, timeout));
     }
 }
 
@@ -1464,6 +1493,9 @@ impl SessionQueue {
             decision: None,
         };
         self.store.put_task(&record)?;
+        if let (Some(peers), false) = (&self.peers, key.session_id == NETWORK_SESSION) {
+            peers.do_send(PeerEvent::Accepted(Box::new(record.clone())));
+        }
         let mut live = LiveTask::new(record, timeout);
         if let Some(s) = m.subscriber {
             live.subscribers.push(s);
@@ -1480,7 +1512,7 @@ impl Handler<ReserveTaskId> for SessionQueue {
     fn handle(&mut self, m: ReserveTaskId, _: &mut Context<Self>) -> Self::Result {
         Ok(TaskKey {
             session_id: m.0,
-            task_id: self.store.next_id(&format!("task_id/{}", m.0))?,
+            task_id: self.task_id_base + self.store.next_id(&format!("task_id/{}", m.0))?,
         })
     }
 }
@@ -1489,6 +1521,21 @@ impl Handler<MinerReport> for SessionQueue {
     type Result = ();
     fn handle(&mut self, m: MinerReport, ctx: &mut Context<Self>) {
         self.on_report(m, ctx);
+    }
+}
+
+impl Handler<Adopt> for SessionQueue {
+    type Result = Result<(), QueueError>;
+    fn handle(&mut self, m: Adopt, ctx: &mut Context<Self>) -> Self::Result {
+        let key = m.0.key;
+        if self.live.contains_key(&key) || self.store.task(key)?.is_some() {
+            return Ok(()); // adopted before (or ours all along)
+        }
+        tracing::warn!(task = %key, "running a task of a router that died");
+        self.run_again(*m.0, "its router died");
+        self.store.flush()?;
+        self.fill(key, ctx);
+        Ok(())
     }
 }
 

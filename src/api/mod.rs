@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod peers;
 pub mod router_v1;
 pub mod routes;
 pub mod validate;
@@ -119,6 +120,7 @@ pub fn register_routes(cfg: &mut web::ServiceConfig) -> Vec<routes::Route> {
     let mut r = routes::Routes::new();
     router_v1::routes(&mut r);
     key_admin::routes(&mut r);
+    peers::routes(&mut r);
     openai::routes(&mut r);
     r.get("/metrics", metrics::metrics)
         .get("/openapi.json", openapi::document);

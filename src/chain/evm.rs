@@ -176,6 +176,12 @@ impl EvmChain {
         self
     }
 
+    /// Grants another router's account the router's roles (this account must be the
+    /// contracts' admin: the one that deployed them).
+    pub fn grant_router(&self, router: Address) -> Result<(), ChainError> {
+        self.call(move |c, d| Box::pin(async move { d.grant_router(c, router).await }))
+    }
+
     /// Sends `wei` from the router's account to each known node wallet holding less than half
     /// of that, so nodes can pay for their gas (a local chain's convenience).
     pub fn fund_nodes(&self, wei: U256) -> Result<(), ChainError> {

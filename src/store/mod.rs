@@ -62,6 +62,8 @@ pub struct Store {
     api_keys: sled::Tree,
     /// Outbox entries the chain took, kept until a later check finds them still there.
     delivered: sled::Tree,
+    /// Tasks a peer router accepted and has not ended: run here if that router dies.
+    standby: sled::Tree,
     flusher: std::sync::Arc<Flusher>,
     write_faults: WriteFaults,
 }
@@ -152,6 +154,7 @@ impl Store {
             outbox: db.open_tree("outbox")?,
             api_keys: db.open_tree("api_keys")?,
             delivered: db.open_tree("outbox_delivered")?,
+            standby: db.open_tree("standby")?,
             db,
             flusher,
             write_faults: WriteFaults::default(),
@@ -247,6 +250,30 @@ impl Store {
 
     pub fn task(&self, key: TaskKey) -> Result<Option<TaskRecord>, StoreError> {
         get(&self.tasks, &task_key_bytes(key), "task")
+    }
+
+    /// Keeps a copy of a task a peer router accepted.
+    pub fn put_standby(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        put(&self.standby, &task_key_bytes(task.key), task)
+    }
+
+    pub fn remove_standby(&self, key: TaskKey) -> Result<(), StoreError> {
+        self.standby.remove(task_key_bytes(key))?;
+        Ok(())
+    }
+
+    /// The peers' tasks kept here, in key order.
+    pub fn standby_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.standby
+            .iter()
+            .values()
+            .map(|v| {
+                serde_json::from_slice(&v?).map_err(|source| StoreError::Corrupt {
+                    what: "standby task".into(),
+                    source,
+                })
+            })
+            .collect()
     }
 
     /// A session's tasks in id order, at most `limit`, starting after task `after`.
