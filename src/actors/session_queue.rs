@@ -529,7 +529,13 @@ impl SessionQueue {
                 // Nobody else could take the place: go on with the miners it has.
                 task.wanted = active;
                 self.advance(key, ctx);
-            } else if selection.eligible == 0 && since.elapsed() >= ack_timeout {
+            } else if selection.eligible == 0
+                && since.elapsed() >= ack_timeout
+                && task.record.resumed == 0
+            {
+                // A new task nobody can take is refused quickly (503). A task accepted before
+                // a restart (or taken over from a dead router) waits for miners to come back,
+                // up to its own deadline: the network owes it an answer.
                 let model = task.record.model.clone();
                 task.record.cause = Some(FailureCause::NoMiners);
                 let error = format!("no miner serving model {model} is available");
