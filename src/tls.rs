@@ -71,7 +71,10 @@ fn key_matches(cert: &rustls::Certificate, key: &rustls::PrivateKey) -> bool {
         (S::ECDSA_NISTP256_SHA256, &webpki::ECDSA_P256_SHA256),
         (S::ECDSA_NISTP384_SHA384, &webpki::ECDSA_P384_SHA384),
         (S::ED25519, &webpki::ED25519),
-        (S::RSA_PSS_SHA256, &webpki::RSA_PSS_2048_8192_SHA256_LEGACY_KEY),
+        (
+            S::RSA_PSS_SHA256,
+            &webpki::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+        ),
         (S::RSA_PKCS1_SHA256, &webpki::RSA_PKCS1_2048_8192_SHA256),
     ];
     let (Ok(signing), Ok(cert)) = (
