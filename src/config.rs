@@ -35,6 +35,18 @@ pub struct TestnetConfig {
     pub nodes: NodesConfig,
     pub storage: StorageConfig,
     pub chain: ChainConfig,
+    pub tls: TlsConfig,
+}
+
+/// TLS for the client API and the node socket.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain and private key; both empty: no TLS (unless `self_signed`).
+    pub cert: String,
+    pub key: String,
+    /// Make (once) a CA and a certificate it signs in `<data_dir>/tls/` and serve with them.
+    pub self_signed: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -258,6 +270,14 @@ impl TestnetConfig {
                     return fail("router.peers: address must be 0x and 40 hex digits");
                 }
             }
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            return fail("tls.cert and tls.key go together");
+        }
+        if self.tls.self_signed && !self.tls.cert.is_empty() {
+            return fail(
+                "tls.self_signed makes its own certificate: leave tls.cert and tls.key empty",
+            );
         }
         if self.router.peer_dead_after_ms == 0 {
             return fail("router.peer_dead_after_ms must be above 0");

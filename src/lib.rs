@@ -18,4 +18,5 @@ pub mod store;
 pub mod task;
 pub mod testkit;
 pub mod testnet;
+pub mod tls;
 pub mod validation;

@@ -70,6 +70,8 @@ pub struct TestnetOptions {
     pub wiring: Wiring,
     /// Where remote miners and validators connect (the node WebSocket); none: local nodes only.
     pub node_listener: Option<TcpListener>,
+    /// Serve the API and the node socket over TLS with this.
+    pub tls: Option<rustls::ServerConfig>,
 }
 
 /// Wraps the chain a testnet talks to.
@@ -178,6 +180,7 @@ impl Testnet {
     /// be loading their engines: they join the pool when ready).
     pub fn start(options: TestnetOptions, listener: TcpListener) -> Result<Testnet, TestnetError> {
         let addr = listener.local_addr().map_err(TestnetError::Http)?;
+        let tls = options.tls.is_some();
         let node_addr = match &options.node_listener {
             Some(l) => Some(l.local_addr().map_err(TestnetError::Http)?),
             None => None,
@@ -273,7 +276,7 @@ impl Testnet {
             .map_err(|_| TestnetError::Start("the testnet thread died".into()))??;
         Ok(Testnet {
             addr,
-            url: format!("http://{addr}"),
+            url: format!("{}://{addr}", if tls { "https" } else { "http" }),
             api_key: started.api_key,
             default_session: started.default_session,
             actors: started.actors,
@@ -560,6 +563,7 @@ async fn start_actors(
                 actors.pool.clone(),
                 settings,
                 listener,
+                options.tls.clone(),
             )
             .map_err(TestnetError::Http)?;
             let handle = server.handle();
@@ -568,7 +572,8 @@ async fn start_actors(
         }
         None => None,
     };
-    let server = api::serve(state, listener, options.http_workers).map_err(TestnetError::Http)?;
+    let server = api::serve(state, listener, options.http_workers, options.tls)
+        .map_err(TestnetError::Http)?;
     let handle = server.handle();
     actix_rt::spawn(server);
     Ok(Started {

@@ -280,7 +280,9 @@ fn the_named_edge_cases_get_a_4xx_with_a_json_error_code() {
         check(&net, raw(p, with("\"frequency_penalty\":NaN")), bad, invalid);
         check(&net, post(p, body(json!({"repeat_penalty": 0}))), bad, invalid);
         check(&net, post(p, body(json!({"seed": -1}))), bad, invalid);
-        check(&net, post(p, body(json!({"n": 2}))), bad, invalid);
+        check(&net, post(p, body(json!({"n": 0}))), bad, invalid);
+        check(&net, post(p, body(json!({"n": 17}))), bad, invalid);
+        check(&net, post(p, body(json!({"n": 2, "stream": true}))), bad, invalid);
         check(&net, post(p, body(json!({"model": "gpt-4"}))), 404, "model_not_found");
         check(&net, post(p, body(json!({}))).header("X-Cortensor-Session", "987654"), 404, "session_not_found");
         check(&net, post(p, body(json!({}))).header("X-Cortensor-Session", "abc"), bad, invalid);
@@ -291,7 +293,7 @@ fn the_named_edge_cases_get_a_4xx_with_a_json_error_code() {
     check(&net, post(chat, json!({"model": m, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})), bad, invalid);
     check(&net, post(chat, json!({"model": m, "messages": []})), bad, invalid);
     check(&net, post(oc, json!({"model": m, "prompt": ""})), bad, invalid);
-    check(&net, post(oc, json!({"model": m, "prompt": ["a", "b"]})), bad, invalid);
+    check(&net, post(oc, json!({"model": m, "prompt": ["a", ""]})), bad, invalid);
     check(&net, get("/v1/models/gpt-4"), 404, "model_not_found");
     check(&net, get("/v1/models").method("DELETE"), 405, "method_not_allowed");
 

@@ -81,6 +81,38 @@ fn testnet_processes_answers_a_prompt_with_each_node_a_process() {
 }
 
 #[test]
+fn testnet_processes_over_tls_answers_through_its_own_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = cortensor(&[
+        "testnet",
+        "--processes",
+        "--tls-self-signed",
+        "--miners",
+        "1",
+        "--validators",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--prompt",
+        "Name three primary colours.",
+        "--redundant",
+        "1",
+        "--max-tokens",
+        "8",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("https://127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("nodes join at wss://"), "{stdout}");
+    assert!(stdout.contains("\"Completed\" by 1 miner(s)"), "{stdout}");
+    assert!(data.join("tls/ca.pem").exists());
+}
+
+#[test]
 fn nodes_name_bad_input_and_an_absent_router() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("m.key");

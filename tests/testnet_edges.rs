@@ -853,7 +853,7 @@ fn bad_input_gets_a_json_error_with_a_stable_code() {
             "/v1/chat/completions".into(),
             a,
             Some(body(
-                json!({"model": "scripted-echo", "n": 2, "messages": [{"role": "user", "content": "x"}]}),
+                json!({"model": "scripted-echo", "n": 0, "messages": [{"role": "user", "content": "x"}]}),
             )),
             400,
             "invalid_request",
@@ -862,9 +862,7 @@ fn bad_input_gets_a_json_error_with_a_stable_code() {
             "POST",
             "/v1/completions".into(),
             a,
-            Some(body(
-                json!({"model": "scripted-echo", "prompt": ["a", "b"]}),
-            )),
+            Some(body(json!({"model": "scripted-echo", "prompt": ["a", ""]}))),
             400,
             "invalid_request",
         ),

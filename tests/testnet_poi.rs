@@ -50,6 +50,7 @@ fn network(dir: &std::path::Path, embedding: bool) -> common::Net {
         embedding_model,
         wiring: Default::default(),
         node_listener: None,
+        tls: None,
     })
 }
 

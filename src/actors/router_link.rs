@@ -42,6 +42,9 @@ pub struct LinkSettings {
     pub role: NodeRole,
     /// Failed connection attempts in a row before the link gives up.
     pub max_reconnects: u32,
+    /// Whom to trust for `wss://` (a CA or the router's pinned certificate); none: the
+    /// public web roots.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// Why a link ended for good.
@@ -117,6 +120,11 @@ impl RouterLink {
         self.generation += 1;
         let generation = self.generation;
         let url = self.settings.url.clone();
+        let connector = self
+            .settings
+            .tls
+            .clone()
+            .map(tokio_tungstenite::Connector::Rustls);
         let dial = async move {
             let config = WebSocketConfig {
                 max_message_size: Some(MAX_FRAME_BYTES),
@@ -125,7 +133,12 @@ impl RouterLink {
             };
             match tokio::time::timeout(
                 CONNECT_TIMEOUT,
-                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true),
+                tokio_tungstenite::connect_async_tls_with_config(
+                    url.as_str(),
+                    Some(config),
+                    true,
+                    connector,
+                ),
             )
             .await
             {

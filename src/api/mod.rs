@@ -77,6 +77,7 @@ pub fn serve(
     state: ApiState,
     listener: TcpListener,
     workers: usize,
+    tls: Option<rustls::ServerConfig>,
 ) -> std::io::Result<actix_web::dev::Server> {
     let max_body = state.max_body_bytes;
     let state = web::Data::new(state);
@@ -108,10 +109,12 @@ pub fn serve(
     })
     .workers(workers.max(1))
     .disable_signals()
-    .shutdown_timeout(5)
-    .listen(listener)?
-    .run();
-    Ok(server)
+    .shutdown_timeout(5);
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_21(listener, tls)?,
+        None => server.listen(listener)?,
+    };
+    Ok(server.run())
 }
 
 /// Registers every route the server answers (through the one route table) and returns them:

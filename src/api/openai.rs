@@ -133,6 +133,10 @@ const OPENAI_DEFAULT_TEMPERATURE: f32 = 1.0;
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 const CHAT_DEFAULT_MAX_TOKENS: usize = 512;
 
+/// A request's choices (`n`) and prompts (a batch) each run as a task of their own, on
+/// miners of their own, in parallel; at most this many per request.
+pub const MAX_SUBTASKS: usize = 16;
+
 impl Common {
     fn spec(
         &self,
@@ -141,11 +145,6 @@ impl Common {
         default_max: usize,
         context: usize,
     ) -> Result<TaskSpec, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::Invalid(
-                "n must be 1: each task returns one validated choice".into(),
-            ));
-        }
         Ok(TaskSpec {
             session_id,
             request: GenerateRequest {
@@ -168,6 +167,75 @@ impl Common {
             client_reference: None,
         })
     }
+
+    /// One task per prompt and choice, prompt-major (OpenAI's choice order). Choice `j` of a
+    /// request with a `seed` samples with `seed + j`, so choices differ and each replays.
+    fn subtasks(
+        &self,
+        session_id: u64,
+        prompts: Vec<Prompt>,
+        default_max: usize,
+        context: usize,
+    ) -> Result<Vec<TaskSpec>, ApiError> {
+        let n = self.n.unwrap_or(1) as usize;
+        if n == 0 {
+            return Err(ApiError::Invalid("n must be at least 1".into()));
+        }
+        let count = prompts.len().saturating_mul(n);
+        if count > MAX_SUBTASKS {
+            return Err(ApiError::Invalid(format!(
+                "{} prompt(s) × n = {n} asks for {count} choices; at most {MAX_SUBTASKS} per request",
+                prompts.len()
+            )));
+        }
+        if self.stream && count > 1 {
+            return Err(ApiError::Invalid(
+                "stream is for one choice of one prompt: ask with n = 1 and one prompt, or without stream".into(),
+            ));
+        }
+        let mut specs = Vec::with_capacity(count);
+        for prompt in prompts {
+            for j in 0..n {
+                let mut spec = self.spec(session_id, prompt.clone(), default_max, context)?;
+                spec.request.params.seed = spec.request.params.seed.wrapping_add(j as u64);
+                specs.push(spec);
+            }
+        }
+        Ok(specs)
+    }
+}
+
+/// Runs several tasks at once (each admitted, held and queued like any other) and returns
+/// their records in order. One that fails fails the request; the others run to their end.
+async fn run_subtasks(
+    state: &ApiState,
+    caller: &Caller,
+    specs: Vec<TaskSpec>,
+) -> Result<Vec<crate::task::TaskRecord>, ApiError> {
+    let mut running = Vec::with_capacity(specs.len());
+    for spec in specs {
+        // A refusal here drops the ones started: their guards cancel them.
+        running.push(completion::start(state, caller, spec, false).await?);
+    }
+    futures_util::future::join_all(running.iter_mut().map(completion::finish))
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// The usage of several tasks together.
+fn total_usage(records: &[crate::task::TaskRecord]) -> Value {
+    let (mut prompt, mut completion) = (0u64, 0u64);
+    for r in records {
+        let u = views::usage(r);
+        prompt += u["prompt_tokens"].as_u64().unwrap_or(0);
+        completion += u["completion_tokens"].as_u64().unwrap_or(0);
+    }
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn task_ids(records: &[crate::task::TaskRecord]) -> Vec<u64> {
+    records.iter().map(|r| r.key.task_id).collect()
 }
 
 fn chat_prompt(messages: Vec<MessageIn>) -> Result<Prompt, ApiError> {
@@ -218,17 +286,43 @@ async fn chat_completions(
     check_model(&state, &body.common.model)?;
     let session_id = session_of(&caller, &req)?;
     let prompt = chat_prompt(body.messages)?;
-    let spec = body.common.spec(
+    let mut specs = body.common.subtasks(
         session_id,
-        prompt,
+        vec![prompt],
         CHAT_DEFAULT_MAX_TOKENS,
         state.settings.max_context,
     )?;
+    let model = body.common.model.clone();
+    let created = now_ms() / 1000;
+    if specs.len() > 1 {
+        let records = run_subtasks(&state, &caller, specs).await?;
+        let first = records[0].key;
+        let choices: Vec<Value> = records
+            .iter()
+            .enumerate()
+            .map(|(index, r)| {
+                let result = &r.outcome.as_ref().expect("completed").result;
+                json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": null,
+                })
+            })
+            .collect();
+        return Ok(HttpResponse::Ok().json(json!({
+            "id": format!("chatcmpl-{}-{}", first.session_id, first.task_id),
+            "object": "chat.completion", "created": created, "model": model,
+            "choices": choices,
+            "usage": total_usage(&records),
+            "system_fingerprint": null,
+            "session_id": first.session_id, "task_id": first.task_id, "task_ids": task_ids(&records),
+        })));
+    }
+    let spec = specs.remove(0);
     let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;
     let key = running.submitted.key;
     let id = format!("chatcmpl-{}-{}", key.session_id, key.task_id);
-    let model = body.common.model.clone();
-    let created = now_ms() / 1000;
     if !body.common.stream {
         let record = completion::finish(&mut running).await?;
         let outcome = record.outcome.as_ref().expect("completed");
@@ -294,29 +388,51 @@ async fn completions(
     let body = body.into_inner();
     check_model(&state, &body.common.model)?;
     let session_id = session_of(&caller, &req)?;
-    let text = match body.prompt {
-        PromptIn::One(s) => s,
-        PromptIn::Many(mut v) if v.len() == 1 => v.remove(0),
-        PromptIn::Many(_) => {
-            return Err(ApiError::Invalid(
-                "prompt must be one string (batches are not supported)".into(),
-            ))
+    let texts = match body.prompt {
+        PromptIn::One(s) => vec![s],
+        PromptIn::Many(v) if v.is_empty() => {
+            return Err(ApiError::Invalid("prompt must not be an empty list".into()))
         }
+        PromptIn::Many(v) => v,
     };
-    if text.is_empty() {
-        return Err(ApiError::Invalid("prompt must not be empty".into()));
+    if let Some(i) = texts.iter().position(String::is_empty) {
+        return Err(ApiError::Invalid(if texts.len() == 1 {
+            "prompt must not be empty".into()
+        } else {
+            format!("prompt[{i}] must not be empty")
+        }));
     }
-    let spec = body.common.spec(
+    let mut specs = body.common.subtasks(
         session_id,
-        Prompt::Text(text),
+        texts.into_iter().map(Prompt::Text).collect(),
         COMPLETIONS_DEFAULT_MAX_TOKENS,
         state.settings.max_context,
     )?;
+    let model = body.common.model.clone();
+    let created = now_ms() / 1000;
+    if specs.len() > 1 {
+        let records = run_subtasks(&state, &caller, specs).await?;
+        let first = records[0].key;
+        let choices: Vec<Value> = records
+            .iter()
+            .enumerate()
+            .map(|(index, r)| {
+                let result = &r.outcome.as_ref().expect("completed").result;
+                json!({"text": result.text, "index": index, "finish_reason": result.finish_reason, "logprobs": null})
+            })
+            .collect();
+        return Ok(HttpResponse::Ok().json(json!({
+            "id": format!("cmpl-{}-{}", first.session_id, first.task_id),
+            "object": "text_completion", "created": created, "model": model,
+            "choices": choices,
+            "usage": total_usage(&records),
+            "session_id": first.session_id, "task_id": first.task_id, "task_ids": task_ids(&records),
+        })));
+    }
+    let spec = specs.remove(0);
     let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;
     let key = running.submitted.key;
     let id = format!("cmpl-{}-{}", key.session_id, key.task_id);
-    let model = body.common.model.clone();
-    let created = now_ms() / 1000;
     if !body.common.stream {
         let record = completion::finish(&mut running).await?;
         let outcome = record.outcome.as_ref().expect("completed");

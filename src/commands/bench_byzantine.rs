@@ -147,6 +147,7 @@ fn run_one(
             embedding_model: embedding,
             wiring: Default::default(),
             node_listener: None,
+            tls: None,
         },
         TcpListener::bind("127.0.0.1:0")?,
     )?;

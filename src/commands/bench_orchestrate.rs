@@ -175,6 +175,7 @@ pub fn run(args: OrchestrateArgs) -> anyhow::Result<()> {
             embedding_model: None,
             wiring: Default::default(),
             node_listener: None,
+            tls: None,
         },
         TcpListener::bind("127.0.0.1:0")?,
     )?;

@@ -36,6 +36,26 @@ impl Client {
         }
     }
 
+    /// A client of an HTTPS router whose certificate `ca` signs (or is).
+    pub fn with_ca(base: &str, key: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let Some(ca) = ca else {
+            return Ok(Self::new(base, key));
+        };
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(900))
+            .add_root_certificate(cert)
+            .tls_built_in_root_certs(false)
+            .build()?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            key: key.to_string(),
+            http,
+        })
+    }
+
     fn check(response: reqwest::blocking::Response) -> anyhow::Result<reqwest::blocking::Response> {
         if response.status().is_success() {
             return Ok(response);
@@ -168,6 +188,10 @@ pub struct Connection {
     /// An API key.
     #[arg(long, env = "CORTENSOR_API_KEY", default_value = crate::config::DEV_API_KEY)]
     pub key: String,
+    /// For an https:// router: the CA (or its certificate) to trust, e.g. a testnet's
+    /// <data-dir>/tls/ca.pem.
+    #[arg(long, env = "CORTENSOR_CA")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -228,7 +252,8 @@ pub fn session(cmd: SessionCommand) -> anyhow::Result<()> {
             mode,
             deposit,
         } => {
-            let client = Client::new(&connection.url, &connection.key);
+            let client =
+                Client::with_ca(&connection.url, &connection.key, connection.ca.as_deref())?;
             let mut body = json!({
                 "name": name, "redundant": redundant, "min_num_of_nodes": min_nodes,
                 "max_num_of_nodes": max_nodes.unwrap_or(redundant.max(min_nodes)),
@@ -240,7 +265,8 @@ pub fn session(cmd: SessionCommand) -> anyhow::Result<()> {
             println!("{}", client.create_session_with(&body)?);
         }
         SessionCommand::Show { connection, id } => {
-            let client = Client::new(&connection.url, &connection.key);
+            let client =
+                Client::with_ca(&connection.url, &connection.key, connection.ca.as_deref())?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&client.get(&format!("/api/v1/sessions/{id}"))?)?
@@ -251,7 +277,11 @@ pub fn session(cmd: SessionCommand) -> anyhow::Result<()> {
 }
 
 pub fn prompt(args: PromptArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.connection.url, &args.connection.key);
+    let client = Client::with_ca(
+        &args.connection.url,
+        &args.connection.key,
+        args.connection.ca.as_deref(),
+    )?;
     let session = match args.session {
         Some(s) => s,
         None => {

@@ -105,7 +105,31 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         config.router.listen
     };
     let node_port = free_port()?;
-    let nodes_url = format!("ws://127.0.0.1:{node_port}");
+    // TLS: the pair is made here (once, in the data directory) and given to every process.
+    let tls = match (
+        &net.tls_cert,
+        &net.tls_key,
+        net.tls_self_signed || config.tls.self_signed,
+    ) {
+        (Some(cert), Some(key), _) => Some((cert.clone(), key.clone(), None)),
+        (_, _, true) => {
+            let pair = crate::tls::self_signed(&data_dir.join("tls"), &[])?;
+            Some((pair.files.cert, pair.files.key, Some(pair.ca)))
+        }
+        _ if !config.tls.cert.is_empty() => Some((
+            config.tls.cert.clone().into(),
+            config.tls.key.clone().into(),
+            None,
+        )),
+        _ => None,
+    };
+    let ca = tls.as_ref().and_then(|(_, _, ca)| ca.clone());
+    let (http, ws) = if tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
+    let nodes_url = format!("{ws}://127.0.0.1:{node_port}");
     let chain = net.chain.unwrap_or(ChainKind::Anvil);
 
     let mut children = Children(Vec::new());
@@ -131,6 +155,9 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     if let Some(c) = &net.config {
         router.arg("--config").arg(c);
     }
+    if let Some((cert, key, _)) = &tls {
+        router.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    }
     if let Some(url) = &net.rpc_url {
         router.args(["--rpc-url", url]);
     }
@@ -145,10 +172,14 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         )
         .collect();
     router.args(&model_args);
+    let node_tls: Vec<String> = ca
+        .iter()
+        .flat_map(|ca| ["--ca".to_string(), ca.display().to_string()])
+        .collect();
     children.spawn("the router".into(), &mut router)?;
 
     let api_key = config.router.effective_api_keys()[0].clone();
-    let client = Client::new(&format!("http://{listen}"), &api_key);
+    let client = Client::with_ca(&format!("{http}://{listen}"), &api_key, ca.as_deref())?;
     let started = Instant::now();
     while client.validators().is_err() {
         children.check()?;
@@ -167,7 +198,8 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
             .args(["validator", "--router", &nodes_url, "--threads", &threads])
             .arg("--key")
             .arg(&key)
-            .args(&model_args);
+            .args(&model_args)
+            .args(&node_tls);
         children.spawn(name, &mut command)?;
     }
     while client.validators()? < validators {
@@ -190,11 +222,15 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
             ])
             .arg("--key")
             .arg(&key)
-            .args(&model_args);
+            .args(&model_args)
+            .args(&node_tls);
         children.spawn(name, &mut command)?;
     }
     wait_for_miners(&client, miners, Duration::from_secs(600))?;
-    println!("router:  http://{listen} (each node a process; nodes join at {nodes_url})");
+    println!("router:  {http}://{listen} (each node a process; nodes join at {nodes_url})");
+    if let Some(ca) = &ca {
+        println!("tls:     self-signed; clients trust {}", ca.display());
+    }
     println!("api key: {api_key}");
     if let Some(prompt) = args.prompt {
         let session = client.create_session(

@@ -40,6 +40,21 @@ pub struct NodeArgs {
     /// Failed connection attempts in a row before the node gives up.
     #[arg(long, default_value_t = 1000)]
     pub max_reconnects: u32,
+    /// For a wss:// router: the CA (or the router's own certificate, pinned) to trust instead
+    /// of the public web roots.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+fn link_tls(args: &NodeArgs) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+    match &args.ca {
+        Some(ca) if args.router.starts_with("wss://") => Ok(Some(crate::tls::client_config(ca)?)),
+        Some(_) => anyhow::bail!(
+            "--ca is for a wss:// router; --router {} is plain ws://",
+            args.router
+        ),
+        None => Ok(None),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,6 +161,7 @@ pub fn miner(args: MinerArgs) -> anyhow::Result<()> {
         key: key.clone(),
         role: NodeRole::Miner,
         max_reconnects: args.node.max_reconnects,
+        tls: link_tls(&args.node)?,
     };
     let (max_tasks, heartbeat) = (args.max_tasks, Duration::from_millis(args.heartbeat_ms));
     run_node(
@@ -208,6 +224,7 @@ pub fn validator(args: ValidatorArgs) -> anyhow::Result<()> {
         key,
         role: NodeRole::Validator,
         max_reconnects: args.node.max_reconnects,
+        tls: link_tls(&args.node)?,
     };
     run_node(
         move |settings, fatal| {

@@ -30,11 +30,22 @@ pub fn run(mut args: RouterArgs) -> anyhow::Result<()> {
     let t = &running.testnet;
     let nodes = t.node_addr.expect("started with a node listener");
     println!("router:  {}", t.url);
-    println!("nodes:   ws://{nodes}");
+    let ws = if t.url.starts_with("https") {
+        "wss"
+    } else {
+        "ws"
+    };
+    println!("nodes:   {ws}://{nodes}");
+    if let Some(ca) = &running.ca {
+        println!(
+            "tls:     self-signed; clients and nodes trust {}",
+            ca.display()
+        );
+    }
     println!("api key: {}", t.api_key);
     println!("model:   {model}");
     println!(
-        "join:    cortensor miner --router ws://{nodes} --key <key file>   (a new key is made there)"
+        "join:    cortensor miner --router {ws}://{nodes} --key <key file>   (a new key is made there)"
     );
     testnet::wait_for_ctrl_c()?;
     eprintln!("router: shutting down");

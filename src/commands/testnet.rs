@@ -48,6 +48,16 @@ pub struct NetworkArgs {
     /// The router's account on the chain (hex); also read from CORTENSOR_PRIVATE_KEY.
     #[arg(long, env = "CORTENSOR_PRIVATE_KEY", hide_env_values = true)]
     pub private_key: Option<String>,
+    /// Serve the API and the node socket over TLS with this PEM certificate chain (and
+    /// --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve TLS with a CA and certificate made (once) in <data-dir>/tls/; clients and nodes
+    /// trust <data-dir>/tls/ca.pem.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub tls_self_signed: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,6 +143,14 @@ pub fn resolve(args: NetworkArgs, remote_nodes: bool) -> anyhow::Result<Resolved
     if let Some(key) = args.private_key {
         config.chain.private_key = key;
     }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls.cert = cert.display().to_string();
+        config.tls.key = key.display().to_string();
+        config.tls.self_signed = false;
+    }
+    if args.tls_self_signed {
+        config.tls.self_signed = true;
+    }
     if remote_nodes {
         config.validate()?;
     } else {
@@ -191,7 +209,30 @@ pub fn resolve_backend(name: &str) -> anyhow::Result<BackendChoice> {
 /// A started network and the chain node it needs kept alive.
 pub struct Running {
     pub testnet: Testnet,
+    /// The CA clients trust, when it serves TLS with a self-signed pair.
+    pub ca: Option<PathBuf>,
     _anvil: Option<AnvilNode>,
+}
+
+/// The TLS the configuration asks for: the server's configuration, and the CA to trust when
+/// the pair is self-signed (made in `<data_dir>/tls/`).
+pub fn tls_for(
+    config: &TestnetConfig,
+) -> anyhow::Result<(Option<rustls::ServerConfig>, Option<PathBuf>)> {
+    let t = &config.tls;
+    if t.self_signed {
+        let host = config.router.listen.ip().to_string();
+        let pair = crate::tls::self_signed(&config.storage.data_dir.join("tls"), &[host])?;
+        return Ok((Some(crate::tls::server_config(&pair.files)?), Some(pair.ca)));
+    }
+    if t.cert.is_empty() {
+        return Ok((None, None));
+    }
+    let files = crate::tls::TlsFiles {
+        cert: PathBuf::from(&t.cert),
+        key: PathBuf::from(&t.key),
+    };
+    Ok((Some(crate::tls::server_config(&files)?), None))
 }
 
 /// Starts the network: the API on `router.listen`, remote nodes on `node_listener` if given.
@@ -210,6 +251,7 @@ pub fn start(resolved: Resolved, node_listener: Option<TcpListener>) -> anyhow::
     })?;
     let miners = config.nodes.miners;
     let data_dir = config.storage.data_dir.clone();
+    let (tls, ca) = tls_for(&config)?;
     let (chain, anvil) = chain_choice(&config, &data_dir)?;
     eprintln!("testnet: {miners} miner(s) loading {model} ({}), {} validator(s), data in {}, selection seed {}",
         model_path.display(), config.nodes.validators, data_dir.display(), config.nodes.selection_seed);
@@ -228,6 +270,7 @@ pub fn start(resolved: Resolved, node_listener: Option<TcpListener>) -> anyhow::
         embedding_model: embedding_model(),
         wiring: Default::default(),
         node_listener,
+        tls,
         config,
     };
     let rpc_url = match &options.chain {
@@ -254,6 +297,7 @@ pub fn start(resolved: Resolved, node_listener: Option<TcpListener>) -> anyhow::
     }
     Ok(Running {
         testnet,
+        ca,
         _anvil: anvil,
     })
 }
@@ -274,12 +318,20 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let model = resolved.model.clone();
     let running = start(resolved, None)?;
     let testnet = &running.testnet;
-    let client = client::Client::new(&testnet.url, &testnet.api_key);
+    let client = client::Client::with_ca(&testnet.url, &testnet.api_key, running.ca.as_deref())?;
+    if let Some(ca) = &running.ca {
+        println!("tls:     self-signed; clients trust {}", ca.display());
+    }
     wait_for_miners(&client, miners, Duration::from_secs(600))?;
     println!("router:  {}", testnet.url);
     println!("api key: {}", testnet.api_key);
     println!("model:   {model}");
-    println!("try:     curl -s {}/api/v1/completions -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"prompt\": \"Name three primary colours.\", \"max_tokens\": 48}}'", testnet.url, testnet.api_key);
+    let cacert = running
+        .ca
+        .as_ref()
+        .map(|ca| format!(" --cacert {}", ca.display()))
+        .unwrap_or_default();
+    println!("try:     curl -s{cacert} {}/api/v1/completions -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"prompt\": \"Name three primary colours.\", \"max_tokens\": 48}}'", testnet.url, testnet.api_key);
     println!(
         "         (OpenAI-compatible: base_url {}/v1, model {model:?})",
         testnet.url

@@ -146,6 +146,7 @@ pub fn serve(
     pool: Addr<NodePool>,
     settings: GatewaySettings,
     listener: TcpListener,
+    tls: Option<rustls::ServerConfig>,
 ) -> std::io::Result<actix_web::dev::Server> {
     let links = NodeLinks {
         gateway,
@@ -157,7 +158,7 @@ pub fn serve(
         offline_after: settings.offline_after,
     };
     let data = web::Data::new(links);
-    Ok(HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
             .route("/", web::get().to(connect))
@@ -171,9 +172,12 @@ pub fn serve(
     })
     .workers(2)
     .disable_signals()
-    .shutdown_timeout(1)
-    .listen(listener)?
-    .run())
+    .shutdown_timeout(1);
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_21(listener, tls)?,
+        None => server.listen(listener)?,
+    };
+    Ok(server.run())
 }
 
 async fn connect(

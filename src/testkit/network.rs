@@ -58,6 +58,7 @@ pub struct TestnetBuilder {
     data_dir: Option<PathBuf>,
     history: History,
     node_gateway: bool,
+    tls: Option<(rustls::ServerConfig, PathBuf)>,
 }
 
 impl Default for TestnetBuilder {
@@ -79,7 +80,14 @@ impl TestnetBuilder {
             data_dir: None,
             history: History::new(),
             node_gateway: false,
+            tls: None,
         }
+    }
+    /// Serve the API and the node socket over TLS with this pair (the test kit's own HTTP
+    /// helpers trust its CA).
+    pub fn tls(mut self, pair: &crate::tls::SelfSigned) -> Result<Self, crate::tls::TlsError> {
+        self.tls = Some((crate::tls::server_config(&pair.files)?, pair.ca.clone()));
+        Ok(self)
     }
     /// Serve the node WebSocket too (on a free loopback port), for remote miners.
     pub fn node_gateway(mut self) -> Self {
@@ -162,12 +170,10 @@ impl TestnetBuilder {
             history: self.history,
             plan: self.plan,
             faults,
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .map_err(|e| TestnetError::Start(e.to_string()))?,
+            http: test_client(self.tls.as_ref().map(|(_, ca)| ca.as_path()))?,
             restarts: 0,
             node_gateway: self.node_gateway,
+            tls: self.tls,
         };
         net.boot()?;
         Ok(net)
@@ -304,6 +310,20 @@ fn wiring(plan: &FaultPlan, faults: &Faults, history: History) -> Wiring {
     }
 }
 
+/// The test kit's HTTP client, trusting `ca` when the network serves TLS.
+fn test_client(ca: Option<&std::path::Path>) -> Result<reqwest::blocking::Client, TestnetError> {
+    let fail = |e: String| TestnetError::Start(e);
+    let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).map_err(|e| fail(e.to_string()))?;
+        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| fail(e.to_string()))?;
+        builder = builder
+            .add_root_certificate(cert)
+            .tls_built_in_root_certs(false);
+    }
+    builder.build().map_err(|e| fail(e.to_string()))
+}
+
 /// A running test network.
 pub struct TestNetwork {
     testnet: Option<Testnet>,
@@ -320,6 +340,7 @@ pub struct TestNetwork {
     http: reqwest::blocking::Client,
     restarts: usize,
     node_gateway: bool,
+    tls: Option<(rustls::ServerConfig, PathBuf)>,
 }
 
 /// What a finished scenario found.
@@ -371,6 +392,7 @@ impl TestNetwork {
                 true => Some(TcpListener::bind("127.0.0.1:0").map_err(TestnetError::Http)?),
                 false => None,
             },
+            tls: self.tls.as_ref().map(|(config, _)| config.clone()),
         };
         let listener = TcpListener::bind("127.0.0.1:0").map_err(TestnetError::Http)?;
         let testnet = Testnet::start(options, listener)?;
@@ -409,7 +431,8 @@ impl TestNetwork {
     }
     /// The node WebSocket (`ws://…`), when the network serves one.
     pub fn node_url(&self) -> Option<String> {
-        self.testnet().node_addr.map(|a| format!("ws://{a}"))
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        self.testnet().node_addr.map(|a| format!("{scheme}://{a}"))
     }
     /// Builds the engines its miners use, and the model name they register.
     pub fn engine(&self) -> (EngineFactory, String) {

@@ -22,6 +22,17 @@ pub struct RemoteMiner {
 impl RemoteMiner {
     /// Starts a miner serving `model` with engines from `engine`, connecting to `router_url`.
     pub fn start(router_url: &str, engine: EngineFactory, model: &str, max_tasks: usize) -> Self {
+        Self::start_with_tls(router_url, engine, model, max_tasks, None)
+    }
+
+    /// The same over `wss://`, trusting what `tls` trusts.
+    pub fn start_with_tls(
+        router_url: &str,
+        engine: EngineFactory,
+        model: &str,
+        max_tasks: usize,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Self {
         let key = NodeKey::random("remote");
         let id = node_id(key.address());
         let key = NodeKey {
@@ -33,6 +44,7 @@ impl RemoteMiner {
             key: key.clone(),
             role: NodeRole::Miner,
             max_reconnects: 50,
+            tls,
         };
         let spec = MinerSpec {
             id: id.clone(),

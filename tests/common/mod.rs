@@ -75,6 +75,7 @@ pub fn start_on(
         embedding_model: None,
         wiring: Default::default(),
         node_listener: None,
+        tls: None,
     };
     start_with(options)
 }
