@@ -144,6 +144,8 @@ pub struct NodesConfig {
     pub max_tasks_per_miner: usize,
     pub selection_seed: u64,
     pub probes_required: u32,
+    /// How miners are picked among those free: speed, least_load or round_robin.
+    pub selection: crate::actors::node_pool::SelectionPolicy,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -390,6 +390,7 @@ async fn start_actors(
         crate::reputation::ReputationRules::default(),
         config.nodes.probes_required,
     )
+    .with_policy(config.nodes.selection)
     .with_chain_reports(chain.clone().recipient())
     .start();
 

@@ -81,6 +81,31 @@ struct Node {
     next_probe_at: Instant,
     /// Pinned to a dedicated session: never in the pool.
     pinned: Option<u64>,
+    /// Decode speed the router observed (tokens/s of its accepted results, a moving average);
+    /// none until its first accepted result.
+    speed: Option<f64>,
+}
+
+/// How miners are picked for a task among those free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectionPolicy {
+    /// The soonest expected to finish: (load + 1) / observed speed (a miner not measured yet
+    /// counts as the median of those measured); ties drawn at random weighted by reputation.
+    #[default]
+    Speed,
+    /// Least loaded first, ties drawn at random weighted by reputation (speed ignored).
+    LeastLoad,
+    /// In turn, whatever their load or speed (the baseline `bench balance` compares with).
+    RoundRobin,
+}
+
+/// The router saw a miner produce an accepted result at this speed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ObservedSpeed {
+    pub miner: String,
+    pub tokens_per_second: f64,
 }
 
 /// A node as the API shows it.
@@ -109,6 +134,8 @@ pub struct NodeView {
     pub probes_failed: u32,
     /// The dedicated session it is pinned to.
     pub pinned_to: Option<u64>,
+    /// Decode speed observed by the router (tokens/s), once it has an accepted result.
+    pub tokens_per_second: Option<f64>,
 }
 
 pub struct NodePool {
@@ -122,6 +149,9 @@ pub struct NodePool {
     /// [`MAX_PENDING_REPORTS`] are waiting).
     chain: Option<Recipient<ReportOutcomes>>,
     reports: Vec<NodeOutcome>,
+    policy: SelectionPolicy,
+    /// The round robin's position.
+    turn: usize,
 }
 
 pub const MAX_PENDING_REPORTS: usize = 10_000;
@@ -142,7 +172,14 @@ impl NodePool {
             prober: None,
             chain: None,
             reports: Vec::new(),
+            policy: SelectionPolicy::default(),
+            turn: 0,
         }
+    }
+
+    pub fn with_policy(mut self, policy: SelectionPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Outcomes also go on chain, through `chain`, in batches.
@@ -185,19 +222,37 @@ impl NodePool {
         }
     }
 
-    /// `ids` least loaded first; equally loaded ones in a random order drawn with weights
-    /// proportional to reputation (Efraimidis-Spirakis keys, u^(1/w)).
+    /// `ids` in the order they should be picked, by the pool's policy. Ties (and the
+    /// least-load order) are drawn at random with weights proportional to reputation
+    /// (Efraimidis-Spirakis keys, u^(1/w)).
     fn order(&mut self, ids: Vec<String>) -> Vec<String> {
-        let mut keyed: Vec<(usize, f64, String)> = ids
+        if self.policy == SelectionPolicy::RoundRobin {
+            if ids.is_empty() {
+                return ids;
+            }
+            self.turn = self.turn.wrapping_add(1);
+            let start = self.turn % ids.len();
+            return ids[start..].iter().chain(&ids[..start]).cloned().collect();
+        }
+        let mut measured: Vec<f64> = self.nodes.values().filter_map(|n| n.speed).collect();
+        measured.sort_by(f64::total_cmp);
+        let typical = measured.get(measured.len() / 2).copied().unwrap_or(1.0);
+        let mut keyed: Vec<(f64, f64, String)> = ids
             .into_iter()
             .map(|id| {
                 let n = &self.nodes[&id];
                 let weight = (n.reputation.score).max(0.001);
                 let u: f64 = self.rng.gen_range(f64::EPSILON..1.0);
-                (n.load, u.powf(1.0 / weight), id)
+                let cost = match self.policy {
+                    SelectionPolicy::Speed => {
+                        (n.load + 1) as f64 / n.speed.unwrap_or(typical).max(1e-3)
+                    }
+                    _ => n.load as f64,
+                };
+                (cost, u.powf(1.0 / weight), id)
             })
             .collect();
-        keyed.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
+        keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)));
         keyed.into_iter().map(|(_, _, id)| id).collect()
     }
 
@@ -400,6 +455,7 @@ impl Handler<Register> for NodePool {
                         probes_failed: 0,
                         next_probe_at: now,
                         pinned: None,
+                        speed: None,
                     },
                 );
             }
@@ -491,6 +547,21 @@ impl Handler<SelectMiners> for NodePool {
             })
             .collect();
         MessageResult(Selection { miners, eligible })
+    }
+}
+
+impl Handler<ObservedSpeed> for NodePool {
+    type Result = ();
+    fn handle(&mut self, m: ObservedSpeed, _: &mut Context<Self>) {
+        if !(m.tokens_per_second.is_finite() && m.tokens_per_second > 0.0) {
+            return;
+        }
+        if let Some(node) = self.nodes.get_mut(&m.miner) {
+            node.speed = Some(match node.speed {
+                Some(s) => 0.7 * s + 0.3 * m.tokens_per_second,
+                None => m.tokens_per_second,
+            });
+        }
     }
 }
 
@@ -657,6 +728,7 @@ impl Handler<ListNodes> for NodePool {
                     probes_passed: n.probes_passed,
                     probes_failed: n.probes_failed,
                     pinned_to: n.pinned,
+                    tokens_per_second: n.speed.map(|s| (s * 10.0).round() / 10.0),
                 })
                 .collect(),
         )

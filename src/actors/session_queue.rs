@@ -13,7 +13,8 @@
 use super::chain_bridge::{ChainBridge, Settle};
 use super::messages::{MinerReport, Probe, ReportKind, TaskEvent, ToMiner, NETWORK_SESSION};
 use super::node_pool::{
-    ListNodes, NodePool, ProbeFinished, RecordOutcome, Release, SelectMiners, Selection,
+    ListNodes, NodePool, ObservedSpeed, ProbeFinished, RecordOutcome, Release, SelectMiners,
+    Selection,
 };
 use super::peer_routers::PeerEvent;
 use super::report_signing;
@@ -770,6 +771,19 @@ impl SessionQueue {
                 outcome,
                 tokens,
             });
+            // Its speed as the router saw it: tokens from its ack to its precommit.
+            let span = task
+                .record
+                .assignments
+                .iter()
+                .find(|a| a.miner == m.miner)
+                .and_then(|a| Some(a.precommitted_at_ms?.saturating_sub(a.acked_at_ms?)));
+            if let (Some(ms), true) = (span, m.accepted && tokens > 0) {
+                self.pool.do_send(ObservedSpeed {
+                    miner: m.miner.clone(),
+                    tokens_per_second: tokens as f64 * 1000.0 / ms.max(1) as f64,
+                });
+            }
         }
         let validators: Vec<String> = evidence
             .iter()

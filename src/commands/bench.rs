@@ -37,6 +37,9 @@ pub enum BenchCommand {
     /// What the wire costs: tasks/s with 1, 4 and 16 scripted miners remote vs in process,
     /// and a real-model miner's tokens/s remote vs in process.
     Remote(super::bench_remote::RemoteArgs),
+    /// Miners of unequal speed: tasks/s and p99 with selection by speed, by least load and
+    /// round robin.
+    Balance(super::bench_balance::BalanceArgs),
     /// One configuration, printed as one JSON line (what `generate` runs in each child).
     #[command(hide = true)]
     GenerateOne(OneArgs),
@@ -117,6 +120,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Byzantine(args) => super::bench_byzantine::run(args),
         BenchCommand::Load(args) => super::bench_load::run(args),
         BenchCommand::Remote(args) => super::bench_remote::run(args),
+        BenchCommand::Balance(args) => super::bench_balance::run(args),
     }
 }
 

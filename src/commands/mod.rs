@@ -2,6 +2,7 @@
 //! prints. `anyhow` is allowed here and in `main.rs` only.
 
 pub mod bench;
+pub mod bench_balance;
 pub mod bench_byzantine;
 pub mod bench_chain;
 pub mod bench_likelihood;
