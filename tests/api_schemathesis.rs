@@ -57,6 +57,44 @@ fn schemathesis_finds_no_server_error_and_no_schema_mismatch() {
         .map(|s| s.parse().expect("SCHEMATHESIS_SEED is a number"))
         .unwrap_or(DEFAULT_SEED);
     println!("schemathesis seed {seed} (set SCHEMATHESIS_SEED to replay another)");
+    // A crash inside the tool itself (CPython 3.11 sometimes fails hypothesis's own source
+    // introspection: "SystemError: AST constructor recursion depth mismatch") is no finding
+    // about the API: such a run is repeated, once. Any check failure fails at once.
+    let mut attempt = 1;
+    let (status, out, stderr) = loop {
+        let (status, out, stderr) =
+            run_schemathesis(&net.url("/openapi.json"), &net.testnet.api_key, seed);
+        let tool_crash = !status.success()
+            && out.contains("Runtime Error")
+            && out.contains("SystemError")
+            && !out.contains("FAILURES");
+        if tool_crash && attempt == 1 {
+            println!("schemathesis crashed inside itself (not a finding); running it again");
+            attempt += 1;
+            continue;
+        }
+        break (status, out, stderr);
+    };
+    assert!(
+        status.success(),
+        "schemathesis failed (seed {seed}, {status}):\n{out}\n{stderr}"
+    );
+    // It tested every operation, and the server is still there afterwards.
+    let mut routes = 0;
+    let _ =
+        actix_web::App::new().configure(|cfg| routes = cortensor::api::register_routes(cfg).len());
+    // schemathesis leaves out the operation that serves the schema it loaded (/openapi.json).
+    let tested = routes - 1;
+    assert!(
+        out.contains(&format!("{tested} selected / {tested} total")),
+        "schemathesis did not test all {tested} operations:\n{out}"
+    );
+    let (code, _) = net.get("/api/v1/status");
+    assert_eq!(code, 200);
+}
+
+/// One schemathesis run against `url`: its exit status, output and errors (printed too).
+fn run_schemathesis(url: &str, key: &str, seed: u64) -> (std::process::ExitStatus, String, String) {
     let work = tempfile::tempdir().unwrap();
     let mut child = Command::new(schemathesis())
         .current_dir(work.path())
@@ -64,7 +102,7 @@ fn schemathesis_finds_no_server_error_and_no_schema_mismatch() {
             "--config-file",
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis.toml"),
         ])
-        .args(["run", &net.url("/openapi.json")])
+        .args(["run", url])
         .args([
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,\
@@ -85,7 +123,7 @@ fn schemathesis_finds_no_server_error_and_no_schema_mismatch() {
             "--suppress-health-check",
             "all",
             "-H",
-            &format!("Authorization: Bearer {}", net.testnet.api_key),
+            &format!("Authorization: Bearer {}", key),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -115,20 +153,5 @@ fn schemathesis_finds_no_server_error_and_no_schema_mismatch() {
     println!("{out}\n{stderr}");
     println!("schemathesis ran {:.0} s", started.elapsed().as_secs_f64());
     let status = status.unwrap_or_else(|| panic!("schemathesis ran past {LIMIT:?}"));
-    assert!(
-        status.success(),
-        "schemathesis failed (seed {seed}, {status}):\n{out}\n{stderr}"
-    );
-    // It tested every operation, and the server is still there afterwards.
-    let mut routes = 0;
-    let _ =
-        actix_web::App::new().configure(|cfg| routes = cortensor::api::register_routes(cfg).len());
-    // schemathesis leaves out the operation that serves the schema it loaded (/openapi.json).
-    let tested = routes - 1;
-    assert!(
-        out.contains(&format!("{tested} selected / {tested} total")),
-        "schemathesis did not test all {tested} operations:\n{out}"
-    );
-    let (code, _) = net.get("/api/v1/status");
-    assert_eq!(code, 200);
+    (status, out, stderr)
 }
