@@ -180,6 +180,7 @@ fn greedy_chat_decoding_matches_llama_cpp() {
             params: SamplingParams::greedy(),
             max_tokens: expected.len(),
             stop: vec![],
+            prefix: vec![],
         };
         let out = engine
             .generate(&request, &CancelToken::new(), &mut |_| {})

@@ -81,6 +81,7 @@ fn three_real_miners_agree_and_the_task_shows_three_results() {
         },
         max_tokens: 24,
         stop: vec![],
+        prefix: vec![],
     };
     let local = engine
         .generate(&request, &CancelToken::new(), &mut |_| {})
@@ -235,6 +236,7 @@ fn model_validation_accepts_real_miners_and_the_validate_endpoint_judges_outputs
         },
         max_tokens: 20,
         stop: vec![],
+        prefix: vec![],
     };
     let honest = engine
         .generate(&request, &CancelToken::new(), &mut |_| {})

@@ -1408,6 +1408,7 @@ impl Handler<Probe> for SessionQueue {
                 params: crate::models::sampling::SamplingParams::greedy(),
                 max_tokens: PROBE_MAX_TOKENS,
                 stop: vec![],
+                prefix: vec![],
             },
             redundancy: 1,
             validators: 1,

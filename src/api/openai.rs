@@ -160,6 +160,7 @@ impl Common {
                     .map(StopField::into_vec)
                     .transpose()?
                     .unwrap_or_default(),
+                prefix: vec![],
             },
             explicit_seed: self.sampling.seed.is_some(),
             timeout: None,

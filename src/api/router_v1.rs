@@ -429,6 +429,7 @@ impl CompletionBody {
                     .map(StopField::into_vec)
                     .transpose()?
                     .unwrap_or_default(),
+                prefix: vec![],
             },
             explicit_seed: self.sampling.seed.is_some(),
             timeout: completion::seconds_field("timeout", self.timeout)?,

@@ -212,6 +212,7 @@ pub async fn validate(
         params,
         max_tokens: state.settings.max_context,
         stop: vec![],
+        prefix: vec![],
     };
     // Token ids are left to the validators' model (`token_ids` empty: tokenize the text);
     // the end of a client's output is not checked (its finish is unknown).

@@ -128,6 +128,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
+        prefix: vec![],
     };
     let stream = args.format == OutputFormat::Text;
     let mut stdout = std::io::stdout().lock();

@@ -36,6 +36,11 @@ pub struct GenerateRequest {
     /// Generation ends before the first occurrence of any of these; the stop text is not
     /// returned.
     pub stop: Vec<String>,
+    /// Output tokens already generated (an accepted earlier chunk): the generation goes on
+    /// after them, sampling exactly as the whole generation would have, and `max_tokens`
+    /// counts the new tokens. The result holds the whole output, prefix included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefix: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -398,20 +403,23 @@ impl InferenceEngine for LlamaEngine {
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
+        let prefix = &request.prefix;
         let limit = self.model.max_context();
-        if prompt.len() >= limit {
+        if prompt.len() + prefix.len() >= limit {
             return Err(EngineError::PromptTooLong {
-                prompt: prompt.len(),
+                prompt: prompt.len() + prefix.len(),
                 max_tokens: request.max_tokens,
                 limit,
             });
         }
         let mut sampler = Sampler::new(request.params.clone())?;
+        sampler.skip(prefix.len());
         let stop_ids = self.tokenizer.stop_ids();
         let model = &self.model;
         let pool = &self.pool;
         let tokenizer = &self.tokenizer;
-        let budget = request.max_tokens.min(limit - prompt.len());
+        // `budget` counts every output token, the prefix's too.
+        let budget = prefix.len() + request.max_tokens.min(limit - prompt.len() - prefix.len());
         // Only the forward passes run in the pool: the token callback stays on this thread
         // (it need not be Send), and between tokens the pool's threads are free.
         let forward = |session: &mut Session, tokens: &[u32]| {
@@ -420,13 +428,25 @@ impl InferenceEngine for LlamaEngine {
         let mut session = model.new_session((prompt.len() + budget).max(1));
         let started = Instant::now();
         let mut logits = forward(&mut session, &prompt)?;
+        if !prefix.is_empty() {
+            // The prefix with the kernels decoding used for it (as a replay does), so the
+            // logits after it are the ones the whole generation computed.
+            session.decode_numerics = true;
+            logits = forward(&mut session, prefix)?;
+        }
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let decode_started = Instant::now();
         let mut history = prompt.clone();
-        let mut ids = Vec::new();
-        let mut text = String::new();
-        let mut emitted = 0;
+        history.extend_from_slice(prefix);
+        let mut ids = prefix.clone();
         let mut decoder = StreamDecoder::new();
+        let mut text = String::new();
+        for &id in prefix {
+            text.push_str(&decoder.push(tokenizer, id));
+        }
+        // What the whole generation had emitted by then (text that could still begin a stop
+        // string was held back); the rest is emitted as it would have been.
+        let mut emitted = text.len() - stop_hold_back(&text, &request.stop);
         let mut finish = FinishReason::Length;
         let mut stopped_by_string = false;
         while ids.len() < budget {
@@ -489,7 +509,7 @@ impl InferenceEngine for LlamaEngine {
         }
         let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
         // The first token comes from the prefill logits; decode speed counts the rest.
-        let decoded_steps = ids.len().saturating_sub(1) as f64;
+        let decoded_steps = (ids.len() - prefix.len()).saturating_sub(1) as f64;
         Ok(Generation {
             prompt_tokens: prompt.len(),
             prefill_tok_s: prompt.len() as f64 / (prefill_ms / 1e3).max(1e-9),

@@ -139,6 +139,15 @@ impl Sampler {
         &self.params
     }
 
+    /// Positions the random stream after `tokens` sampled tokens, as if they had been drawn
+    /// here: each sampled (temperature > 0) token takes exactly one 32-bit draw, so a
+    /// generation continued after an accepted prefix draws what the whole one would have.
+    pub fn skip(&mut self, tokens: usize) {
+        if self.params.temperature > 0.0 {
+            self.rng.set_word_pos(tokens as u128);
+        }
+    }
+
     /// Picks the next token. `history` is every token so far (prompt and generated); the
     /// penalties look at its last `repeat_last_n`. `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {

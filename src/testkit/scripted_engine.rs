@@ -151,15 +151,28 @@ impl InferenceEngine for ScriptedEngine {
             (None, 0) => 8,
             (None, n) => n,
         };
-        let n = length.min(request.max_tokens);
-        let mut text = String::new();
-        let mut token_ids = Vec::with_capacity(n);
-        let mut finish_reason = if n < request.max_tokens {
+        // A continuation (`prefix`) goes on from word `prefix.len()`; `max_tokens` counts
+        // the new words, and the result holds the whole output.
+        let from = request.prefix.len().min(length);
+        let n = length.min(from + request.max_tokens);
+        let mut finish_reason = if n < from + request.max_tokens {
             FinishReason::Stop
         } else {
             FinishReason::Length
         };
-        for i in 0..n {
+        let word_at = |i: usize| -> (String, u32) {
+            match &answer {
+                Some(words) => (format!(" {}", words[i]), i as u32),
+                None => {
+                    let word = scripted_word(&prompt, request.params.seed, i);
+                    let id = word[2..].parse().unwrap_or(0);
+                    (word, id)
+                }
+            }
+        };
+        let mut text: String = (0..from).map(|i| word_at(i).0).collect();
+        let mut token_ids: Vec<u32> = request.prefix[..from].to_vec();
+        for i in from..n {
             if cancel.is_cancelled() {
                 finish_reason = FinishReason::Cancelled;
                 break;
@@ -167,14 +180,7 @@ impl InferenceEngine for ScriptedEngine {
             if !self.script.token_delay.is_zero() {
                 std::thread::sleep(self.script.token_delay);
             }
-            let (word, id) = match &answer {
-                Some(words) => (format!(" {}", words[i]), i as u32),
-                None => {
-                    let word = scripted_word(&prompt, request.params.seed, i);
-                    let id = word[2..].parse().unwrap_or(0);
-                    (word, id)
-                }
-            };
+            let (word, id) = word_at(i);
             on_token(&TokenEvent {
                 index: i,
                 id,

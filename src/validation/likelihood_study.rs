@@ -107,6 +107,7 @@ fn request(prompt: &str, params: SamplingParams, max_tokens: usize) -> GenerateR
         params,
         max_tokens,
         stop: vec![],
+        prefix: vec![],
     }
 }
 
