@@ -3,27 +3,12 @@
 //! WebSocket, and answers a prompt; `cortensor miner` / `validator` name bad input and give
 //! up on a router that is not there, with the reason.
 
+mod common;
+
+use common::{cortensor, fails_naming};
+
 use std::process::Command;
 use std::time::Instant;
-
-fn cortensor(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cortensor"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn fails_naming(args: &[&str], needle: &str) {
-    let out = cortensor(args);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: stderr does not name {needle:?}:\n{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-}
 
 #[test]
 fn testnet_processes_answers_a_prompt_with_each_node_a_process() {

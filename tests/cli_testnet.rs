@@ -1,19 +1,15 @@
 //! The testnet and client commands as an operator uses them: the real binary, the real model,
 //! a client in another process, Ctrl-C, and bad input that must be named in the error.
 
+mod common;
+
+use common::{cortensor, fails_naming};
+
 use cortensor::chain::anvil::AnvilNode;
 use cortensor::chain::evm::ANVIL_DEV_KEY;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn cortensor(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cortensor"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
 
 /// `cortensor node withdraw` for miner-1: what it printed, after checking it paid something.
 fn withdraw_miner_1(data: &str) -> String {
@@ -31,17 +27,6 @@ fn withdraw_miner_1(data: &str) -> String {
         .unwrap_or_else(|| panic!("{said}"));
     assert!(amount > 0, "{said}");
     said
-}
-
-fn fails_naming(args: &[&str], needle: &str) {
-    let out = cortensor(args);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: stderr does not name {needle:?}:\n{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]

@@ -3,27 +3,14 @@
 
 mod common;
 
+use common::client_python;
+
 use cortensor::commands::testnet::{llama_factory, model_name};
 use cortensor::config::TestnetConfig;
 use cortensor::models::backend::BackendChoice;
 use cortensor::models::fetch;
 use serde_json::Value;
 use std::process::Command;
-
-fn client_python() -> std::path::PathBuf {
-    let home = std::env::var_os("CORTENSOR_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortensor")
-        });
-    let python = home.join("venv-clients/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/setup (it installs the openai client)",
-        python.display()
-    );
-    python
-}
 
 /// "chatcmpl-3-7" → (3, 7)
 fn task_of(id: &str) -> (u64, u64) {

@@ -5,6 +5,10 @@
 //! miner trusting another CA. A recording TCP relay between the clients and the router shows
 //! that neither the prompt nor the answer crosses the wire in plaintext.
 
+mod common;
+
+use common::client_python;
+
 use cortensor::testkit::network::{Engines, TestNetwork, TestnetBuilder};
 use cortensor::testkit::remote::RemoteMiner;
 use cortensor::testkit::scripted_engine::Script;
@@ -17,21 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PROMPT: &str = "a secret prompt about lighthouses";
-
-fn client_python() -> std::path::PathBuf {
-    let home = std::env::var_os("CORTENSOR_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortensor")
-        });
-    let python = home.join("venv-clients/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/setup",
-        python.display()
-    );
-    python
-}
 
 /// A TCP relay on loopback that keeps every byte it forwards, both ways.
 struct Relay {

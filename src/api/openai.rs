@@ -235,8 +235,29 @@ fn total_usage(records: &[crate::task::TaskRecord]) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-fn task_ids(records: &[crate::task::TaskRecord]) -> Vec<u64> {
-    records.iter().map(|r| r.key.task_id).collect()
+/// The answer to a request run as subtasks: their choices in order (`choice` shapes each),
+/// the usage of them all, and the tasks (the first names the answer).
+fn subtasks_answer(
+    records: &[crate::task::TaskRecord],
+    id_prefix: &str,
+    object: &str,
+    model: &str,
+    choice: impl Fn(usize, &crate::task::TaskResult) -> Value,
+) -> Value {
+    let first = records[0].key;
+    let choices: Vec<Value> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| choice(i, &r.outcome.as_ref().expect("completed").result))
+        .collect();
+    json!({
+        "id": format!("{id_prefix}-{}-{}", first.session_id, first.task_id),
+        "object": object, "created": now_ms() / 1000, "model": model,
+        "choices": choices,
+        "usage": total_usage(records),
+        "session_id": first.session_id, "task_id": first.task_id,
+        "task_ids": records.iter().map(|r| r.key.task_id).collect::<Vec<_>>(),
+    })
 }
 
 fn chat_prompt(messages: Vec<MessageIn>) -> Result<Prompt, ApiError> {
@@ -297,28 +318,17 @@ async fn chat_completions(
     let created = now_ms() / 1000;
     if specs.len() > 1 {
         let records = run_subtasks(&state, &caller, specs).await?;
-        let first = records[0].key;
-        let choices: Vec<Value> = records
-            .iter()
-            .enumerate()
-            .map(|(index, r)| {
-                let result = &r.outcome.as_ref().expect("completed").result;
+        let mut answer =
+            subtasks_answer(&records, "chatcmpl", "chat.completion", &model, |i, r| {
                 json!({
-                    "index": index,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.finish_reason,
+                    "index": i,
+                    "message": {"role": "assistant", "content": r.text},
+                    "finish_reason": r.finish_reason,
                     "logprobs": null,
                 })
-            })
-            .collect();
-        return Ok(HttpResponse::Ok().json(json!({
-            "id": format!("chatcmpl-{}-{}", first.session_id, first.task_id),
-            "object": "chat.completion", "created": created, "model": model,
-            "choices": choices,
-            "usage": total_usage(&records),
-            "system_fingerprint": null,
-            "session_id": first.session_id, "task_id": first.task_id, "task_ids": task_ids(&records),
-        })));
+            });
+        answer["system_fingerprint"] = Value::Null;
+        return Ok(HttpResponse::Ok().json(answer));
     }
     let spec = specs.remove(0);
     let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;
@@ -413,22 +423,14 @@ async fn completions(
     let created = now_ms() / 1000;
     if specs.len() > 1 {
         let records = run_subtasks(&state, &caller, specs).await?;
-        let first = records[0].key;
-        let choices: Vec<Value> = records
-            .iter()
-            .enumerate()
-            .map(|(index, r)| {
-                let result = &r.outcome.as_ref().expect("completed").result;
-                json!({"text": result.text, "index": index, "finish_reason": result.finish_reason, "logprobs": null})
-            })
-            .collect();
-        return Ok(HttpResponse::Ok().json(json!({
-            "id": format!("cmpl-{}-{}", first.session_id, first.task_id),
-            "object": "text_completion", "created": created, "model": model,
-            "choices": choices,
-            "usage": total_usage(&records),
-            "session_id": first.session_id, "task_id": first.task_id, "task_ids": task_ids(&records),
-        })));
+        let answer = subtasks_answer(
+            &records,
+            "cmpl",
+            "text_completion",
+            &model,
+            |i, r| json!({"text": r.text, "index": i, "finish_reason": r.finish_reason, "logprobs": null}),
+        );
+        return Ok(HttpResponse::Ok().json(answer));
     }
     let spec = specs.remove(0);
     let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;

@@ -4,7 +4,7 @@
 //! on loopback. Children get SIGINT when the testnet stops (and SIGKILL if they linger).
 
 use super::client::Client;
-use super::testnet::{wait_for_ctrl_c, wait_for_miners, TestnetArgs};
+use super::testnet::{answer_prompt, wait_for_ctrl_c, wait_for_miners, TestnetArgs};
 use crate::config::{ChainKind, TestnetConfig};
 use crate::testnet::{miner_id, node_keys_dir};
 use anyhow::Context;
@@ -232,36 +232,9 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         println!("tls:     self-signed; clients trust {}", ca.display());
     }
     println!("api key: {api_key}");
-    if let Some(prompt) = args.prompt {
-        let session = client.create_session(
-            args.redundant,
-            &format!(
-                "testnet --processes --prompt (redundant {})",
-                args.redundant
-            ),
-        )?;
-        println!("session: {session} (redundant {})", args.redundant);
-        let answer = client.complete(
-            session,
-            &prompt,
-            args.max_tokens,
-            true,
-            &mut std::io::stdout(),
-        )?;
-        println!();
-        let task = client.task(session, answer.task_id)?;
-        println!(
-            "task {}/{}: {} by {} miner(s): {}",
-            session,
-            answer.task_id,
-            task["status"],
-            task["results"]["miners"]
-                .as_array()
-                .map(Vec::len)
-                .unwrap_or(0),
-            task["results"]["miners"]
-        );
-        return Ok(());
+    if let Some(prompt) = &args.prompt {
+        let sizes = (args.redundant, args.max_tokens);
+        return answer_prompt(&client, prompt, sizes, "testnet --processes --prompt");
     }
     wait_for_ctrl_c()?;
     eprintln!("testnet: stopping the nodes");

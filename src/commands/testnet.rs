@@ -336,38 +336,40 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         "         (OpenAI-compatible: base_url {}/v1, model {model:?})",
         testnet.url
     );
-    if let Some(prompt) = args.prompt {
-        let session = client.create_session(
-            args.redundant,
-            &format!("testnet --prompt (redundant {})", args.redundant),
-        )?;
-        println!("session: {session} (redundant {})", args.redundant);
-        let answer = client.complete(
-            session,
-            &prompt,
-            args.max_tokens,
-            true,
-            &mut std::io::stdout(),
-        )?;
-        println!();
-        let task = client.task(session, answer.task_id)?;
-        println!(
-            "task {}/{}: {} by {} miner(s): {}",
-            session,
-            answer.task_id,
-            task["status"],
-            task["results"]["miners"]
-                .as_array()
-                .map(Vec::len)
-                .unwrap_or(0),
-            task["results"]["miners"]
-        );
+    if let Some(prompt) = &args.prompt {
+        let sizes = (args.redundant, args.max_tokens);
+        answer_prompt(&client, prompt, sizes, "testnet --prompt")?;
         running.testnet.shutdown();
         return Ok(());
     }
     wait_for_ctrl_c()?;
     eprintln!("testnet: shutting down");
     running.testnet.shutdown();
+    Ok(())
+}
+
+/// Opens a session of `redundant` miners, streams the answer to `prompt` to stdout, and
+/// prints the task: what `--prompt` does.
+pub fn answer_prompt(
+    client: &client::Client,
+    prompt: &str,
+    (redundant, max_tokens): (u32, usize),
+    what: &str,
+) -> anyhow::Result<()> {
+    let session = client.create_session(redundant, &format!("{what} (redundant {redundant})"))?;
+    println!("session: {session} (redundant {redundant})");
+    let answer = client.complete(session, prompt, max_tokens, true, &mut std::io::stdout())?;
+    println!();
+    let task = client.task(session, answer.task_id)?;
+    let miners = &task["results"]["miners"];
+    println!(
+        "task {}/{}: {} by {} miner(s): {}",
+        session,
+        answer.task_id,
+        task["status"],
+        miners.as_array().map(Vec::len).unwrap_or(0),
+        miners
+    );
     Ok(())
 }
 

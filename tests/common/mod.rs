@@ -230,3 +230,40 @@ pub fn scripts(entries: &[(&str, Script)]) -> HashMap<String, Script> {
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect()
 }
+
+/// Runs the `cortensor` binary (warnings only in its log).
+pub fn cortensor(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cortensor"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running the cortensor binary")
+}
+
+/// `cortensor args` fails, naming `needle` in its error, without a panic.
+pub fn fails_naming(args: &[&str], needle: &str) {
+    let out = cortensor(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: stderr does not name {needle:?}:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The Python with the official `openai` client (installed, pinned, by scripts/setup).
+pub fn client_python() -> std::path::PathBuf {
+    let home = std::env::var_os("CORTENSOR_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cortensor")
+        });
+    let python = home.join("venv-clients/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup (it installs the openai client)",
+        python.display()
+    );
+    python
+}
