@@ -5,7 +5,7 @@
 
 use super::client::Client;
 use super::testnet::{answer_prompt, wait_for_ctrl_c, wait_for_miners, TestnetArgs};
-use crate::config::{ChainKind, TestnetConfig};
+use crate::config::ChainKind;
 use crate::testnet::{miner_id, node_keys_dir};
 use anyhow::Context;
 use std::net::TcpListener;
@@ -74,19 +74,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let net = &args.network;
-    let mut config = TestnetConfig::load(net.config.as_deref())?;
-    if let Some(n) = net.miners {
-        config.nodes.miners = n;
-    }
-    if let Some(n) = net.validators {
-        config.nodes.validators = n;
-    }
-    if let Some(a) = net.listen {
-        config.router.listen = a;
-    }
-    if let Some(d) = &net.data_dir {
-        config.storage.data_dir = d.clone();
-    }
+    let config = net.configuration()?;
     config.validate_local()?;
     let (miners, validators) = (config.nodes.miners, config.nodes.validators);
     if args.prompt.is_some() && args.redundant as usize > miners {

@@ -60,6 +60,41 @@ pub struct NetworkArgs {
     pub tls_self_signed: bool,
 }
 
+impl NetworkArgs {
+    /// The configuration file (or the embedded defaults) with the command line laid over it;
+    /// not yet validated.
+    pub fn configuration(&self) -> anyhow::Result<TestnetConfig> {
+        let mut config = TestnetConfig::load(self.config.as_deref())?;
+        let nodes = &mut config.nodes;
+        nodes.miners = self.miners.unwrap_or(nodes.miners);
+        nodes.validators = self.validators.unwrap_or(nodes.validators);
+        if let Some(b) = &self.backend {
+            nodes.backend = b.clone();
+        }
+        config.router.listen = self.listen.unwrap_or(config.router.listen);
+        if let Some(d) = &self.data_dir {
+            config.storage.data_dir = d.clone();
+        }
+        let chain = &mut config.chain;
+        chain.kind = self.chain.unwrap_or(chain.kind);
+        if let Some(url) = &self.rpc_url {
+            chain.rpc_url = url.clone();
+        }
+        if let Some(key) = &self.private_key {
+            chain.private_key = key.clone();
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls.cert = cert.display().to_string();
+            config.tls.key = key.display().to_string();
+            config.tls.self_signed = false;
+        }
+        if self.tls_self_signed {
+            config.tls.self_signed = true;
+        }
+        Ok(config)
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct TestnetArgs {
     #[command(flatten)]
@@ -118,39 +153,7 @@ pub struct Resolved {
 /// Lays the command line over the configuration and checks that the model loads. A network
 /// that serves remote nodes may have no validator of its own.
 pub fn resolve(args: NetworkArgs, remote_nodes: bool) -> anyhow::Result<Resolved> {
-    let mut config = TestnetConfig::load(args.config.as_deref())?;
-    if let Some(n) = args.miners {
-        config.nodes.miners = n;
-    }
-    if let Some(n) = args.validators {
-        config.nodes.validators = n;
-    }
-    if let Some(a) = args.listen {
-        config.router.listen = a;
-    }
-    if let Some(d) = args.data_dir {
-        config.storage.data_dir = d;
-    }
-    if let Some(b) = args.backend {
-        config.nodes.backend = b;
-    }
-    if let Some(kind) = args.chain {
-        config.chain.kind = kind;
-    }
-    if let Some(url) = args.rpc_url {
-        config.chain.rpc_url = url;
-    }
-    if let Some(key) = args.private_key {
-        config.chain.private_key = key;
-    }
-    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
-        config.tls.cert = cert.display().to_string();
-        config.tls.key = key.display().to_string();
-        config.tls.self_signed = false;
-    }
-    if args.tls_self_signed {
-        config.tls.self_signed = true;
-    }
+    let config = args.configuration()?;
     if remote_nodes {
         config.validate()?;
     } else {
