@@ -295,3 +295,60 @@ fn the_login_refuses_wrong_keys_versions_and_frames() {
     );
     assert_eq!(status, 200, "{v}");
 }
+
+#[test]
+fn a_stream_goes_on_without_a_repeated_or_lost_token_when_its_miner_dies() {
+    // 60 tokens at 40 ms: the stream is well under way when its miner goes.
+    let script = Script {
+        length: 60,
+        ..Script::slow(Duration::from_millis(40))
+    };
+    let net = network(script);
+    let mut miners = join(&net, 2);
+    let sid = net.create_session(1, 1_000_000).unwrap();
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{}/api/v1/completions", net.url()))
+        .bearer_auth(net.api_key())
+        .json(&json!({"session_id": sid, "prompt": "a streamed answer", "max_tokens": 60, "stream": true}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(response).lines();
+    let (mut streamed, mut pieces, mut task_id) = (String::new(), 0, 0);
+    let mut cut = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        assert!(chunk.get("error").is_none(), "{chunk}");
+        task_id = chunk["task_id"].as_u64().unwrap_or(task_id);
+        streamed.push_str(chunk["choices"][0]["text"].as_str().unwrap_or(""));
+        pieces += 1;
+        if pieces == 10 && !cut {
+            // The miner streaming this answer goes away mid-generation.
+            let (_, t) = net.get(&format!("/api/v1/tasks/{sid}/{task_id}"));
+            let serving = t["assignments"][0]["miner"].as_str().unwrap().to_string();
+            let i = miners.iter().position(|m| m.id == serving).unwrap();
+            miners.remove(i).stop();
+            cut = true;
+        }
+    }
+    assert!(cut, "the stream ended before the cut ({pieces} pieces)");
+    let (_, task) = net.get(&format!("/api/v1/tasks/{sid}/{task_id}"));
+    assert_eq!(task["status"], "Completed", "{task}");
+    assert_eq!(task["assignments"][0]["state"], "Replaced", "{task}");
+    assert_eq!(task["results"]["miners"], json!([miners[0].id]), "{task}");
+    // What the client read is exactly the accepted answer: nothing twice, nothing missing.
+    assert_eq!(
+        streamed,
+        task["accepted"]["text"].as_str().unwrap(),
+        "{task}"
+    );
+    assert_eq!(task["usage"]["completion_tokens"], 60);
+}
