@@ -263,6 +263,7 @@ impl Handler<SubmitTask> for Router {
                         Ok(Err(QueueError::Full(n))) => {
                             SubmitError::Busy(format!("the queue holds {n} tasks, its limit"))
                         }
+                        Ok(Err(e @ QueueError::ShuttingDown)) => SubmitError::Busy(e.to_string()),
                         Ok(Err(QueueError::Store(e))) => {
                             SubmitError::StorageUnavailable(e.to_string())
                         }

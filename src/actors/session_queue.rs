@@ -53,6 +53,8 @@ pub enum QueueError {
     Full(usize),
     #[error("task {0} does not exist")]
     NoSuchTask(TaskKey),
+    #[error("the router is shutting down; try again once it is back")]
+    ShuttingDown,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -314,6 +316,9 @@ pub struct SessionQueue {
     task_id_base: u64,
     /// The peer routers, told of each task accepted and ended (they run it if we die).
     peers: Option<Recipient<PeerEvent>>,
+    /// Shutting down: no new task, no transition; tasks waiting for their acknowledgment get
+    /// it before the queue stops.
+    stopping: bool,
 }
 
 /// Longest pause between attempts to settle a task whose settlement failed (the task stays
@@ -372,6 +377,7 @@ impl SessionQueue {
             nonces: now_ms() << 20,
             task_id_base: 0,
             peers: None,
+            stopping: false,
         }
     }
 
@@ -1056,6 +1062,9 @@ impl SessionQueue {
     }
 
     fn on_report(&mut self, report: MinerReport, ctx: &mut Context<Self>) {
+        if self.stopping {
+            return;
+        }
         if let Err(why) = self.check_signature(&report) {
             self.stats.rejected_reports += 1;
             tracing::warn!(task = %report.key, miner = %report.miner, %why, "a report refused");
@@ -1217,6 +1226,9 @@ impl SessionQueue {
 
     /// Checks every deadline: the task's own, and each active miner's next step.
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.stopping {
+            return;
+        }
         let now = Instant::now();
         let mut ended = Vec::new();
         let mut missed = Vec::new();
@@ -1349,6 +1361,9 @@ impl Actor for SessionQueue {
 impl Handler<Enqueue> for SessionQueue {
     type Result = ResponseActFuture<Self, Result<TaskKey, QueueError>>;
     fn handle(&mut self, m: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
+        if self.stopping {
+            return Box::pin(actix::fut::ready(Err(QueueError::ShuttingDown)));
+        }
         // A client that only waits for the end hears nothing before it, and the end is flushed
         // (with this write before it): only a live follower is acknowledged now.
         let acknowledged_now = m.subscriber.as_ref().is_none_or(|s| s.live);
@@ -1669,17 +1684,24 @@ impl Handler<Subscribe> for SessionQueue {
 }
 
 impl Handler<Shutdown> for SessionQueue {
-    type Result = ();
-    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
+    type Result = ResponseActFuture<Self, ()>;
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        self.stopping = true;
         self.write_dirty();
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "cannot flush the store at shutdown");
         }
-        tracing::info!(
-            live = self.live.len(),
-            "session queue stopped; live tasks resume on the next start"
-        );
-        ctx.stop();
+        // Tasks stored and waiting for the flush that acknowledges them are durable now:
+        // their flushes (asked before this one) answer first, so their clients hear they were
+        // accepted (they resume on the next start) rather than a dropped reply, which the
+        // router would take for a refusal and refund.
+        Box::pin(self.store.durable().into_actor(self).map(|_, queue, ctx| {
+            tracing::info!(
+                live = queue.live.len(),
+                "session queue stopped; live tasks resume on the next start"
+            );
+            ctx.stop();
+        }))
     }
 }
 
