@@ -10,16 +10,11 @@ use common::{cortensor, fails_naming};
 use std::process::Command;
 use std::time::Instant;
 
-#[test]
-fn testnet_processes_answers_a_prompt_with_each_node_a_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let started = Instant::now();
-    let out = cortensor(&[
+/// `cortensor testnet --processes` with one validator answering a prompt, on `data`.
+fn processes_testnet(data: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
         "testnet",
         "--processes",
-        "--miners",
-        "2",
         "--validators",
         "1",
         "--listen",
@@ -28,11 +23,20 @@ fn testnet_processes_answers_a_prompt_with_each_node_a_process() {
         data.to_str().unwrap(),
         "--prompt",
         "Name three primary colours.",
-        "--redundant",
-        "2",
-        "--max-tokens",
-        "16",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    cortensor(&args)
+}
+
+#[test]
+fn testnet_processes_answers_a_prompt_with_each_node_a_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let started = Instant::now();
+    let out = processes_testnet(
+        &data,
+        &["--miners", "2", "--redundant", "2", "--max-tokens", "16"],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -69,25 +73,18 @@ fn testnet_processes_answers_a_prompt_with_each_node_a_process() {
 fn testnet_processes_over_tls_answers_through_its_own_ca() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let out = cortensor(&[
-        "testnet",
-        "--processes",
-        "--tls-self-signed",
-        "--miners",
-        "1",
-        "--validators",
-        "1",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--prompt",
-        "Name three primary colours.",
-        "--redundant",
-        "1",
-        "--max-tokens",
-        "8",
-    ]);
+    let out = processes_testnet(
+        &data,
+        &[
+            "--tls-self-signed",
+            "--miners",
+            "1",
+            "--redundant",
+            "1",
+            "--max-tokens",
+            "8",
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");

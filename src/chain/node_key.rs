@@ -27,6 +27,14 @@ impl NodeKey {
         format!("0x{}", hex::encode(self.wallet.signer().to_bytes()))
     }
 
+    /// The same key, named by its address (`0x…`, lower case): a remote node's id.
+    pub fn named_by_address(self) -> Self {
+        Self {
+            node: format!("{:?}", self.wallet.address()),
+            wallet: self.wallet,
+        }
+    }
+
     /// A fresh random key, kept nowhere (temporary testnets).
     pub fn random(node: &str) -> Self {
         Self {

@@ -8,7 +8,7 @@ use crate::actors::router_link::{Disconnect, LinkSettings, RouterLink};
 use crate::actors::validator::Validator;
 use crate::chain::node_key::NodeKey;
 use crate::models::fetch;
-use crate::nodes::protocol::{node_id, NodeRole};
+use crate::nodes::protocol::NodeRole;
 use crate::validation::embedding_service::EmbeddingService;
 use crate::validation::engine_service::EngineService;
 use actix::prelude::*;
@@ -72,8 +72,7 @@ pub struct MinerArgs {
 pub fn load_key(spec: &str) -> anyhow::Result<NodeKey> {
     let hex_digits = spec.trim_start_matches("0x");
     if hex_digits.len() == 64 && hex_digits.chars().all(|c| c.is_ascii_hexdigit()) {
-        let key = NodeKey::from_hex("node", spec)?;
-        return Ok(NodeKey::from_hex(&node_id(key.address()), spec)?);
+        return Ok(NodeKey::from_hex("node", spec)?.named_by_address());
     }
     let path = Path::new(spec);
     let (dir, name) = match (path.parent(), path.file_stem()) {
@@ -98,10 +97,7 @@ pub fn load_key(spec: &str) -> anyhow::Result<NodeKey> {
             key.address()
         );
     }
-    Ok(NodeKey::from_hex(
-        &node_id(key.address()),
-        &key.private_key_hex(),
-    )?)
+    Ok(key.named_by_address())
 }
 
 fn check_url(url: &str) -> anyhow::Result<()> {
@@ -148,7 +144,7 @@ pub fn miner(args: MinerArgs) -> anyhow::Result<()> {
     let backend = resolve_backend(&args.node.backend)?;
     let model_path = super::generate::resolve_model(args.node.model.clone())?;
     let model = model_name(&model_path);
-    let id = node_id(key.address());
+    let id = key.node.clone();
     println!("miner:   {id} serving {model} to {}", args.node.router);
     let factory = llama_factory(
         model_path,
@@ -196,7 +192,7 @@ pub fn validator(args: ValidatorArgs) -> anyhow::Result<()> {
     let key = load_key(&args.node.key)?;
     let backend = resolve_backend(&args.node.backend)?;
     let model_path = super::generate::resolve_model(args.node.model.clone())?;
-    let id = node_id(key.address());
+    let id = key.node.clone();
     let factory = llama_factory(
         model_path,
         backend,

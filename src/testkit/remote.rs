@@ -6,7 +6,7 @@
 use crate::actors::miner::{EngineFactory, Miner, MinerFaults, MinerSpec, NodeUplink};
 use crate::actors::router_link::{LinkSettings, RouterLink};
 use crate::chain::node_key::NodeKey;
-use crate::nodes::protocol::{node_id, NodeRole};
+use crate::nodes::protocol::NodeRole;
 use actix::prelude::*;
 use std::time::Duration;
 
@@ -33,12 +33,8 @@ impl RemoteMiner {
         max_tasks: usize,
         tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     ) -> Self {
-        let key = NodeKey::random("remote");
-        let id = node_id(key.address());
-        let key = NodeKey {
-            node: id.clone(),
-            wallet: key.wallet,
-        };
+        let key = NodeKey::random("remote").named_by_address();
+        let id = key.node.clone();
         let settings = LinkSettings {
             url: router_url.to_string(),
             key: key.clone(),
