@@ -269,13 +269,7 @@ fn a_task_survives_its_miners_host_losing_its_link() {
                 .bearer_auth(auth)
                 .send()
                 .and_then(|r| r.json::<Value>())
-                .map(|v| {
-                    v["nodes"].as_object().map_or(0, |n| {
-                        n.values()
-                            .filter(|m| cortensor::commands::client::is_ready(m))
-                            .count()
-                    })
-                })
+                .map(|v| cortensor::commands::client::ready_miners(&v))
                 .unwrap_or(0)
         });
         if ready == 2 {

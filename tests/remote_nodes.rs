@@ -40,11 +40,7 @@ fn miner_states(net: &TestNetwork) -> Value {
 }
 
 fn ready(net: &TestNetwork) -> usize {
-    miner_states(net).as_object().map_or(0, |n| {
-        n.values()
-            .filter(|m| cortensor::commands::client::is_ready(m))
-            .count()
-    })
+    net.ready_miners()
 }
 
 fn join(net: &TestNetwork, n: usize) -> Vec<RemoteMiner> {

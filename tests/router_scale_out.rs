@@ -89,13 +89,7 @@ fn wait_for(limit: Duration, what: &str, log: &Path, mut ok: impl FnMut() -> boo
 }
 
 fn ready_miners(api: &str) -> usize {
-    get(&format!("{api}/api/v1/miners"))["nodes"]
-        .as_object()
-        .map_or(0, |n| {
-            n.values()
-                .filter(|m| cortensor::commands::client::is_ready(m))
-                .count()
-        })
+    cortensor::commands::client::ready_miners(&get(&format!("{api}/api/v1/miners")))
 }
 
 #[test]

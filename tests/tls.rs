@@ -93,13 +93,7 @@ fn https(ca: &Path) -> reqwest::blocking::Client {
 }
 
 fn ready(net: &TestNetwork) -> usize {
-    net.get("/api/v1/miners").1["nodes"]
-        .as_object()
-        .map_or(0, |n| {
-            n.values()
-                .filter(|m| cortensor::commands::client::is_ready(m))
-                .count()
-        })
+    net.ready_miners()
 }
 
 #[test]

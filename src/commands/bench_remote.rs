@@ -60,12 +60,7 @@ fn network(
     }
     let until = Instant::now() + Duration::from_secs(120);
     loop {
-        let ready = net.get("/api/v1/miners").1["nodes"]
-            .as_object()
-            .map_or(0, |n| {
-                n.values().filter(|m| super::client::is_ready(m)).count()
-            });
-        if ready == miners {
+        if net.ready_miners() == miners {
             break;
         }
         anyhow::ensure!(Instant::now() < until, "{miners} miners did not come up");

@@ -18,6 +18,13 @@ pub fn is_ready(miner: &Value) -> bool {
     !["offline", "validating", "suspended"].contains(&miner["state"].as_str().unwrap_or(""))
 }
 
+/// How many miners of a `/api/v1/miners` answer are ready for tasks.
+pub fn ready_miners(miners: &Value) -> usize {
+    miners["nodes"]
+        .as_object()
+        .map_or(0, |n| n.values().filter(|m| is_ready(m)).count())
+}
+
 pub struct Answer {
     pub task_id: u64,
     pub text: String,
@@ -90,10 +97,7 @@ impl Client {
 
     /// Miners ready for tasks (see [`is_ready`]).
     pub fn online_miners(&self) -> anyhow::Result<usize> {
-        let miners = self.get("/api/v1/miners")?;
-        Ok(miners["nodes"]
-            .as_object()
-            .map_or(0, |n| n.values().filter(|m| is_ready(m)).count()))
+        Ok(ready_miners(&self.get("/api/v1/miners")?))
     }
 
     /// Validators the router asks now (its `cortensor_validators` gauge).

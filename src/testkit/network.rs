@@ -410,13 +410,7 @@ impl TestNetwork {
     fn wait_for_miners(&self, limit: Duration) {
         let start = Instant::now();
         while start.elapsed() < limit {
-            let (_, v) = self.get("/api/v1/miners");
-            let ready = v["nodes"].as_object().map_or(0, |n| {
-                n.values()
-                    .filter(|m| crate::commands::client::is_ready(m))
-                    .count()
-            });
-            if ready >= self.config.nodes.miners {
+            if self.ready_miners() >= self.config.nodes.miners {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -428,6 +422,10 @@ impl TestNetwork {
     }
     pub fn url(&self) -> String {
         self.testnet().url.clone()
+    }
+    /// Miners ready for tasks now.
+    pub fn ready_miners(&self) -> usize {
+        crate::commands::client::ready_miners(&self.get("/api/v1/miners").1)
     }
     /// The node WebSocket (`ws://…`), when the network serves one.
     pub fn node_url(&self) -> Option<String> {

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use cortensor::actors::miner::{EngineFactory, MinerFaults};
-use cortensor::commands::client::is_ready;
 use cortensor::config::TestnetConfig;
 use cortensor::models::engine::InferenceEngine;
 use cortensor::testkit::scripted_engine::{Script, ScriptedEngine, SCRIPTED_MODEL};
@@ -128,10 +127,7 @@ impl Net {
 
     /// Miners in the pool (online and past their network tasks) or pinned.
     pub fn online_miners(&self) -> usize {
-        let (_, v) = self.get("/api/v1/miners");
-        v["nodes"]
-            .as_object()
-            .map_or(0, |n| n.values().filter(|m| is_ready(m)).count())
+        cortensor::commands::client::ready_miners(&self.get("/api/v1/miners").1)
     }
 
     /// Miners that have joined the pool or failed a network task at least once: settled.
