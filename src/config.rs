@@ -121,6 +121,9 @@ pub struct QueueConfig {
     pub max_replacements: u32,
     pub max_live_tasks: usize,
     pub tick_ms: u64,
+    /// A longer generation runs in chunks of this many tokens, each precommitted, revealed
+    /// and validated before the next starts (0: one round, however long).
+    pub chunk_tokens: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -166,12 +166,16 @@ pub struct Assignment {
     /// assignment (an earlier one, another task) cannot be replayed into it.
     #[serde(default)]
     pub nonce: u64,
+    /// Which chunk of the generation it was for (0 for a task that is not chunked).
+    #[serde(default)]
+    pub chunk: u32,
 }
 
 impl Assignment {
-    pub fn new(miner: String, now_ms: u64, nonce: u64) -> Self {
+    pub fn new(miner: String, now_ms: u64, nonce: u64, chunk: u32) -> Self {
         Self {
             nonce,
+            chunk,
             miner,
             state: AssignmentState::Assigned,
             assigned_at_ms: now_ms,
@@ -232,6 +236,17 @@ pub struct SettlementDue {
     pub hold: u64,
     pub charge: u64,
     pub payees: Vec<String>,
+}
+
+/// One accepted chunk of a chunked generation: output tokens `from..to` (indexes into the
+/// whole output), produced by `miners` (whose results agreed) and validated by `validators`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub chunk: u32,
+    pub from: usize,
+    pub to: usize,
+    pub miners: Vec<String>,
+    pub validators: Vec<String>,
 }
 
 /// Why a task failed, where the miners are not to blame.
@@ -304,6 +319,17 @@ pub struct TaskRecord {
     /// older than it).
     #[serde(default)]
     pub decision: Option<Decision>,
+    /// Output tokens per chunk: the generation runs in rounds of at most this many tokens,
+    /// each precommitted, revealed and validated before the next (0: one round).
+    #[serde(default)]
+    pub chunk_tokens: usize,
+    /// The chunks accepted so far, in order (a completed task's last chunk included).
+    #[serde(default)]
+    pub spans: Vec<Span>,
+    /// The output accepted so far (the last accepted chunk's result, which holds every
+    /// token before it): what the next chunk continues from.
+    #[serde(default)]
+    pub accepted: Option<TaskResult>,
 }
 
 impl TaskRecord {
@@ -320,10 +346,78 @@ impl TaskRecord {
     pub fn active(&self) -> impl Iterator<Item = &Assignment> {
         self.assignments.iter().filter(|a| a.state.is_active())
     }
+    /// The chunk being generated now (the number of chunks accepted before it).
+    pub fn chunk(&self) -> u32 {
+        self.spans.len() as u32
+    }
+    /// The assignments of the chunk being generated now.
+    pub fn round(&self) -> impl Iterator<Item = &Assignment> {
+        let chunk = self.chunk();
+        self.assignments.iter().filter(move |a| a.chunk == chunk)
+    }
+    /// The assignments of the last chunk that ran (the current one while the task runs).
+    pub fn last_round(&self) -> impl Iterator<Item = &Assignment> {
+        let last = self.assignments.iter().map(|a| a.chunk).max().unwrap_or(0);
+        self.assignments.iter().filter(move |a| a.chunk == last)
+    }
+    pub fn round_mut(&mut self) -> impl Iterator<Item = &mut Assignment> {
+        let chunk = self.chunk();
+        self.assignments
+            .iter_mut()
+            .filter(move |a| a.chunk == chunk)
+    }
+    /// Whether this round has a revealed result that matched its precommit.
+    pub fn round_committed(&self) -> bool {
+        self.round().any(|a| a.state == AssignmentState::Committed)
+    }
     pub fn assignment_mut(&mut self, miner: &str) -> Option<&mut Assignment> {
         // The newest assignment of that miner (a miner is never assigned the same task twice
-        // while active, but it may appear again after a restart dropped its first one).
+        // while active, but it may appear again after a restart dropped its first one, or in
+        // the next chunk).
         self.assignments.iter_mut().rev().find(|a| a.miner == miner)
+    }
+    /// The output tokens accepted so far (the prefix the current chunk continues).
+    pub fn accepted_tokens(&self) -> &[u32] {
+        self.accepted.as_ref().map_or(&[], |r| &r.token_ids)
+    }
+    /// What the miners of the current chunk are asked: the client's request, continued from
+    /// the accepted output, for at most `chunk_tokens` new tokens.
+    pub fn chunk_request(&self) -> GenerateRequest {
+        let mut request = self.request.clone();
+        if self.chunk_tokens == 0 {
+            return request;
+        }
+        let accepted = self.accepted_tokens();
+        let left = self.request.max_tokens.saturating_sub(accepted.len());
+        request.prefix = accepted.to_vec();
+        request.max_tokens = left.min(self.chunk_tokens);
+        request
+    }
+    /// Whether generation goes on after `result` was accepted for the current chunk: it
+    /// used the chunk's whole budget (it did not stop, and the context did not cut it
+    /// short) and the client asked for more.
+    pub fn continues_after(&self, result: &TaskResult) -> bool {
+        let request = self.chunk_request();
+        self.chunk_tokens > 0
+            && result.finish_reason == FinishReason::Length
+            && result.token_ids.len() >= request.prefix.len() + request.max_tokens
+            && result.token_ids.len() < self.request.max_tokens
+    }
+    /// Whether the generation runs in more than one chunk.
+    pub fn is_chunked(&self) -> bool {
+        self.chunk_tokens > 0 && self.request.max_tokens > self.chunk_tokens
+    }
+    /// Every miner paid for an accepted chunk so far, and every validator that decided one.
+    pub fn span_payees(&self) -> Vec<String> {
+        let mut payees: Vec<String> = Vec::new();
+        for s in &self.spans {
+            for p in s.miners.iter().chain(&s.validators) {
+                if !payees.contains(p) {
+                    payees.push(p.clone());
+                }
+            }
+        }
+        payees
     }
     pub fn assigned_miners(&self) -> Vec<String> {
         self.assignments.iter().map(|a| a.miner.clone()).collect()
@@ -333,7 +427,11 @@ impl TaskRecord {
     /// restart shows what its assignments did together), reveals only where they matched.
     pub fn trace(&self) -> TaskTrace {
         let mut miners: Vec<MinerTrace> = Vec::new();
-        for a in &self.assignments {
+        // The last chunk first: its result is the whole output, and only it keeps its result
+        // (earlier chunks keep their precommits).
+        let mut assignments: Vec<&Assignment> = self.assignments.iter().collect();
+        assignments.sort_by_key(|a| std::cmp::Reverse(a.chunk));
+        for a in assignments {
             let i = match miners.iter().position(|m| m.node == a.miner) {
                 Some(i) => i,
                 None => {

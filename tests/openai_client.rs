@@ -99,6 +99,15 @@ fn the_official_openai_client_works_unchanged() {
             >= 1
     );
     assert!(!v["completion_stream"].as_str().unwrap().is_empty());
+    // n = 2: two subtasks; streamed, each piece tagged with its choice; the same texts.
+    let choices = &v["choices"];
+    let answered = choices["answered"].as_array().unwrap();
+    assert_eq!(answered.len(), 2, "{choices}");
+    assert!(
+        answered.iter().all(|c| !c.as_str().unwrap().is_empty()),
+        "{choices}"
+    );
+    assert_eq!(choices["streamed"], choices["answered"], "{choices}");
     assert_eq!(v["unknown_model"]["status"], 404);
     assert_eq!(v["unknown_model"]["code"], "model_not_found");
     assert_eq!(v["bad_key"]["status"], 401);

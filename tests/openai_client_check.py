@@ -61,6 +61,20 @@ out["completion"] = {"id": completion.id, "text": completion.choices[0].text,
 text_stream = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, stream=True)
 out["completion_stream"] = "".join(c.choices[0].text for c in text_stream if c.choices)
 
+# Two choices with a seed, answered at once and then streamed: the same two texts.
+question = [{"role": "user", "content": "Suggest a name for a cat."}]
+both = client.chat.completions.create(model=model, messages=question, max_tokens=12, n=2, seed=5,
+                                      temperature=0.9)
+by_index = {}
+for chunk in client.chat.completions.create(model=model, messages=question, max_tokens=12, n=2,
+                                            seed=5, temperature=0.9, stream=True):
+    for choice in chunk.choices:
+        by_index.setdefault(choice.index, []).append(choice.delta.content or "")
+out["choices"] = {
+    "answered": [c.message.content for c in sorted(both.choices, key=lambda c: c.index)],
+    "streamed": ["".join(by_index.get(i, [])) for i in range(2)],
+}
+
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     out["unknown_model"] = None

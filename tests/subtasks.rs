@@ -110,7 +110,7 @@ fn choices_and_batches_run_as_parallel_subtasks_in_order() {
         assert!(!c["message"]["content"].as_str().unwrap().is_empty());
     }
 
-    // Too many, and streamed several: refused with the reason.
+    // Too many: refused with the reason.
     let (status, v) = net.post(
         "/v1/completions",
         &json!({"model": "scripted-echo", "prompt": ["a", "b", "c", "d", "e", "f"], "n": 3}),
@@ -123,9 +123,106 @@ fn choices_and_batches_run_as_parallel_subtasks_in_order() {
             .contains("at most 16"),
         "{v}"
     );
-    let (status, v) = net.post(
+}
+
+/// The `data:` events of a streamed request, as JSON, up to `[DONE]`.
+fn stream_events(net: &TestNetwork, path: &str, body: Value) -> Vec<Value> {
+    use std::io::BufRead;
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{}{path}", net.url()))
+        .bearer_auth(net.api_key())
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events = Vec::new();
+    for line in std::io::BufReader::new(response).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return events;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        events.push(v);
+    }
+    panic!("the stream ended without [DONE]: {events:?}");
+}
+
+#[test]
+fn several_choices_stream_together_each_tagged_with_its_index() {
+    let net = network();
+    let single = |prompt: &str, seed: u64| -> String {
+        let v = completion(
+            &net,
+            json!({"model": "scripted-echo", "prompt": prompt, "max_tokens": 6, "seed": seed}),
+        );
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    // Two prompts × two choices, streamed: the pieces of each index join into that choice.
+    let events = stream_events(
+        &net,
         "/v1/completions",
-        &json!({"model": "scripted-echo", "prompt": "a", "n": 2, "stream": true}),
+        json!({"model": "scripted-echo", "prompt": ["east", "west"], "n": 2, "max_tokens": 6,
+               "seed": 7, "stream": true, "stream_options": {"include_usage": true}}),
     );
-    assert_eq!(status, 400, "{v}");
+    let mut texts = vec![String::new(); 4];
+    let mut finished = [false; 4];
+    let mut order = Vec::new();
+    for e in &events {
+        for c in e["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            assert!(
+                !finished[i],
+                "choice {i} went on after it finished: {events:?}"
+            );
+            texts[i].push_str(c["text"].as_str().unwrap());
+            finished[i] = !c["finish_reason"].is_null();
+            order.push(i);
+        }
+    }
+    assert!(finished.iter().all(|f| *f), "{events:?}");
+    let expected = [
+        single("east", 7),
+        single("east", 8),
+        single("west", 7),
+        single("west", 8),
+    ];
+    assert_eq!(texts, expected, "{events:?}");
+    // They ran at once: the pieces of different choices interleave.
+    let first_of_last = order.iter().position(|i| *i == 3).unwrap();
+    let last_of_first = order.iter().rposition(|i| *i == 0).unwrap();
+    assert!(
+        first_of_last < last_of_first,
+        "one after another: {order:?}"
+    );
+    let usage = events.last().unwrap();
+    assert_eq!(usage["choices"], json!([]), "{usage}");
+    let words: u64 = expected
+        .iter()
+        .map(|t| t.split_whitespace().count() as u64)
+        .sum();
+    assert_eq!(usage["usage"]["completion_tokens"], words, "{usage}");
+
+    // Chat: n choices, each opening with its role.
+    let events = stream_events(
+        &net,
+        "/v1/chat/completions",
+        json!({"model": "scripted-echo", "n": 3, "max_tokens": 4, "stream": true,
+               "messages": [{"role": "user", "content": "three ways"}]}),
+    );
+    let mut contents = vec![String::new(); 3];
+    for e in &events {
+        assert_eq!(e["object"], "chat.completion.chunk");
+        let c = &e["choices"][0];
+        let i = c["index"].as_u64().unwrap() as usize;
+        if c["delta"]["role"] == "assistant" {
+            assert!(contents[i].is_empty(), "{events:?}");
+        }
+        contents[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert!(contents.iter().all(|c| !c.is_empty()), "{events:?}");
+    assert_ne!(contents[0], contents[1], "choices differ");
 }

@@ -20,9 +20,17 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 
 fn real_net(miners: usize) -> (Net, tempfile::TempDir, std::path::PathBuf) {
+    real_net_chunked(miners, TestnetConfig::default().queue.chunk_tokens)
+}
+
+fn real_net_chunked(
+    miners: usize,
+    chunk_tokens: usize,
+) -> (Net, tempfile::TempDir, std::path::PathBuf) {
     let model = fetch::ensure(&fetch::SMOLLM2_135M_Q4_1, &fetch::cache_dir(), &mut |_| {}).unwrap();
     let mut config = TestnetConfig::default();
     config.nodes.miners = miners;
+    config.queue.chunk_tokens = chunk_tokens;
     let dir = tempfile::tempdir().unwrap();
     let engine = llama_factory(model.clone(), BackendChoice::Cpu, 1, 1024);
     let net = common::start(
@@ -96,6 +104,73 @@ fn three_real_miners_agree_and_the_task_shows_three_results() {
         local.token_ids.len()
     );
     assert!(net.metric("cortensor_decode_tokens_per_second") > 0.0);
+}
+
+#[test]
+fn a_chunked_generation_on_real_miners_is_the_unchunked_generation() {
+    // Chunks of 12 tokens, each validated by replay (which checks a chunk as the
+    // continuation of the output accepted before it) before the next starts.
+    let (net, _dir, model) = real_net_chunked(2, 12);
+    let (status, v) = net.post(
+        "/api/v1/sessions",
+        &json!({"redundant": 2, "deposit": 1_000_000, "validation": "likelihood",
+                "num_of_validator_nodes": 1}),
+    );
+    assert_eq!(status, 201, "{v}");
+    let sid = v["session_id"].as_u64().unwrap();
+    let prompt = "Write a short story about a lighthouse keeper and a storm.";
+    let (status, v) = net.post(
+        &format!("/api/v1/completions/{sid}"),
+        &json!({"prompt": prompt, "max_tokens": 40, "temperature": 0.8, "top_p": 0.95,
+                "repeat_penalty": 1.1}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let tid = v["task_id"].as_u64().unwrap();
+    let task = net.task(sid, tid);
+    assert_eq!(task["status"], "Completed", "{task}");
+    let spans = task["spans"].as_array().unwrap();
+    assert!(spans.len() >= 2, "the generation was not chunked: {task}");
+    let mut next = 0;
+    for s in spans {
+        assert_eq!(s["from"], next, "{task}");
+        assert_eq!(s["miners"].as_array().unwrap().len(), 2, "{task}");
+        next = s["to"].as_u64().unwrap();
+    }
+    assert_eq!(v["usage"]["completion_tokens"], next);
+    // The last chunk's replay: both results are exactly what the task's seed draws.
+    for m in task["validation"]["miners"].as_array().unwrap() {
+        assert_eq!(m["valid"], true, "{task}");
+    }
+
+    // The same model run here in one go, with the task's seed, says the same thing.
+    let mut engine = LlamaEngine::load(&EngineOptions {
+        backend: BackendChoice::Cpu,
+        threads: 1,
+        max_context: 1024,
+        ..EngineOptions::new(&model)
+    })
+    .unwrap();
+    let request = GenerateRequest {
+        prompt: Prompt::Chat(vec![ChatMessage::new("user", prompt)]),
+        params: SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            repeat_penalty: 1.1,
+            seed: task_seed(TaskKey {
+                session_id: sid,
+                task_id: tid,
+            }),
+            ..SamplingParams::default()
+        },
+        max_tokens: 40,
+        stop: vec![],
+        prefix: vec![],
+    };
+    let whole = engine
+        .generate(&request, &CancelToken::new(), &mut |_| {})
+        .unwrap();
+    assert_eq!(v["choices"][0]["text"], whole.text.as_str(), "{task}");
+    assert_eq!(next as usize, whole.token_ids.len());
 }
 
 #[test]

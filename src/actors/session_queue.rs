@@ -25,7 +25,7 @@ use crate::models::engine::GenerateRequest;
 use crate::reputation::{Outcome, Stage};
 use crate::store::{Store, StoreError};
 use crate::task::{
-    now_ms, Assignment, AssignmentState, FailureCause, SettlementDue, TaskKey, TaskOutcome,
+    now_ms, Assignment, AssignmentState, FailureCause, SettlementDue, Span, TaskKey, TaskOutcome,
     TaskRecord, TaskResult, TaskState,
 };
 use crate::validation::consensus::{
@@ -336,6 +336,11 @@ pub const COGNITIVE_PROMPTS: [&str; 4] = [
 /// Tokens a network task generates.
 pub const PROBE_MAX_TOKENS: usize = 8;
 
+/// Whether a live task's generation goes on after `result` was accepted for its chunk.
+fn task_continues(task: Option<&LiveTask>, result: &TaskResult) -> bool {
+    task.is_some_and(|t| !t.finishing && t.record.continues_after(result))
+}
+
 /// The sampling seed of a task: the same for every miner, different for every task.
 pub fn task_seed(key: TaskKey) -> u64 {
     let mut bytes = [0u8; 16];
@@ -489,8 +494,7 @@ impl SessionQueue {
         task.selecting = true;
         let exclude = task
             .record
-            .assignments
-            .iter()
+            .round()
             .filter(|a| a.state != AssignmentState::Dropped)
             .map(|a| a.miner.clone())
             .collect();
@@ -539,10 +543,12 @@ impl SessionQueue {
             } else if selection.eligible == 0
                 && since.elapsed() >= ack_timeout
                 && task.record.resumed == 0
+                && task.record.spans.is_empty()
             {
                 // A new task nobody can take is refused quickly (503). A task accepted before
-                // a restart (or taken over from a dead router) waits for miners to come back,
-                // up to its own deadline: the network owes it an answer.
+                // a restart (or taken over from a dead router), or one with chunks accepted
+                // already, waits for miners to come back, up to its own deadline: the network
+                // owes it an answer.
                 let model = task.record.model.clone();
                 task.record.cause = Some(FailureCause::NoMiners);
                 let error = format!("no miner serving model {model} is available");
@@ -554,18 +560,21 @@ impl SessionQueue {
         let now = now_ms();
         // Miners send their tokens only when somebody follows the task live.
         let stream_tokens = task.subscribers.iter().any(|s| s.live);
+        // A chunked task's miners continue from the output accepted so far.
+        let request = task.record.chunk_request();
+        let chunk = task.record.chunk();
         for (miner, addr, address) in selection.miners {
             self.nonces += 1;
             let nonce = self.nonces;
             task.record
                 .assignments
-                .push(Assignment::new(miner.clone(), now, nonce));
+                .push(Assignment::new(miner.clone(), now, nonce, chunk));
             task.deadlines
                 .insert(miner.clone(), Instant::now() + ack_timeout);
             addr.do_send(ToMiner::Assign {
                 key,
                 nonce,
-                request: task.record.request.clone(),
+                request: request.clone(),
                 stream_tokens,
             });
             task.addresses.insert(miner.clone(), address);
@@ -592,12 +601,7 @@ impl SessionQueue {
             if !active.is_empty() {
                 return;
             }
-            let committed = task
-                .record
-                .assignments
-                .iter()
-                .any(|a| a.state == AssignmentState::Committed);
-            if committed {
+            if task.record.round_committed() {
                 self.transition(key, TaskState::Committed);
                 self.validate(key, ctx);
             } else {
@@ -706,15 +710,15 @@ impl SessionQueue {
         task.validating = true;
         let results: Vec<(String, TaskResult)> = task
             .record
-            .assignments
-            .iter()
+            .round()
             .filter(|a| a.state == AssignmentState::Committed)
             .filter_map(|a| a.result.clone().map(|r| (a.miner.clone(), r)))
             .collect();
         let plan = task.record.validation_plan();
         let ask = Validate {
             key,
-            request: task.record.request.clone(),
+            // A chunk is checked as what it is: a continuation of the accepted output.
+            request: task.record.chunk_request(),
             results: results.clone(),
             plan: plan.clone(),
             seeded: true,
@@ -763,10 +767,15 @@ impl SessionQueue {
         };
         let plan = task.record.validation_plan();
         let decision = decide(&results, &evidence, &plan, &reputation);
+        // Tokens before this chunk were accepted (and counted) with the chunks before.
+        let earlier = task.record.accepted_tokens().len();
         // One verdict per result, in the results' order.
         for (m, (_, result)) in decision.miners.iter().zip(&results) {
             let (outcome, tokens) = if m.accepted {
-                (Outcome::Accepted, result.completion_tokens() as u64)
+                (
+                    Outcome::Accepted,
+                    result.completion_tokens().saturating_sub(earlier) as u64,
+                )
             } else if m.valid && !decision.consensus {
                 continue; // valid, in a split vote: nothing shows it was wrong
             } else {
@@ -780,8 +789,7 @@ impl SessionQueue {
             // Its speed as the router saw it: tokens from its ack to its precommit.
             let span = task
                 .record
-                .assignments
-                .iter()
+                .round()
                 .find(|a| a.miner == m.miner)
                 .and_then(|a| Some(a.precommitted_at_ms?.saturating_sub(a.acked_at_ms?)));
             if let (Some(ms), true) = (span, m.accepted && tokens > 0) {
@@ -807,18 +815,118 @@ impl SessionQueue {
         task.record.decision = Some(decision);
         task.paid_validators = validators;
         let Some(chosen) = chosen else {
+            if self.retry_chunk(key, &disagreeing, ctx) {
+                return;
+            }
             let error = format!("validation failed: {reasons}");
             self.finish(key, TaskState::Failed, None, Some(error), ctx);
             return;
         };
+        let result = results[chosen].1.clone();
+        self.transition(key, TaskState::Validated);
+        if task_continues(self.live.get(&key), &result) {
+            self.next_chunk(key, result, agreeing, ctx);
+            return;
+        }
+        if let Some(task) = self.live.get_mut(&key) {
+            // The record shows who made which part of the output (one span unless chunked).
+            let record = &mut task.record;
+            let from = record.accepted_tokens().len();
+            record.spans.push(Span {
+                chunk: record.chunk(),
+                from,
+                to: result.token_ids.len(),
+                miners: agreeing.clone(),
+                validators: task.paid_validators.clone(),
+            });
+        }
         let outcome = TaskOutcome {
-            result: results[chosen].1.clone(),
+            result,
             agreeing,
             disagreeing,
             alternatives,
         };
-        self.transition(key, TaskState::Validated);
         self.finish(key, TaskState::Completed, Some(outcome), None, ctx);
+    }
+
+    /// A chunk was accepted and the generation goes on: the chunk becomes a span of the
+    /// record, and a new round asks miners to continue from the output accepted so far.
+    fn next_chunk(
+        &mut self,
+        key: TaskKey,
+        result: TaskResult,
+        miners: Vec<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
+        let record = &mut task.record;
+        let from = record.accepted_tokens().len();
+        // The accepted output is kept once; the round's own results are superseded by the
+        // next chunk's (which hold every token before it). Precommits stay.
+        for a in record.round_mut() {
+            a.result = None;
+        }
+        record.spans.push(Span {
+            chunk: record.chunk(),
+            from,
+            to: result.token_ids.len(),
+            miners,
+            validators: std::mem::take(&mut task.paid_validators),
+        });
+        tracing::debug!(task = %key, chunk = record.chunk(), tokens = result.token_ids.len(), "chunk accepted; continuing");
+        record.accepted = Some(result);
+        self.begin_round(key, ctx);
+    }
+
+    /// A chunk of a chunked generation had no accepted result: while the replacement budget
+    /// lasts, the chunk runs again on other miners (those rejected are not asked again),
+    /// from the same accepted output. False when the task cannot go on that way.
+    fn retry_chunk(&mut self, key: TaskKey, rejected: &[String], ctx: &mut Context<Self>) -> bool {
+        let Some(task) = self.live.get_mut(&key) else {
+            return false;
+        };
+        let record = &mut task.record;
+        let cost = rejected.len().max(1) as u32;
+        if !record.is_chunked() || record.replacements + cost > record.max_replacements {
+            return false;
+        }
+        record.replacements += cost;
+        self.stats.replacements += cost as u64;
+        for a in record
+            .round_mut()
+            .filter(|a| a.state == AssignmentState::Committed)
+        {
+            if rejected.contains(&a.miner) {
+                a.state = AssignmentState::Rejected;
+                a.note = Some("validation rejected its result".into());
+            } else {
+                a.state = AssignmentState::Dropped;
+                a.note = Some("its chunk had no accepted result; run again".into());
+            }
+        }
+        tracing::info!(task = %key, chunk = record.chunk(), "no result accepted for the chunk; running it again");
+        task.paid_validators.clear();
+        self.begin_round(key, ctx);
+        true
+    }
+
+    /// Starts a round of the task's current chunk: back to Queued, asking the pool for
+    /// miners afresh.
+    fn begin_round(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
+        let Some(task) = self.live.get_mut(&key) else {
+            return;
+        };
+        task.revealed = false;
+        task.validating = false;
+        task.stream_source = None;
+        task.deadlines.clear();
+        task.starved_since = None;
+        task.wanted = task.record.redundancy;
+        self.dirty.insert(key);
+        self.transition(key, TaskState::Queued);
+        self.fill(key, ctx);
     }
 
     /// Ends a task: stops its miners, settles its hold, persists and flushes the final record,
@@ -859,6 +967,14 @@ impl SessionQueue {
         };
         if outcome.is_some() && !payees.is_empty() {
             payees.extend(task.paid_validators.iter().cloned());
+        }
+        // A chunked generation's earlier chunks were made and checked by others too.
+        if !payees.is_empty() {
+            for p in task.record.span_payees() {
+                if !payees.contains(&p) {
+                    payees.push(p);
+                }
+            }
         }
         // Money spent is money earned: with nobody to pay, nothing is charged.
         let charge = if payees.is_empty() { 0 } else { charge };
@@ -981,10 +1097,11 @@ impl SessionQueue {
         if let Some(outcome) = task.record.outcome.as_ref().filter(|_| !network) {
             let tokens = outcome.result.completion_tokens();
             self.stats.tokens_generated += tokens as u64;
+            // The last chunk's miners' pace (the whole task's when it is not chunked).
+            let tokens = tokens.saturating_sub(task.record.accepted_tokens().len());
             let decode_ms: Vec<u64> = task
                 .record
-                .assignments
-                .iter()
+                .last_round()
                 .filter(|a| outcome.agreeing.contains(&a.miner))
                 .filter_map(|a| Some(a.precommitted_at_ms? - a.acked_at_ms?))
                 .collect();
@@ -1087,6 +1204,13 @@ impl SessionQueue {
             return;
         }
         let revealed = task.revealed;
+        // A chunk's result must hold the output accepted before it, token for token.
+        let continues_accepted = match &kind {
+            ReportKind::Commit { result } => {
+                result.token_ids.starts_with(task.record.accepted_tokens())
+            }
+            _ => true,
+        };
         let Some(a) = task
             .record
             .assignment_mut(&miner)
@@ -1156,6 +1280,18 @@ impl SessionQueue {
                     );
                     return;
                 }
+                if !continues_accepted {
+                    let note = "its result does not continue the accepted output".to_string();
+                    self.remove_miner(
+                        key,
+                        &miner,
+                        AssignmentState::Rejected,
+                        note,
+                        Outcome::Rejected,
+                        ctx,
+                    );
+                    return;
+                }
                 a.state = AssignmentState::Committed;
                 a.committed_at_ms = Some(now);
                 self.history.record(|| Operation::RevealAccepted {
@@ -1197,7 +1333,11 @@ impl SessionQueue {
         let Some(task) = self.live.get_mut(&key) else {
             return;
         };
-        let Some(a) = task.record.assignment_mut(miner) else {
+        let Some(a) = task
+            .record
+            .assignment_mut(miner)
+            .filter(|a| a.state.is_active())
+        else {
             return;
         };
         a.state = AssignmentState::Dropped;
@@ -1210,12 +1350,22 @@ impl SessionQueue {
         });
         let task = self.live.get_mut(&key).expect("checked above");
         let working = task.active_count();
-        let committed = task
-            .record
-            .assignments
-            .iter()
-            .any(|a| a.state == AssignmentState::Committed);
-        if working == 0 && !committed {
+        let committed = task.record.round_committed();
+        if working == 0 && !committed && task.record.accepted.is_some() {
+            // A chunk after the first no longer fits the context: the generation ends with
+            // what was accepted, as an unchunked one ends at the context's limit.
+            let outcome = TaskOutcome {
+                result: task.record.accepted.clone().expect("checked"),
+                agreeing: task
+                    .record
+                    .spans
+                    .last()
+                    .map_or(vec![], |s| s.miners.clone()),
+                disagreeing: vec![],
+                alternatives: vec![],
+            };
+            self.finish(key, TaskState::Completed, Some(outcome), None, ctx);
+        } else if working == 0 && !committed {
             task.record.cause = Some(FailureCause::InvalidRequest);
             let error = format!("the miners refused the request: {error}");
             self.finish(key, TaskState::Failed, None, Some(error), ctx);
@@ -1313,9 +1463,9 @@ impl SessionQueue {
     /// Runs a stored task again from Queued: after a restart, or a peer's task after that
     /// router died. Its old assignments are dropped (their miners are not waited for).
     fn run_again(&mut self, mut record: TaskRecord, why: &str) {
+        // Chunks accepted before stay accepted: it goes on from the output they hold.
         for a in record
-            .assignments
-            .iter_mut()
+            .round_mut()
             .filter(|a| a.state.is_active() || a.state == AssignmentState::Committed)
         {
             a.state = AssignmentState::Dropped;
@@ -1527,6 +1677,14 @@ impl SessionQueue {
             poi_threshold: t.validation.poi_threshold,
             judge_threshold: t.validation.judge_threshold,
             decision: None,
+            // Network tasks are short and probe one node: never chunked.
+            chunk_tokens: if key.session_id == NETWORK_SESSION {
+                0
+            } else {
+                self.config.chunk_tokens
+            },
+            spans: Vec::new(),
+            accepted: None,
         };
         self.store.put_task(&record)?;
         if let (Some(peers), false) = (&self.peers, key.session_id == NETWORK_SESSION) {

@@ -190,7 +190,9 @@ async fn model_evidence(m: &Validate, engine: &EngineService, evidence: &mut Evi
                         result.token_ids.clone()
                     };
                     let replay = engine.replay(&request, &ids)?;
-                    let e = likelihood::evidence(&replay, &request, &ids, result.finish_reason);
+                    // A chunk's replay checks the tokens after the output accepted before.
+                    let new = &ids[request.prefix.len().min(ids.len())..];
+                    let e = likelihood::evidence(&replay, &request, new, result.finish_reason);
                     out.likelihood_failures =
                         likelihood::judge(&e, &request, seeded, &plan.likelihood);
                     out.likelihood = Some(e);

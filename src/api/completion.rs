@@ -271,35 +271,44 @@ pub async fn finish(running: &mut Running) -> Result<TaskRecord, ApiError> {
 
 /// What a streaming endpoint turns into `data:` lines.
 pub enum StreamEvent<'a> {
-    Token(&'a str),
-    /// The task completed; `rest` is the accepted text not streamed yet.
+    /// Text of choice `index`.
+    Token { index: usize, text: &'a str },
+    /// Choice `index` completed; `rest` is its accepted text not streamed yet.
     Completed {
+        index: usize,
         record: &'a TaskRecord,
         rest: &'a str,
     },
+    /// Every choice completed (totals such as usage go here).
+    AllCompleted { records: &'a [TaskRecord] },
 }
 
-/// A server-sent-event response: `first` events, then whatever `render` makes of each token
-/// and of the end, an error event if the task failed, and `data: [DONE]`.
+/// A server-sent-event response for one task or several (a request's choices, streamed
+/// together: each event names its choice's `index`): `first` events, then whatever
+/// `render` makes of each token and each end, an error event if a task failed (the others
+/// are cancelled), and `data: [DONE]`.
 pub fn sse_response(
-    running: Running,
+    running: Vec<Running>,
     first: Vec<Value>,
     render: impl FnMut(StreamEvent) -> Vec<Value> + 'static,
 ) -> HttpResponse {
     struct State<R> {
-        running: Running,
+        running: Vec<Running>,
         render: R,
-        streamed: String,
+        streamed: Vec<String>,
+        records: Vec<Option<TaskRecord>>,
         pending: VecDeque<Bytes>,
         done: bool,
     }
     fn data(v: &Value) -> Bytes {
         Bytes::from(format!("data: {v}\n\n"))
     }
+    let n = running.len();
     let state = State {
         running,
         render,
-        streamed: String::new(),
+        streamed: vec![String::new(); n],
+        records: vec![None; n],
         pending: first.iter().map(data).collect(),
         done: false,
     };
@@ -311,32 +320,52 @@ pub fn sse_response(
             if s.done {
                 return None;
             }
-            match s.running.events.recv().await {
+            // The next event of any choice still running (receiving is cancel-safe).
+            let waiting = s
+                .running
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| s.records[*i].is_none())
+                .map(|(i, r)| Box::pin(async move { (i, r.events.recv().await) }));
+            let ((index, event), _, _) = futures_util::future::select_all(waiting).await;
+            match event {
                 Some(TaskEvent::State(_)) => {}
                 Some(TaskEvent::Token { text }) => {
-                    s.streamed.push_str(&text);
-                    let events = (s.render)(StreamEvent::Token(&text));
+                    s.streamed[index].push_str(&text);
+                    let events = (s.render)(StreamEvent::Token { index, text: &text });
                     s.pending.extend(events.iter().map(data));
                 }
                 Some(TaskEvent::Finished(record)) => {
-                    s.running.guard.disarm();
-                    s.done = true;
-                    match task_error(&record) {
-                        Some(e) => s.pending.push_back(data(&e.body())),
-                        None => {
-                            let text = &record.outcome.as_ref().expect("completed").result.text;
-                            let rest = text.strip_prefix(s.streamed.as_str()).unwrap_or_else(|| {
-                                tracing::warn!(task = %record.key, "the accepted text differs from the streamed one");
-                                ""
-                            });
-                            let events = (s.render)(StreamEvent::Completed {
-                                record: &record,
-                                rest,
-                            });
-                            s.pending.extend(events.iter().map(data));
-                        }
+                    s.running[index].guard.disarm();
+                    if let Some(e) = task_error(&record) {
+                        // The other choices are cancelled as their guards drop.
+                        s.done = true;
+                        s.pending.push_back(data(&e.body()));
+                        s.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                        continue;
                     }
-                    s.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                    let text = &record.outcome.as_ref().expect("completed").result.text;
+                    let rest = text
+                        .strip_prefix(s.streamed[index].as_str())
+                        .unwrap_or_else(|| {
+                            tracing::warn!(task = %record.key, "the accepted text differs from the streamed one");
+                            ""
+                        });
+                    let events = (s.render)(StreamEvent::Completed {
+                        index,
+                        record: &record,
+                        rest,
+                    });
+                    s.pending.extend(events.iter().map(data));
+                    s.records[index] = Some(*record);
+                    if s.records.iter().all(Option::is_some) {
+                        s.done = true;
+                        let records: Vec<TaskRecord> =
+                            s.records.iter().flatten().cloned().collect();
+                        let events = (s.render)(StreamEvent::AllCompleted { records: &records });
+                        s.pending.extend(events.iter().map(data));
+                        s.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                    }
                 }
                 None => {
                     s.done = true;

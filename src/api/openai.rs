@@ -189,11 +189,6 @@ impl Common {
                 prompts.len()
             )));
         }
-        if self.stream && count > 1 {
-            return Err(ApiError::Invalid(
-                "stream is for one choice of one prompt: ask with n = 1 and one prompt, or without stream".into(),
-            ));
-        }
         let mut specs = Vec::with_capacity(count);
         for prompt in prompts {
             for j in 0..n {
@@ -206,18 +201,29 @@ impl Common {
     }
 }
 
-/// Runs several tasks at once (each admitted, held and queued like any other) and returns
-/// their records in order. One that fails fails the request; the others run to their end.
+/// Starts several tasks at once (each admitted, held and queued like any other), in order;
+/// `live` for streaming. A refusal drops the ones started: their guards cancel them.
+async fn start_subtasks(
+    state: &ApiState,
+    caller: &Caller,
+    specs: Vec<TaskSpec>,
+    live: bool,
+) -> Result<Vec<completion::Running>, ApiError> {
+    let mut running = Vec::with_capacity(specs.len());
+    for spec in specs {
+        running.push(completion::start(state, caller, spec, live).await?);
+    }
+    Ok(running)
+}
+
+/// Runs several tasks at once and returns their records in order. One that fails fails the
+/// request; the others run to their end.
 async fn run_subtasks(
     state: &ApiState,
     caller: &Caller,
     specs: Vec<TaskSpec>,
 ) -> Result<Vec<crate::task::TaskRecord>, ApiError> {
-    let mut running = Vec::with_capacity(specs.len());
-    for spec in specs {
-        // A refusal here drops the ones started: their guards cancel them.
-        running.push(completion::start(state, caller, spec, false).await?);
-    }
+    let mut running = start_subtasks(state, caller, specs, false).await?;
     futures_util::future::join_all(running.iter_mut().map(completion::finish))
         .await
         .into_iter()
@@ -316,7 +322,7 @@ async fn chat_completions(
     )?;
     let model = body.common.model.clone();
     let created = now_ms() / 1000;
-    if specs.len() > 1 {
+    if specs.len() > 1 && !body.common.stream {
         let records = run_subtasks(&state, &caller, specs).await?;
         let mut answer =
             subtasks_answer(&records, "chatcmpl", "chat.completion", &model, |i, r| {
@@ -330,64 +336,80 @@ async fn chat_completions(
         answer["system_fingerprint"] = Value::Null;
         return Ok(HttpResponse::Ok().json(answer));
     }
+    if body.common.stream {
+        let running = start_subtasks(&state, &caller, specs, true).await?;
+        return Ok(stream_chat(running, &body.common, model, created));
+    }
     let spec = specs.remove(0);
-    let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;
+    let mut running = completion::start(&state, &caller, spec, false).await?;
     let key = running.submitted.key;
     let id = format!("chatcmpl-{}-{}", key.session_id, key.task_id);
-    if !body.common.stream {
-        let record = completion::finish(&mut running).await?;
-        let outcome = record.outcome.as_ref().expect("completed");
-        return Ok(HttpResponse::Ok().json(json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": outcome.result.text},
-                "finish_reason": outcome.result.finish_reason,
-                "logprobs": null,
-            }],
-            "usage": views::usage(&record),
-            "system_fingerprint": null,
-            "session_id": key.session_id, "task_id": key.task_id,
-        })));
-    }
-    let include_usage = body
-        .common
+    let record = completion::finish(&mut running).await?;
+    let outcome = record.outcome.as_ref().expect("completed");
+    Ok(HttpResponse::Ok().json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": outcome.result.text},
+            "finish_reason": outcome.result.finish_reason,
+            "logprobs": null,
+        }],
+        "usage": views::usage(&record),
+        "system_fingerprint": null,
+        "session_id": key.session_id, "task_id": key.task_id,
+    })))
+}
+
+/// `chat.completion.chunk` events for a request's choices as they are generated: a role
+/// delta per choice first, content deltas tagged with their choice's index, each choice's
+/// finish, and (with `stream_options.include_usage`) the usage of them all.
+fn stream_chat(
+    running: Vec<completion::Running>,
+    common: &Common,
+    model: String,
+    created: u64,
+) -> HttpResponse {
+    let first = running[0].submitted.key;
+    let id = format!("chatcmpl-{}-{}", first.session_id, first.task_id);
+    let include_usage = common
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let chunk = move |delta: Value, finish: Value| {
+    let chunk = move |index: usize, delta: Value, finish: Value| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": null}],
             "system_fingerprint": null,
         })
     };
-    let first = vec![chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    )];
-    Ok(completion::sse_response(
-        running,
-        first,
-        move |event| match event {
-            StreamEvent::Token(text) => vec![chunk(json!({"content": text}), Value::Null)],
-            StreamEvent::Completed { record, rest } => {
-                let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
-                let mut out = Vec::new();
-                if !rest.is_empty() {
-                    out.push(chunk(json!({"content": rest}), Value::Null));
-                }
-                out.push(chunk(json!({}), finish));
-                if include_usage {
-                    let mut u = chunk(json!({}), Value::Null);
-                    u["choices"] = json!([]);
-                    u["usage"] = views::usage(record);
-                    out.push(u);
-                }
-                out
+    let roles = (0..running.len())
+        .map(|i| chunk(i, json!({"role": "assistant", "content": ""}), Value::Null))
+        .collect();
+    completion::sse_response(running, roles, move |event| match event {
+        StreamEvent::Token { index, text } => {
+            vec![chunk(index, json!({"content": text}), Value::Null)]
+        }
+        StreamEvent::Completed {
+            index,
+            record,
+            rest,
+        } => {
+            let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
+            let mut out = Vec::new();
+            if !rest.is_empty() {
+                out.push(chunk(index, json!({"content": rest}), Value::Null));
             }
-        },
-    ))
+            out.push(chunk(index, json!({}), finish));
+            out
+        }
+        StreamEvent::AllCompleted { records } if include_usage => {
+            let mut u = chunk(0, json!({}), Value::Null);
+            u["choices"] = json!([]);
+            u["usage"] = total_usage(records);
+            vec![u]
+        }
+        StreamEvent::AllCompleted { .. } => vec![],
+    })
 }
 
 async fn completions(
@@ -421,6 +443,10 @@ async fn completions(
     )?;
     let model = body.common.model.clone();
     let created = now_ms() / 1000;
+    if body.common.stream {
+        let running = start_subtasks(&state, &caller, specs, true).await?;
+        return Ok(stream_completions(running, &body.common, model, created));
+    }
     if specs.len() > 1 {
         let records = run_subtasks(&state, &caller, specs).await?;
         let answer = subtasks_answer(
@@ -433,46 +459,56 @@ async fn completions(
         return Ok(HttpResponse::Ok().json(answer));
     }
     let spec = specs.remove(0);
-    let mut running = completion::start(&state, &caller, spec, body.common.stream).await?;
+    let mut running = completion::start(&state, &caller, spec, false).await?;
     let key = running.submitted.key;
     let id = format!("cmpl-{}-{}", key.session_id, key.task_id);
-    if !body.common.stream {
-        let record = completion::finish(&mut running).await?;
-        let outcome = record.outcome.as_ref().expect("completed");
-        return Ok(HttpResponse::Ok().json(json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": outcome.result.text, "index": 0, "finish_reason": outcome.result.finish_reason, "logprobs": null}],
-            "usage": views::usage(&record),
-            "session_id": key.session_id, "task_id": key.task_id,
-        })));
-    }
-    let include_usage = body
-        .common
+    let record = completion::finish(&mut running).await?;
+    let outcome = record.outcome.as_ref().expect("completed");
+    Ok(HttpResponse::Ok().json(json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"text": outcome.result.text, "index": 0, "finish_reason": outcome.result.finish_reason, "logprobs": null}],
+        "usage": views::usage(&record),
+        "session_id": key.session_id, "task_id": key.task_id,
+    })))
+}
+
+/// `text_completion` events for a request's prompts and choices as they are generated,
+/// each tagged with its index (prompt-major), each choice's finish, and (with
+/// `stream_options.include_usage`) the usage of them all.
+fn stream_completions(
+    running: Vec<completion::Running>,
+    common: &Common,
+    model: String,
+    created: u64,
+) -> HttpResponse {
+    let first = running[0].submitted.key;
+    let id = format!("cmpl-{}-{}", first.session_id, first.task_id);
+    let include_usage = common
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let chunk = move |text: &str, finish: Value| {
+    let chunk = move |index: usize, text: &str, finish: Value| {
         json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": null}],
+            "choices": [{"text": text, "index": index, "finish_reason": finish, "logprobs": null}],
         })
     };
-    Ok(completion::sse_response(
-        running,
-        vec![],
-        move |event| match event {
-            StreamEvent::Token(text) => vec![chunk(text, Value::Null)],
-            StreamEvent::Completed { record, rest } => {
-                let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
-                let mut out = vec![chunk(rest, finish)];
-                if include_usage {
-                    let mut u = chunk("", Value::Null);
-                    u["choices"] = json!([]);
-                    u["usage"] = views::usage(record);
-                    out.push(u);
-                }
-                out
-            }
-        },
-    ))
+    completion::sse_response(running, vec![], move |event| match event {
+        StreamEvent::Token { index, text } => vec![chunk(index, text, Value::Null)],
+        StreamEvent::Completed {
+            index,
+            record,
+            rest,
+        } => {
+            let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
+            vec![chunk(index, rest, finish)]
+        }
+        StreamEvent::AllCompleted { records } if include_usage => {
+            let mut u = chunk(0, "", Value::Null);
+            u["choices"] = json!([]);
+            u["usage"] = total_usage(records);
+            vec![u]
+        }
+        StreamEvent::AllCompleted { .. } => vec![],
+    })
 }

@@ -518,14 +518,15 @@ async fn run_completion(
         c
     };
     Ok(completion::sse_response(
-        running,
+        vec![running],
         vec![],
         move |event| match event {
-            StreamEvent::Token(text) => vec![chunk(text, Value::Null, None)],
-            StreamEvent::Completed { record, rest } => {
+            StreamEvent::Token { text, .. } => vec![chunk(text, Value::Null, None)],
+            StreamEvent::Completed { record, rest, .. } => {
                 let finish = json!(record.outcome.as_ref().map(|o| o.result.finish_reason));
                 vec![chunk(rest, finish, Some(views::usage(record)))]
             }
+            StreamEvent::AllCompleted { .. } => vec![],
         },
     ))
 }

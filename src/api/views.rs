@@ -53,9 +53,9 @@ pub fn usage(t: &TaskRecord) -> Value {
 
 /// Cortensor's task shape plus our details (assignments, charge, error).
 pub fn task(t: &TaskRecord) -> Value {
+    // The last round's results (a chunked task's earlier rounds are its spans).
     let committed: Vec<_> = t
-        .assignments
-        .iter()
+        .last_round()
         .filter(|a| a.state == AssignmentState::Committed)
         .filter_map(|a| a.result.as_ref().map(|r| (a.miner.clone(), r.text.clone())))
         .collect();
@@ -72,6 +72,7 @@ pub fn task(t: &TaskRecord) -> Value {
                 "committed_at": a.committed_at_ms,
                 "precommit_hash": a.precommit_hash,
                 "note": a.note,
+                "chunk": a.chunk,
             })
         })
         .collect();
@@ -103,6 +104,8 @@ pub fn task(t: &TaskRecord) -> Value {
         "replacements": t.replacements,
         "resumed": t.resumed,
         "assignments": assignments,
+        "chunk_tokens": t.chunk_tokens,
+        "spans": t.spans,
         "client_reference": t.client_reference,
         "usage": usage(t),
         "hold": t.hold,

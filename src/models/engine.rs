@@ -103,15 +103,15 @@ impl Score {
 /// teacher-forced pass: what a validator needs to tell whether this model produced it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Replay {
-    /// One per claimed token.
+    /// One per claimed token after the request's `prefix` (the prefix was accepted before).
     pub checks: Vec<TokenCheck>,
     /// Tokens in the prompt, as the validator's engine renders it.
     pub prompt_tokens: usize,
     /// What the seeded sampler draws after the last claimed token ends the generation (an
     /// end-of-turn token); `None` when the context is full.
     pub next_is_end: Option<bool>,
-    /// How many tokens the generation could have made at most (`max_tokens`, or what the
-    /// context leaves).
+    /// How many tokens (after the prefix) the generation could have made at most
+    /// (`max_tokens`, or what the context leaves).
     pub budget: usize,
 }
 
@@ -167,6 +167,10 @@ pub enum EngineError {
     NoTokenizer(String),
     #[error("could not start the thread pool: {0}")]
     ThreadPool(String),
+    #[error(
+        "the claimed output does not begin with the request's prefix (the output accepted before)"
+    )]
+    NotAContinuation,
 }
 
 impl EngineError {
@@ -590,35 +594,48 @@ impl InferenceEngine for LlamaEngine {
         request: &GenerateRequest,
         continuation: &[u32],
     ) -> Result<Replay, EngineError> {
+        if !continuation.starts_with(&request.prefix) {
+            return Err(EngineError::NotAContinuation);
+        }
         let prompt = self.prompt_fitting(&request.prompt, continuation.len())?;
         let limit = self.model.max_context();
         let total = prompt.len() + continuation.len();
+        // Tokens before `start` were accepted before: they are run (the cache needs them)
+        // but not checked, and the sampler is positioned after them.
+        let start = prompt.len() + request.prefix.len();
         let mut sampler = Sampler::new(request.params.clone())?;
+        sampler.skip(request.prefix.len());
         let stop_ids = self.tokenizer.stop_ids();
         let vocab = self.model.config().vocab_size;
         let model = &self.model;
         let mut input = prompt.clone();
         input.extend_from_slice(continuation);
-        // Row p predicts token p + 1; the last row (when it fits) predicts what follows the
-        // claimed output. The numerics are generation's: the prompt in one pass as prefill
-        // does, then the claimed tokens with the kernels decoding uses (one pass all the same).
+        // Row r of the logits predicts input[start + r]; the last row (when it fits)
+        // predicts what follows the claimed output. The numerics are generation's: the
+        // prompt in one pass as prefill does, then the claimed tokens with the kernels
+        // decoding uses (row by row, so splitting them at the prefix changes nothing).
         let rows = if total < limit { total } else { total - 1 };
         let logits = self.pool.install(|| -> Result<Vec<f32>, ForwardError> {
             let mut session = model.new_session(total);
             let mut logits = model.forward(&mut session, &prompt, false)?;
-            if rows > prompt.len() {
-                session.decode_numerics = true;
-                logits.extend(model.forward(&mut session, &input[prompt.len()..rows], true)?);
+            session.decode_numerics = true;
+            let prefix_end = start.min(rows);
+            if prefix_end > prompt.len() {
+                logits = model.forward(&mut session, &input[prompt.len()..prefix_end], false)?;
+            }
+            if rows > start {
+                logits.extend(model.forward(&mut session, &input[start..rows], true)?);
             }
             Ok(logits)
         })?;
-        let mut checks = Vec::with_capacity(continuation.len());
-        for (i, &token) in continuation.iter().enumerate() {
+        let new = &continuation[request.prefix.len()..];
+        let mut checks = Vec::with_capacity(new.len());
+        for (i, &token) in new.iter().enumerate() {
             let mut row_logits = logits[i * vocab..(i + 1) * vocab].to_vec();
-            checks.push(sampler.check(&mut row_logits, &input[..prompt.len() + i], token));
+            checks.push(sampler.check(&mut row_logits, &input[..start + i], token));
         }
         let next_is_end = (rows == total).then(|| {
-            let row = continuation.len();
+            let row = new.len();
             let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
             stop_ids.contains(&sampler.sample(&mut row_logits, &input))
         });
@@ -626,7 +643,7 @@ impl InferenceEngine for LlamaEngine {
             checks,
             prompt_tokens: prompt.len(),
             next_is_end,
-            budget: request.max_tokens.min(limit.saturating_sub(prompt.len())),
+            budget: request.max_tokens.min(limit.saturating_sub(start)),
         })
     }
 }

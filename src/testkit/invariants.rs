@@ -177,6 +177,9 @@ pub fn check(operations: &[Operation], store: &Store, ledger: &Ledger) -> (Check
                 {
                     violations.push(format!("task {key} completed without a result"));
                 }
+                if let Some(why) = spans_broken(&record) {
+                    violations.push(format!("task {key}: {why}"));
+                }
             }
             Ok(None) => {
                 seen.lost += 1;
@@ -225,4 +228,23 @@ pub fn check(operations: &[Operation], store: &Store, ledger: &Ledger) -> (Check
         ));
     }
     (seen, violations)
+}
+
+/// A completed task's spans must cover its output from the first token to the last, in
+/// order, each made by some miner and no longer than a chunk.
+fn spans_broken(record: &crate::task::TaskRecord) -> Option<String> {
+    let outcome = record.outcome.as_ref()?;
+    if record.state != crate::task::TaskState::Completed {
+        return None;
+    }
+    let mut next = 0;
+    for s in &record.spans {
+        let too_long = record.chunk_tokens > 0 && s.to - s.from > record.chunk_tokens;
+        if s.from != next || s.to < s.from || too_long || s.miners.is_empty() {
+            return Some(format!("a broken span {s:?} (expected one from {next})"));
+        }
+        next = s.to;
+    }
+    let tokens = outcome.result.token_ids.len();
+    (next != tokens).then(|| format!("its spans end at {next}, its output at {tokens}"))
 }

@@ -236,10 +236,15 @@ impl InferenceEngine for ScriptedEngine {
             answer: self.script.answer.clone(),
             ..Script::default()
         });
+        if !continuation.starts_with(&request.prefix) {
+            return Err(EngineError::NotAContinuation);
+        }
         let expected = honest.generate(request, &CancelToken::new(), &mut |_| {})?;
+        let from = request.prefix.len();
         let checks = continuation
             .iter()
             .enumerate()
+            .skip(from)
             .map(|(i, &token)| {
                 let drawn = expected.token_ids.get(i).copied().unwrap_or(u32::MAX);
                 let same = drawn == token;
