@@ -2,6 +2,8 @@
 //! `prefix`, as the next chunk of a long generation or another miner taking over would run
 //! it) produces exactly the tokens and the text of the whole generation on the same backend,
 //! greedy or sampled with a seed, with penalties and stop strings: the real SmolLM2 on the CPU.
+//! Both ways a chunk runs: on the engine that made the chunk before (which continues the
+//! session it kept) and on another engine (which runs the prompt and the prefix again).
 
 use cortensor::models::engine::{
     CancelToken, EngineOptions, FinishReason, GenerateRequest, Generation, InferenceEngine,
@@ -20,15 +22,18 @@ fn engine() -> LlamaEngine {
 }
 
 /// Runs `request` in chunks of `chunk` tokens, each continuing after the previous one's
-/// output; returns the last result and the token indexes streamed.
+/// output, chunk i on `engines[i % engines.len()]`; returns the last result and the token
+/// indexes streamed.
 fn chunked(
-    engine: &mut LlamaEngine,
+    engines: &mut [LlamaEngine],
     request: &GenerateRequest,
     chunk: usize,
 ) -> (Generation, Vec<usize>) {
     let mut prefix: Vec<u32> = Vec::new();
     let mut indexes = Vec::new();
-    loop {
+    for i in 0.. {
+        let count = engines.len();
+        let engine = &mut engines[i % count];
         let left = request.max_tokens - prefix.len();
         let part = GenerateRequest {
             max_tokens: left.min(chunk),
@@ -44,11 +49,12 @@ fn chunked(
         }
         prefix = g.token_ids;
     }
+    unreachable!()
 }
 
 #[test]
 fn chunked_generation_matches_the_whole_generation() {
-    let mut engine = engine();
+    let mut engines = [engine(), engine()];
     let prompt = Prompt::Text("Once upon a time, in a village by the sea,".into());
     let cases = [
         ("greedy", SamplingParams::greedy(), vec![]),
@@ -88,11 +94,12 @@ fn chunked_generation_matches_the_whole_generation() {
             stop,
             prefix: vec![],
         };
-        let whole = engine
+        let whole = engines[0]
             .generate(&request, &CancelToken::new(), &mut |_| {})
             .unwrap();
-        for chunk in [7, 16] {
-            let (parts, indexes) = chunked(&mut engine, &request, chunk);
+        for (chunk, on) in [(7, 1), (7, 2), (16, 1), (16, 2)] {
+            let name = &format!("{name} on {on} engine(s)");
+            let (parts, indexes) = chunked(&mut engines[..on], &request, chunk);
             assert_eq!(
                 parts.token_ids, whole.token_ids,
                 "{name}, chunks of {chunk}: tokens"
@@ -112,4 +119,64 @@ fn chunked_generation_matches_the_whole_generation() {
         }
         assert!(!whole.token_ids.is_empty(), "{name} generated something");
     }
+}
+
+#[test]
+fn a_chunk_replayed_as_a_continuation_checks_what_the_whole_replay_checks() {
+    // What validators do: each chunk's results replayed with the accepted output as the
+    // prefix, twice per chunk (two miners' results), on one engine that keeps its session
+    // between replays; against one replay of the whole output on a fresh engine.
+    let mut validator = engine();
+    let request = GenerateRequest {
+        prompt: Prompt::Text("The old lighthouse keeper looked at the storm and".into()),
+        params: SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            repeat_penalty: 1.1,
+            seed: 99,
+            ..SamplingParams::default()
+        },
+        max_tokens: 36,
+        stop: vec![],
+        prefix: vec![],
+    };
+    let output = validator
+        .generate(&request, &CancelToken::new(), &mut |_| {})
+        .unwrap();
+    assert_eq!(output.token_ids.len(), 36, "the model stopped early");
+    let whole = engine().replay(&request, &output.token_ids).unwrap();
+    assert!(whole.checks.iter().all(|c| c.drawn != u32::MAX));
+    let mut checks = Vec::new();
+    for chunk in output.token_ids.chunks(12).scan(0, |end, c| {
+        *end += c.len();
+        Some(*end)
+    }) {
+        let from = checks.len();
+        let part = GenerateRequest {
+            prefix: output.token_ids[..from].to_vec(),
+            max_tokens: chunk - from,
+            ..request.clone()
+        };
+        let claimed = &output.token_ids[..chunk];
+        let first = validator.replay(&part, claimed).unwrap();
+        let second = validator.replay(&part, claimed).unwrap();
+        assert_eq!(first.checks, second.checks, "the same chunk replayed twice");
+        assert_eq!(
+            first.checks.len(),
+            chunk - from,
+            "only the new tokens are checked"
+        );
+        assert_eq!(first.budget, chunk - from);
+        checks.extend(first.checks);
+    }
+    assert_eq!(
+        checks, whole.checks,
+        "chunk by chunk = the whole output at once"
+    );
+    // A claimed output that does not continue the prefix is refused, not judged.
+    let part = GenerateRequest {
+        prefix: vec![output.token_ids[0] + 1],
+        ..request.clone()
+    };
+    assert!(validator.replay(&part, &output.token_ids).is_err());
 }

@@ -405,3 +405,67 @@ fn a_miner_lost_mid_generation_is_replaced_by_one_that_continues_the_accepted_ou
         assert_eq!(by.len(), 1, "{from}..{to}: {task}");
     }
 }
+
+#[test]
+fn a_restart_keeps_the_accepted_chunks_and_goes_on_from_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Script {
+        length: 32,
+        token_delay: Duration::from_millis(60),
+        ..Script::default()
+    };
+    let overlay = "nodes.miners = 1\nqueue.tick_ms = 10\nqueue.chunk_tokens = 8";
+    let (sid, tid, before) = {
+        let net = common::scripted(
+            overlay,
+            scripts(&[("miner-1", slow.clone())]),
+            Default::default(),
+            dir.path(),
+        );
+        let sid = net.session(1, 100_000);
+        let url = net.url("/api/v1/completions");
+        let key = net.testnet.api_key.clone();
+        std::thread::spawn(move || {
+            let _ = reqwest::blocking::Client::new()
+                .post(url)
+                .bearer_auth(key)
+                .json(
+                    &json!({"session_id": sid, "prompt": "through a restart", "max_tokens": 32,
+                              "temperature": 0.7, "seed": 3}),
+                )
+                .send();
+        });
+        // Two chunks accepted, the third under way: then the router stops.
+        net.wait_for(Duration::from_secs(30), "two accepted chunks", |n| {
+            let (_, t) = n.get(&format!("/api/v1/tasks/{sid}/1"));
+            t["spans"].as_array().is_some_and(|s| s.len() == 2)
+        });
+        let before = net.task(sid, 1);
+        net.testnet.shutdown();
+        (sid, 1, before)
+    };
+    let net = common::scripted(
+        overlay,
+        scripts(&[("miner-1", slow.clone())]),
+        Default::default(),
+        dir.path(),
+    );
+    let after = net.wait_task(sid, tid, "Completed");
+    assert_eq!(after["resumed"], 1, "{after}");
+    // The chunks accepted before the restart stand as they were; nothing of them ran again.
+    assert_eq!(after["spans"][0], before["spans"][0], "{after}");
+    assert_eq!(after["spans"][1], before["spans"][1], "{after}");
+    let assignments = after["assignments"].as_array().unwrap();
+    for chunk in [0, 1] {
+        let of: Vec<&Value> = assignments.iter().filter(|a| a["chunk"] == chunk).collect();
+        assert_eq!(of.len(), 1, "chunk {chunk} ran again: {after}");
+        assert_eq!(of[0]["state"], "Committed", "{after}");
+    }
+    assert_spans_cover(&after, 32, 8);
+    let (expected, _) = honest_output(slow, "through a restart", 3, 32);
+    assert_eq!(after["accepted"]["text"], expected.as_str(), "{after}");
+    // Charged once, for the whole output.
+    let s = net.session_view(sid);
+    assert_eq!(s["held"], 0);
+    assert_eq!(s["spent"], 32);
+}

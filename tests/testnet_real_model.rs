@@ -43,6 +43,40 @@ fn real_net_chunked(
     (net, dir, model)
 }
 
+/// The model run here, not through the network: one user message with `params` and the
+/// seed of task (session, task).
+fn run_directly(
+    model: &std::path::Path,
+    prompt: &str,
+    params: SamplingParams,
+    (session_id, task_id): (u64, u64),
+    max_tokens: usize,
+) -> cortensor::models::engine::Generation {
+    let mut engine = LlamaEngine::load(&EngineOptions {
+        backend: BackendChoice::Cpu,
+        threads: 1,
+        max_context: 1024,
+        ..EngineOptions::new(model)
+    })
+    .unwrap();
+    let request = GenerateRequest {
+        prompt: Prompt::Chat(vec![ChatMessage::new("user", prompt)]),
+        params: SamplingParams {
+            seed: task_seed(TaskKey {
+                session_id,
+                task_id,
+            }),
+            ..params
+        },
+        max_tokens,
+        stop: vec![],
+        prefix: vec![],
+    };
+    engine
+        .generate(&request, &CancelToken::new(), &mut |_| {})
+        .unwrap()
+}
+
 #[test]
 fn three_real_miners_agree_and_the_task_shows_three_results() {
     let (net, _dir, model) = real_net(3);
@@ -69,31 +103,12 @@ fn three_real_miners_agree_and_the_task_shows_three_results() {
     assert_eq!(task["results"]["miners"].as_array().unwrap().len(), 3);
 
     // The same model, run here with the task's seed, says the same thing.
-    let mut engine = LlamaEngine::load(&EngineOptions {
-        backend: BackendChoice::Cpu,
-        threads: 1,
-        max_context: 1024,
-        ..EngineOptions::new(&model)
-    })
-    .unwrap();
-    let request = GenerateRequest {
-        prompt: Prompt::Chat(vec![ChatMessage::new("user", prompt)]),
-        params: SamplingParams {
-            temperature: 0.8,
-            top_p: 0.95,
-            seed: task_seed(TaskKey {
-                session_id: sid,
-                task_id: tid,
-            }),
-            ..SamplingParams::default()
-        },
-        max_tokens: 24,
-        stop: vec![],
-        prefix: vec![],
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        ..SamplingParams::default()
     };
-    let local = engine
-        .generate(&request, &CancelToken::new(), &mut |_| {})
-        .unwrap();
+    let local = run_directly(&model, prompt, params, (sid, tid), 24);
     assert_eq!(local.text, text);
     assert_eq!(
         v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
@@ -143,32 +158,13 @@ fn a_chunked_generation_on_real_miners_is_the_unchunked_generation() {
     }
 
     // The same model run here in one go, with the task's seed, says the same thing.
-    let mut engine = LlamaEngine::load(&EngineOptions {
-        backend: BackendChoice::Cpu,
-        threads: 1,
-        max_context: 1024,
-        ..EngineOptions::new(&model)
-    })
-    .unwrap();
-    let request = GenerateRequest {
-        prompt: Prompt::Chat(vec![ChatMessage::new("user", prompt)]),
-        params: SamplingParams {
-            temperature: 0.8,
-            top_p: 0.95,
-            repeat_penalty: 1.1,
-            seed: task_seed(TaskKey {
-                session_id: sid,
-                task_id: tid,
-            }),
-            ..SamplingParams::default()
-        },
-        max_tokens: 40,
-        stop: vec![],
-        prefix: vec![],
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        repeat_penalty: 1.1,
+        ..SamplingParams::default()
     };
-    let whole = engine
-        .generate(&request, &CancelToken::new(), &mut |_| {})
-        .unwrap();
+    let whole = run_directly(&model, prompt, params, (sid, tid), 40);
     assert_eq!(v["choices"][0]["text"], whole.text.as_str(), "{task}");
     assert_eq!(next as usize, whole.token_ids.len());
 }

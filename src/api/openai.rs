@@ -169,6 +169,13 @@ impl Common {
         })
     }
 
+    /// Whether a stream ends with the usage of every choice (`stream_options.include_usage`).
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+
     /// One task per prompt and choice, prompt-major (OpenAI's choice order). Choice `j` of a
     /// request with a `seed` samples with `seed + j`, so choices differ and each replays.
     fn subtasks(
@@ -371,10 +378,7 @@ fn stream_chat(
 ) -> HttpResponse {
     let first = running[0].submitted.key;
     let id = format!("chatcmpl-{}-{}", first.session_id, first.task_id);
-    let include_usage = common
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
+    let include_usage = common.include_usage();
     let chunk = move |index: usize, delta: Value, finish: Value| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -483,10 +487,7 @@ fn stream_completions(
 ) -> HttpResponse {
     let first = running[0].submitted.key;
     let id = format!("cmpl-{}-{}", first.session_id, first.task_id);
-    let include_usage = common
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
+    let include_usage = common.include_usage();
     let chunk = move |index: usize, text: &str, finish: Value| {
         json!({
             "id": id, "object": "text_completion", "created": created, "model": model,

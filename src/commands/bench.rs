@@ -40,6 +40,9 @@ pub enum BenchCommand {
     /// Miners of unequal speed: tasks/s and p99 with selection by speed, by least load and
     /// round robin.
     Balance(super::bench_balance::BalanceArgs),
+    /// What chunked generation costs: a real-model miner's tokens/s end to end in chunks of
+    /// several sizes against one round, under exact and likelihood validation.
+    Chunks(super::bench_chunks::ChunksArgs),
     /// One configuration, printed as one JSON line (what `generate` runs in each child).
     #[command(hide = true)]
     GenerateOne(OneArgs),
@@ -121,6 +124,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Load(args) => super::bench_load::run(args),
         BenchCommand::Remote(args) => super::bench_remote::run(args),
         BenchCommand::Balance(args) => super::bench_balance::run(args),
+        BenchCommand::Chunks(args) => super::bench_chunks::run(args),
     }
 }
 

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_balance;
 pub mod bench_byzantine;
 pub mod bench_chain;
+pub mod bench_chunks;
 pub mod bench_likelihood;
 pub mod bench_load;
 pub mod bench_orchestrate;

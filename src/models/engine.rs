@@ -246,6 +246,27 @@ pub struct LlamaEngine {
     backend_description: String,
     weight_bytes: usize,
     pool: rayon::ThreadPool,
+    /// The last generation's session, when it stopped at its token budget: the next chunk of
+    /// the same output continues it instead of running the prompt and the output again.
+    parked: Option<ParkedSession>,
+    /// A replay's session at the end of its accepted prefix: the next replay of the same
+    /// output (another miner's result for the chunk, or the next chunk) starts from it.
+    parked_replay: Option<ParkedReplay>,
+}
+
+/// A replay's session that has run `tokens` (the prompt and some of an output), with the
+/// logits of its last position.
+struct ParkedReplay {
+    tokens: Vec<u32>,
+    session: Session,
+    last_logits: Vec<f32>,
+}
+
+/// A session kept after a generation that used its whole budget.
+struct ParkedSession {
+    /// The prompt and every output token; the session has run all but the last.
+    tokens: Vec<u32>,
+    session: Session,
 }
 
 impl LlamaEngine {
@@ -302,6 +323,8 @@ impl LlamaEngine {
             backend_description: selected.description,
             weight_bytes,
             pool,
+            parked: None,
+            parked_replay: None,
         })
     }
 
@@ -429,15 +452,36 @@ impl InferenceEngine for LlamaEngine {
         let forward = |session: &mut Session, tokens: &[u32]| {
             pool.install(|| model.forward(session, tokens, false))
         };
-        let mut session = model.new_session((prompt.len() + budget).max(1));
+        let capacity = (prompt.len() + budget).max(1);
+        // The session this engine parked after generating exactly the prefix for this prompt
+        // (the previous chunk of this output) has run all of it but its last token.
+        let parked = self.parked.take().filter(|p| {
+            !prefix.is_empty()
+                && p.tokens.len() == prompt.len() + prefix.len()
+                && p.tokens.starts_with(&prompt)
+                && p.tokens.ends_with(prefix)
+                && p.session.position() + 1 == p.tokens.len()
+        });
         let started = Instant::now();
-        let mut logits = forward(&mut session, &prompt)?;
-        if !prefix.is_empty() {
-            // The prefix with the kernels decoding used for it (as a replay does), so the
-            // logits after it are the ones the whole generation computed.
-            session.decode_numerics = true;
-            logits = forward(&mut session, prefix)?;
-        }
+        let (mut session, mut logits) = match parked {
+            Some(ParkedSession { mut session, .. }) => {
+                model.grow_session(&mut session, capacity)?;
+                // The step the whole generation would have taken next.
+                let logits = forward(&mut session, &prefix[prefix.len() - 1..])?;
+                (session, logits)
+            }
+            None => {
+                let mut session = model.new_session(capacity);
+                let mut logits = forward(&mut session, &prompt)?;
+                if !prefix.is_empty() {
+                    // The prefix with the kernels decoding used for it (as a replay does),
+                    // so the logits after it are the ones the whole generation computed.
+                    session.decode_numerics = true;
+                    logits = forward(&mut session, prefix)?;
+                }
+                (session, logits)
+            }
+        };
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let decode_started = Instant::now();
         let mut history = prompt.clone();
@@ -514,6 +558,13 @@ impl InferenceEngine for LlamaEngine {
         let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
         // The first token comes from the prefill logits; decode speed counts the rest.
         let decoded_steps = (ids.len() - prefix.len()).saturating_sub(1) as f64;
+        if finish == FinishReason::Length && ids.len() == budget && !ids.is_empty() {
+            // Its budget ran out: a next chunk of this output may follow (one session is kept
+            // at most; the next generation takes or drops it).
+            let mut tokens = prompt.clone();
+            tokens.extend_from_slice(&ids);
+            self.parked = Some(ParkedSession { tokens, session });
+        }
         Ok(Generation {
             prompt_tokens: prompt.len(),
             prefill_tok_s: prompt.len() as f64 / (prefill_ms / 1e3).max(1e-9),
@@ -615,19 +666,48 @@ impl InferenceEngine for LlamaEngine {
         // prompt in one pass as prefill does, then the claimed tokens with the kernels
         // decoding uses (row by row, so splitting them at the prefix changes nothing).
         let rows = if total < limit { total } else { total - 1 };
-        let logits = self.pool.install(|| -> Result<Vec<f32>, ForwardError> {
-            let mut session = model.new_session(total);
-            let mut logits = model.forward(&mut session, &prompt, false)?;
-            session.decode_numerics = true;
-            let prefix_end = start.min(rows);
-            if prefix_end > prompt.len() {
-                logits = model.forward(&mut session, &input[prompt.len()..prefix_end], false)?;
-            }
-            if rows > start {
-                logits.extend(model.forward(&mut session, &input[start..rows], true)?);
-            }
-            Ok(logits)
-        })?;
+        let prefix_end = start.min(rows);
+        // A session parked by an earlier replay of this output (up to a point no later than
+        // the prefix's end) saves running the prompt and that much of the output again.
+        let parked = self.parked_replay.take().filter(|p| {
+            p.tokens.len() >= prompt.len()
+                && p.tokens.len() <= prefix_end
+                && input.starts_with(&p.tokens)
+                && p.session.position() == p.tokens.len()
+        });
+        let (logits, boundary) = self.pool.install(
+            || -> Result<(Vec<f32>, Option<ParkedReplay>), ForwardError> {
+                let (mut session, mut logits) = match parked {
+                    Some(p) => {
+                        let mut session = p.session;
+                        model.grow_session(&mut session, total)?;
+                        (session, p.last_logits)
+                    }
+                    None => {
+                        let mut session = model.new_session(total);
+                        let logits = model.forward(&mut session, &prompt, false)?;
+                        (session, logits)
+                    }
+                };
+                session.decode_numerics = true;
+                let done = session.position();
+                if prefix_end > done {
+                    logits = model.forward(&mut session, &input[done..prefix_end], false)?;
+                }
+                // Kept at the prefix's end: the other results of this chunk, and the next
+                // chunk (whose prefix extends this one), start here.
+                let boundary = (session.position() >= prompt.len()).then(|| ParkedReplay {
+                    tokens: input[..session.position()].to_vec(),
+                    session: session.clone(),
+                    last_logits: logits.clone(),
+                });
+                if rows > start {
+                    logits.extend(model.forward(&mut session, &input[start..rows], true)?);
+                }
+                Ok((logits, boundary))
+            },
+        )?;
+        self.parked_replay = boundary;
         let new = &continuation[request.prefix.len()..];
         let mut checks = Vec::with_capacity(new.len());
         for (i, &token) in new.iter().enumerate() {

@@ -153,6 +153,7 @@ impl RmsNorm {
 /// Held in `Option`s so each step can take sole ownership before `slice_assign`: with no other
 /// handle on the buffer the backend writes the new rows in place instead of copying the whole
 /// cache every token.
+#[derive(Clone)]
 struct LayerCache {
     k: Option<Tensor<3>>, // [n_kv_heads, max_ctx, head_dim]
     v: Option<Tensor<3>>,
@@ -186,7 +187,9 @@ pub struct Llama {
     max_context: usize,
 }
 
-/// A sequence being generated: its KV cache and how many positions are filled.
+/// A sequence being generated: its KV cache and how many positions are filled. A clone
+/// shares the cache until one of the two writes to it (burn then copies).
+#[derive(Clone)]
 pub struct Session {
     caches: Vec<LayerCache>,
     pos: usize,
@@ -344,6 +347,31 @@ impl Llama {
             max_context,
             decode_numerics: false,
         }
+    }
+
+    /// Makes room in `session` for `capacity` positions (at most the model's context): a
+    /// larger cache holding the same filled positions. Attention reads only the filled
+    /// positions, so a grown session computes exactly what the original would have.
+    pub fn grow_session(&self, session: &mut Session, capacity: usize) -> Result<(), ForwardError> {
+        let capacity = capacity.min(self.max_context);
+        if capacity <= session.max_context {
+            return Ok(());
+        }
+        let c = &self.config;
+        let (nkv, hd, pos) = (c.n_kv_heads, c.head_dim, session.pos);
+        for cache in &mut session.caches {
+            for slot in [&mut cache.k, &mut cache.v] {
+                let old = take_cache(slot)?;
+                let grown = Tensor::zeros([nkv, capacity, hd], &self.device);
+                *slot = Some(if pos == 0 {
+                    grown
+                } else {
+                    grown.slice_assign([0..nkv, 0..pos, 0..hd], old.slice([0..nkv, 0..pos, 0..hd]))
+                });
+            }
+        }
+        session.max_context = capacity;
+        Ok(())
     }
 
     /// Runs `tokens` at the session's next positions and returns the logits of the last one
