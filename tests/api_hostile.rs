@@ -282,7 +282,7 @@ fn the_named_edge_cases_get_a_4xx_with_a_json_error_code() {
         check(&net, post(p, body(json!({"seed": -1}))), bad, invalid);
         check(&net, post(p, body(json!({"n": 0}))), bad, invalid);
         check(&net, post(p, body(json!({"n": 17}))), bad, invalid);
-        check(&net, post(p, body(json!({"n": 2, "stream": true}))), bad, invalid);
+        check(&net, post(p, body(json!({"n": 17, "stream": true}))), bad, invalid);
         check(&net, post(p, body(json!({"model": "gpt-4"}))), 404, "model_not_found");
         check(&net, post(p, body(json!({}))).header("X-Cortensor-Session", "987654"), 404, "session_not_found");
         check(&net, post(p, body(json!({}))).header("X-Cortensor-Session", "abc"), bad, invalid);
