@@ -407,6 +407,17 @@ impl TaskRecord {
     pub fn is_chunked(&self) -> bool {
         self.chunk_tokens > 0 && self.request.max_tokens > self.chunk_tokens
     }
+    /// Records the current chunk as accepted: its span runs from the output accepted before
+    /// it to `to`, made by `miners` and decided by `validators`.
+    pub fn push_span(&mut self, to: usize, miners: Vec<String>, validators: Vec<String>) {
+        self.spans.push(Span {
+            chunk: self.chunk(),
+            from: self.accepted_tokens().len(),
+            to,
+            miners,
+            validators,
+        });
+    }
     /// Every miner paid for an accepted chunk so far, and every validator that decided one.
     pub fn span_payees(&self) -> Vec<String> {
         let mut payees: Vec<String> = Vec::new();

@@ -25,7 +25,7 @@ use crate::models::engine::GenerateRequest;
 use crate::reputation::{Outcome, Stage};
 use crate::store::{Store, StoreError};
 use crate::task::{
-    now_ms, Assignment, AssignmentState, FailureCause, SettlementDue, Span, TaskKey, TaskOutcome,
+    now_ms, Assignment, AssignmentState, FailureCause, SettlementDue, TaskKey, TaskOutcome,
     TaskRecord, TaskResult, TaskState,
 };
 use crate::validation::consensus::{
@@ -830,15 +830,9 @@ impl SessionQueue {
         }
         if let Some(task) = self.live.get_mut(&key) {
             // The record shows who made which part of the output (one span unless chunked).
-            let record = &mut task.record;
-            let from = record.accepted_tokens().len();
-            record.spans.push(Span {
-                chunk: record.chunk(),
-                from,
-                to: result.token_ids.len(),
-                miners: agreeing.clone(),
-                validators: task.paid_validators.clone(),
-            });
+            let validators = task.paid_validators.clone();
+            task.record
+                .push_span(result.token_ids.len(), agreeing.clone(), validators);
         }
         let outcome = TaskOutcome {
             result,
@@ -862,19 +856,13 @@ impl SessionQueue {
             return;
         };
         let record = &mut task.record;
-        let from = record.accepted_tokens().len();
         // The accepted output is kept once; the round's own results are superseded by the
         // next chunk's (which hold every token before it). Precommits stay.
         for a in record.round_mut() {
             a.result = None;
         }
-        record.spans.push(Span {
-            chunk: record.chunk(),
-            from,
-            to: result.token_ids.len(),
-            miners,
-            validators: std::mem::take(&mut task.paid_validators),
-        });
+        let validators = std::mem::take(&mut task.paid_validators);
+        record.push_span(result.token_ids.len(), miners, validators);
         tracing::debug!(task = %key, chunk = record.chunk(), tokens = result.token_ids.len(), "chunk accepted; continuing");
         record.accepted = Some(result);
         self.begin_round(key, ctx);

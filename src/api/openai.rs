@@ -248,6 +248,14 @@ fn total_usage(records: &[crate::task::TaskRecord]) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// A stream's last event (`stream_options.include_usage`): `event` with no choices and the
+/// usage of every choice.
+fn usage_event(mut event: Value, records: &[crate::task::TaskRecord]) -> Value {
+    event["choices"] = json!([]);
+    event["usage"] = total_usage(records);
+    event
+}
+
 /// The answer to a request run as subtasks: their choices in order (`choice` shapes each),
 /// the usage of them all, and the tasks (the first names the answer).
 fn subtasks_answer(
@@ -407,10 +415,7 @@ fn stream_chat(
             out
         }
         StreamEvent::AllCompleted { records } if include_usage => {
-            let mut u = chunk(0, json!({}), Value::Null);
-            u["choices"] = json!([]);
-            u["usage"] = total_usage(records);
-            vec![u]
+            vec![usage_event(chunk(0, json!({}), Value::Null), records)]
         }
         StreamEvent::AllCompleted { .. } => vec![],
     })
@@ -505,10 +510,7 @@ fn stream_completions(
             vec![chunk(index, rest, finish)]
         }
         StreamEvent::AllCompleted { records } if include_usage => {
-            let mut u = chunk(0, "", Value::Null);
-            u["choices"] = json!([]);
-            u["usage"] = total_usage(records);
-            vec![u]
+            vec![usage_event(chunk(0, "", Value::Null), records)]
         }
         StreamEvent::AllCompleted { .. } => vec![],
     })
