@@ -384,23 +384,28 @@ impl TaskRecord {
     /// the accepted output, for at most `chunk_tokens` new tokens.
     pub fn chunk_request(&self) -> GenerateRequest {
         let mut request = self.request.clone();
-        if self.chunk_tokens == 0 {
-            return request;
+        if self.chunk_tokens > 0 {
+            request.prefix = self.accepted_tokens().to_vec();
+            request.max_tokens = self.chunk_budget();
         }
-        let accepted = self.accepted_tokens();
-        let left = self.request.max_tokens.saturating_sub(accepted.len());
-        request.prefix = accepted.to_vec();
-        request.max_tokens = left.min(self.chunk_tokens);
         request
+    }
+    /// New tokens the current chunk may make: what the client asked for beyond the
+    /// accepted output, at most `chunk_tokens`.
+    fn chunk_budget(&self) -> usize {
+        let left = self
+            .request
+            .max_tokens
+            .saturating_sub(self.accepted_tokens().len());
+        left.min(self.chunk_tokens)
     }
     /// Whether generation goes on after `result` was accepted for the current chunk: it
     /// used the chunk's whole budget (it did not stop, and the context did not cut it
     /// short) and the client asked for more.
     pub fn continues_after(&self, result: &TaskResult) -> bool {
-        let request = self.chunk_request();
         self.chunk_tokens > 0
             && result.finish_reason == FinishReason::Length
-            && result.token_ids.len() >= request.prefix.len() + request.max_tokens
+            && result.token_ids.len() >= self.accepted_tokens().len() + self.chunk_budget()
             && result.token_ids.len() < self.request.max_tokens
     }
     /// Whether the generation runs in more than one chunk.

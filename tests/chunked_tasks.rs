@@ -423,18 +423,8 @@ fn a_restart_keeps_the_accepted_chunks_and_goes_on_from_them() {
             dir.path(),
         );
         let sid = net.session(1, 100_000);
-        let url = net.url("/api/v1/completions");
-        let key = net.testnet.api_key.clone();
-        std::thread::spawn(move || {
-            let _ = reqwest::blocking::Client::new()
-                .post(url)
-                .bearer_auth(key)
-                .json(
-                    &json!({"session_id": sid, "prompt": "through a restart", "max_tokens": 32,
-                              "temperature": 0.7, "seed": 3}),
-                )
-                .send();
-        });
+        net.submit_in_flight(json!({"session_id": sid, "prompt": "through a restart",
+                                    "max_tokens": 32, "temperature": 0.7, "seed": 3}));
         // Two chunks accepted, the third under way: then the router stops.
         net.wait_for(Duration::from_secs(30), "two accepted chunks", |n| {
             let (_, t) = n.get(&format!("/api/v1/tasks/{sid}/1"));

@@ -28,16 +28,19 @@ fn completion(net: &TestNetwork, body: Value) -> Value {
     v
 }
 
+/// One prompt, one choice, with `seed`: the text a choice of a larger request must equal.
+fn single(net: &TestNetwork, prompt: &str, seed: u64) -> String {
+    let v = completion(
+        net,
+        json!({"model": "scripted-echo", "prompt": prompt, "max_tokens": 6, "seed": seed}),
+    );
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn choices_and_batches_run_as_parallel_subtasks_in_order() {
     let net = network();
-    let single = |prompt: &str, seed: u64| -> String {
-        let v = completion(
-            &net,
-            json!({"model": "scripted-echo", "prompt": prompt, "max_tokens": 6, "seed": seed}),
-        );
-        v["choices"][0]["text"].as_str().unwrap().to_string()
-    };
+    let single = |prompt: &str, seed: u64| single(&net, prompt, seed);
     let v = completion(
         &net,
         json!({"model": "scripted-echo", "prompt": ["north", "south"], "n": 2, "max_tokens": 6, "seed": 40}),
@@ -154,13 +157,7 @@ fn stream_events(net: &TestNetwork, path: &str, body: Value) -> Vec<Value> {
 #[test]
 fn several_choices_stream_together_each_tagged_with_its_index() {
     let net = network();
-    let single = |prompt: &str, seed: u64| -> String {
-        let v = completion(
-            &net,
-            json!({"model": "scripted-echo", "prompt": prompt, "max_tokens": 6, "seed": seed}),
-        );
-        v["choices"][0]["text"].as_str().unwrap().to_string()
-    };
+    let single = |prompt: &str, seed: u64| single(&net, prompt, seed);
     // Two prompts × two choices, streamed: the pieces of each index join into that choice.
     let events = stream_events(
         &net,

@@ -520,15 +520,7 @@ fn tasks_in_flight_resume_after_a_restart_and_finished_ones_stay_readable() {
         let sid = net.session(1, 100_000);
         let done = complete(&net, sid, "finished before", 2);
         // A long task, left in flight.
-        let url = net.url("/api/v1/completions");
-        let key = net.testnet.api_key.clone();
-        std::thread::spawn(move || {
-            let _ = reqwest::blocking::Client::new()
-                .post(url)
-                .bearer_auth(key)
-                .json(&json!({"session_id": sid, "prompt": "in flight", "max_tokens": 100}))
-                .send();
-        });
+        net.submit_in_flight(json!({"session_id": sid, "prompt": "in flight", "max_tokens": 100}));
         net.wait_task(sid, 2, "Acked");
         net.testnet.shutdown();
         (sid, done["choices"][0]["text"].clone())

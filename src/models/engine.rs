@@ -246,27 +246,20 @@ pub struct LlamaEngine {
     backend_description: String,
     weight_bytes: usize,
     pool: rayon::ThreadPool,
-    /// The last generation's session, when it stopped at its token budget: the next chunk of
-    /// the same output continues it instead of running the prompt and the output again.
+    /// A session kept for the next request over the same tokens (one at most): a generation
+    /// that used its whole budget keeps its own (the next chunk of that output continues
+    /// it), a replay keeps its session at the end of its prefix (the chunk's other results
+    /// and the next chunk start there).
     parked: Option<ParkedSession>,
-    /// A replay's session at the end of its accepted prefix: the next replay of the same
-    /// output (another miner's result for the chunk, or the next chunk) starts from it.
-    parked_replay: Option<ParkedReplay>,
 }
 
-/// A replay's session that has run `tokens` (the prompt and some of an output), with the
-/// logits of its last position.
-struct ParkedReplay {
-    tokens: Vec<u32>,
-    session: Session,
-    last_logits: Vec<f32>,
-}
-
-/// A session kept after a generation that used its whole budget.
+/// A kept session that has run `tokens` (the prompt and part of an output).
 struct ParkedSession {
-    /// The prompt and every output token; the session has run all but the last.
     tokens: Vec<u32>,
     session: Session,
+    /// The logits of its last position, when kept by a replay (a generation keeps its
+    /// session before running its last token, so a continuation runs that one first).
+    last_logits: Option<Vec<f32>>,
 }
 
 impl LlamaEngine {
@@ -324,7 +317,6 @@ impl LlamaEngine {
             weight_bytes,
             pool,
             parked: None,
-            parked_replay: None,
         })
     }
 
@@ -333,6 +325,49 @@ impl LlamaEngine {
     }
     pub fn model(&self) -> &Llama {
         &self.model
+    }
+
+    /// A session that has run `input[..upto]` (whose first `prompt_len` tokens are the
+    /// prompt), with room for `capacity` positions and the logits of its last position. It
+    /// continues the kept session when that ran a part of this, the prompt at least;
+    /// otherwise the prompt is prefilled. The rest runs with decoding's kernels, row by row,
+    /// so where it continues from changes no logit.
+    fn session_through(
+        &mut self,
+        input: &[u32],
+        prompt_len: usize,
+        upto: usize,
+        capacity: usize,
+    ) -> Result<(Session, Vec<f32>), ForwardError> {
+        let parked = self.parked.take().filter(|p| {
+            let n = p.tokens.len();
+            n >= prompt_len
+                && n <= upto
+                && (n < upto || p.last_logits.is_some())
+                && input.starts_with(&p.tokens)
+                && p.session.position() == n
+        });
+        let model = &self.model;
+        self.pool.install(|| {
+            let (mut session, mut logits) = match parked {
+                Some(p) => {
+                    let mut session = p.session;
+                    model.grow_session(&mut session, capacity)?;
+                    (session, p.last_logits.unwrap_or_default())
+                }
+                None => {
+                    let mut session = model.new_session(capacity);
+                    let logits = model.forward(&mut session, &input[..prompt_len], false)?;
+                    (session, logits)
+                }
+            };
+            session.decode_numerics = true;
+            let done = session.position();
+            if upto > done {
+                logits = model.forward(&mut session, &input[done..upto], false)?;
+            }
+            Ok((session, logits))
+        })
     }
 
     /// Runs `f` on the model inside this engine's thread pool (benchmarks, tests).
@@ -439,53 +474,32 @@ impl InferenceEngine for LlamaEngine {
                 limit,
             });
         }
+        // `budget` counts every output token, the prefix's too.
+        let budget = prefix.len() + request.max_tokens.min(limit - prompt.len() - prefix.len());
+        let mut history = prompt.clone();
+        history.extend_from_slice(prefix);
+        let started = Instant::now();
+        // The prompt, then the prefix (an accepted earlier chunk) with the kernels decoding
+        // used for it, so the logits after it are the ones the whole generation computed.
+        let (mut session, mut logits) = self.session_through(
+            &history,
+            prompt.len(),
+            history.len(),
+            (prompt.len() + budget).max(1),
+        )?;
         let mut sampler = Sampler::new(request.params.clone())?;
         sampler.skip(prefix.len());
         let stop_ids = self.tokenizer.stop_ids();
         let model = &self.model;
         let pool = &self.pool;
         let tokenizer = &self.tokenizer;
-        // `budget` counts every output token, the prefix's too.
-        let budget = prefix.len() + request.max_tokens.min(limit - prompt.len() - prefix.len());
         // Only the forward passes run in the pool: the token callback stays on this thread
         // (it need not be Send), and between tokens the pool's threads are free.
         let forward = |session: &mut Session, tokens: &[u32]| {
             pool.install(|| model.forward(session, tokens, false))
         };
-        let capacity = (prompt.len() + budget).max(1);
-        // The session this engine parked after generating exactly the prefix for this prompt
-        // (the previous chunk of this output) has run all of it but its last token.
-        let parked = self.parked.take().filter(|p| {
-            !prefix.is_empty()
-                && p.tokens.len() == prompt.len() + prefix.len()
-                && p.tokens.starts_with(&prompt)
-                && p.tokens.ends_with(prefix)
-                && p.session.position() + 1 == p.tokens.len()
-        });
-        let started = Instant::now();
-        let (mut session, mut logits) = match parked {
-            Some(ParkedSession { mut session, .. }) => {
-                model.grow_session(&mut session, capacity)?;
-                // The step the whole generation would have taken next.
-                let logits = forward(&mut session, &prefix[prefix.len() - 1..])?;
-                (session, logits)
-            }
-            None => {
-                let mut session = model.new_session(capacity);
-                let mut logits = forward(&mut session, &prompt)?;
-                if !prefix.is_empty() {
-                    // The prefix with the kernels decoding used for it (as a replay does),
-                    // so the logits after it are the ones the whole generation computed.
-                    session.decode_numerics = true;
-                    logits = forward(&mut session, prefix)?;
-                }
-                (session, logits)
-            }
-        };
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let decode_started = Instant::now();
-        let mut history = prompt.clone();
-        history.extend_from_slice(prefix);
         let mut ids = prefix.clone();
         let mut decoder = StreamDecoder::new();
         let mut text = String::new();
@@ -559,11 +573,14 @@ impl InferenceEngine for LlamaEngine {
         // The first token comes from the prefill logits; decode speed counts the rest.
         let decoded_steps = (ids.len() - prefix.len()).saturating_sub(1) as f64;
         if finish == FinishReason::Length && ids.len() == budget && !ids.is_empty() {
-            // Its budget ran out: a next chunk of this output may follow (one session is kept
-            // at most; the next generation takes or drops it).
-            let mut tokens = prompt.clone();
-            tokens.extend_from_slice(&ids);
-            self.parked = Some(ParkedSession { tokens, session });
+            // Its budget ran out: a next chunk of this output may follow. The session has run
+            // everything but the last token.
+            history.pop();
+            self.parked = Some(ParkedSession {
+                tokens: history,
+                session,
+                last_logits: None,
+            });
         }
         Ok(Generation {
             prompt_tokens: prompt.len(),
@@ -658,7 +675,6 @@ impl InferenceEngine for LlamaEngine {
         sampler.skip(request.prefix.len());
         let stop_ids = self.tokenizer.stop_ids();
         let vocab = self.model.config().vocab_size;
-        let model = &self.model;
         let mut input = prompt.clone();
         input.extend_from_slice(continuation);
         // Row r of the logits predicts input[start + r]; the last row (when it fits)
@@ -666,48 +682,22 @@ impl InferenceEngine for LlamaEngine {
         // prompt in one pass as prefill does, then the claimed tokens with the kernels
         // decoding uses (row by row, so splitting them at the prefix changes nothing).
         let rows = if total < limit { total } else { total - 1 };
-        let prefix_end = start.min(rows);
-        // A session parked by an earlier replay of this output (up to a point no later than
-        // the prefix's end) saves running the prompt and that much of the output again.
-        let parked = self.parked_replay.take().filter(|p| {
-            p.tokens.len() >= prompt.len()
-                && p.tokens.len() <= prefix_end
-                && input.starts_with(&p.tokens)
-                && p.session.position() == p.tokens.len()
+        // Kept at the prefix's end: the other results of this chunk, and the next chunk
+        // (whose prefix extends this one), start there.
+        let (mut session, mut logits) =
+            self.session_through(&input, prompt.len(), start.min(rows), total)?;
+        self.parked = Some(ParkedSession {
+            tokens: input[..session.position()].to_vec(),
+            session: session.clone(),
+            last_logits: Some(logits.clone()),
         });
-        let (logits, boundary) = self.pool.install(
-            || -> Result<(Vec<f32>, Option<ParkedReplay>), ForwardError> {
-                let (mut session, mut logits) = match parked {
-                    Some(p) => {
-                        let mut session = p.session;
-                        model.grow_session(&mut session, total)?;
-                        (session, p.last_logits)
-                    }
-                    None => {
-                        let mut session = model.new_session(total);
-                        let logits = model.forward(&mut session, &prompt, false)?;
-                        (session, logits)
-                    }
-                };
-                session.decode_numerics = true;
-                let done = session.position();
-                if prefix_end > done {
-                    logits = model.forward(&mut session, &input[done..prefix_end], false)?;
-                }
-                // Kept at the prefix's end: the other results of this chunk, and the next
-                // chunk (whose prefix extends this one), start here.
-                let boundary = (session.position() >= prompt.len()).then(|| ParkedReplay {
-                    tokens: input[..session.position()].to_vec(),
-                    session: session.clone(),
-                    last_logits: logits.clone(),
-                });
-                if rows > start {
-                    logits.extend(model.forward(&mut session, &input[start..rows], true)?);
-                }
-                Ok((logits, boundary))
-            },
-        )?;
-        self.parked_replay = boundary;
+        if rows > start {
+            let model = &self.model;
+            let rest = self
+                .pool
+                .install(|| model.forward(&mut session, &input[start..rows], true))?;
+            logits.extend(rest);
+        }
         let new = &continuation[request.prefix.len()..];
         let mut checks = Vec::with_capacity(new.len());
         for (i, &token) in new.iter().enumerate() {

@@ -165,6 +165,20 @@ impl Net {
         v
     }
 
+    /// Posts a completion on a thread of its own and does not wait for it: a task left in
+    /// flight (its answer, or the error of a network that stopped, is dropped).
+    pub fn submit_in_flight(&self, body: Value) {
+        let url = self.url("/api/v1/completions");
+        let key = self.testnet.api_key.clone();
+        std::thread::spawn(move || {
+            let _ = reqwest::blocking::Client::new()
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send();
+        });
+    }
+
     pub fn wait_for(&self, limit: Duration, what: &str, mut ok: impl FnMut(&Net) -> bool) {
         let start = Instant::now();
         while !ok(self) {
