@@ -461,3 +461,50 @@ fn wgpu_backend_agrees_with_cpu_backend() {
     );
     assert_eq!(argmax_rows(&cpu), argmax_rows(&gpu));
 }
+
+/// The CPU backend decodes quantized models on the host: several rows in one pass with
+/// decoding's numerics (a validator's replay) give every row's logits bit for bit as one token
+/// at a time does, and a session prefilled through the dense path continues there.
+#[test]
+fn host_decoding_is_the_same_bits_one_row_or_many() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q4_1.gguf");
+    write_gguf(&path, &random_model(SEED), GgmlType::Q4_1);
+    let model = Llama::new(
+        weights::load(&path).unwrap(),
+        &Device::flex(),
+        BackendKind::Cpu,
+        64,
+    )
+    .unwrap();
+    let mut one_by_one = Vec::new();
+    let mut s = model.new_session(64);
+    for &t in &PROMPT {
+        one_by_one.extend(model.forward(&mut s, &[t], false).unwrap());
+    }
+    let mut s = model.new_session(64);
+    s.decode_numerics = true;
+    let together = model.forward(&mut s, &PROMPT, true).unwrap();
+    assert_eq!(together.len(), one_by_one.len());
+    assert!(
+        together
+            .iter()
+            .zip(&one_by_one)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "rows in one pass differ from one at a time"
+    );
+    // Dense prefill of the prompt (9 rows), then two decoded tokens: close to decoding all of
+    // it step by step (the prefill's f32 activations differ from 8-bit ones by hundredths).
+    let mut dense = model.new_session(64);
+    model.forward(&mut dense, &PROMPT, false).unwrap();
+    let after_dense = model.forward(&mut dense, &[3, 4], false).unwrap();
+    let mut steps = s.clone();
+    let after_steps = model.forward(&mut steps, &[3, 4], false).unwrap();
+    let scale = after_steps.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_diff(&after_dense, &after_steps);
+    assert!(
+        d < 0.05 * scale,
+        "continuing a dense prefill differs by {d} (scale {scale})"
+    );
+    assert_eq!(dense.position(), PROMPT.len() + 2);
+}

@@ -15,6 +15,9 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use std::sync::Arc;
 
+mod host_decode;
+use host_decode::HostCache;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("the context is full: {used} tokens used, {asked} more asked, limit {limit}")]
@@ -49,6 +52,14 @@ enum Linear {
 }
 
 impl Linear {
+    /// Output features.
+    fn rows(&self) -> usize {
+        match self {
+            Linear::Dense(w) => w.dims()[0],
+            Linear::Quant(q) => q.rows(),
+        }
+    }
+
     fn new(m: Matrix, device: &Device, keep_quantized: bool) -> Result<Self, ForwardError> {
         Ok(match m {
             Matrix::Quant(q) if keep_quantized => Linear::Quant(Arc::new(q)),
@@ -129,6 +140,8 @@ impl EmbeddingTable {
 
 struct RmsNorm {
     weight: Tensor<2>, // [1, dim]
+    /// The same weights on the host, for host decoding.
+    host: Vec<f32>,
     eps: f32,
 }
 
@@ -136,6 +149,7 @@ impl RmsNorm {
     fn new(w: &[f32], eps: f32, device: &Device) -> Self {
         Self {
             weight: Tensor::from_data(TensorData::new(w.to_vec(), [1, w.len()]), device),
+            host: w.to_vec(),
             eps,
         }
     }
@@ -147,16 +161,19 @@ impl RmsNorm {
     }
 }
 
-/// The keys and values of one layer for every position so far, preallocated to the context
-/// limit so memory is bounded and known at start.
-///
-/// Held in `Option`s so each step can take sole ownership before `slice_assign`: with no other
-/// handle on the buffer the backend writes the new rows in place instead of copying the whole
-/// cache every token.
+/// The keys and values of one layer for every position so far, preallocated to the session's
+/// capacity so memory is bounded and known at start.
 #[derive(Clone)]
-struct LayerCache {
-    k: Option<Tensor<3>>, // [n_kv_heads, max_ctx, head_dim]
-    v: Option<Tensor<3>>,
+enum LayerCache {
+    /// On the device. Held in `Option`s so each step can take sole ownership before
+    /// `slice_assign`: with no other handle on the buffer the backend writes the new rows in
+    /// place instead of copying the whole cache every token.
+    Device {
+        k: Option<Tensor<3>>, // [n_kv_heads, max_ctx, head_dim]
+        v: Option<Tensor<3>>,
+    },
+    /// On the host, for models decoded by `host_decode` (the CPU backend, quantized weights).
+    Host(HostCache),
 }
 
 struct Layer {
@@ -184,7 +201,13 @@ pub struct Llama {
     output: Linear,
     cos: Tensor<2>, // [max_ctx, head_dim / 2]
     sin: Tensor<2>,
+    /// The same tables on the host, for host decoding.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
     max_context: usize,
+    /// Whether decoding runs on the host (`host_decode`): the CPU backend with every linear
+    /// layer quantized. Its sessions keep their caches on the host.
+    host_decode: bool,
 }
 
 /// A sequence being generated: its KV cache and how many positions are filled. A clone
@@ -301,13 +324,23 @@ impl Llama {
                 sin.push(angle.sin() as f32);
             }
         }
+        let host_decode = backend == BackendKind::Cpu
+            && matches!(output, Linear::Quant(_))
+            && layers.iter().all(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .all(|w| matches!(w, Linear::Quant(_)))
+            });
         Ok(Self {
             output_norm: RmsNorm::new(&output_norm, cfg.rms_eps, device),
             token_embd,
             layers,
             output,
-            cos: Tensor::from_data(TensorData::new(cos, [max_context, half]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [max_context, half]), device),
+            cos: Tensor::from_data(TensorData::new(cos.clone(), [max_context, half]), device),
+            sin: Tensor::from_data(TensorData::new(sin.clone(), [max_context, half]), device),
+            rope_cos: cos,
+            rope_sin: sin,
+            host_decode,
             device: device.clone(),
             backend,
             config: cfg,
@@ -329,16 +362,17 @@ impl Llama {
     pub fn new_session(&self, max_context: usize) -> Session {
         let c = &self.config;
         let max_context = max_context.clamp(1, self.max_context);
+        let shape = [c.n_kv_heads, max_context, c.head_dim];
         let caches = (0..c.n_layers)
-            .map(|_| LayerCache {
-                k: Some(Tensor::zeros(
-                    [c.n_kv_heads, max_context, c.head_dim],
-                    &self.device,
-                )),
-                v: Some(Tensor::zeros(
-                    [c.n_kv_heads, max_context, c.head_dim],
-                    &self.device,
-                )),
+            .map(|_| {
+                if self.host_decode {
+                    LayerCache::Host(HostCache::new(max_context, c.n_kv_heads * c.head_dim))
+                } else {
+                    LayerCache::Device {
+                        k: Some(Tensor::zeros(shape, &self.device)),
+                        v: Some(Tensor::zeros(shape, &self.device)),
+                    }
+                }
             })
             .collect();
         Session {
@@ -360,14 +394,22 @@ impl Llama {
         let c = &self.config;
         let (nkv, hd, pos) = (c.n_kv_heads, c.head_dim, session.pos);
         for cache in &mut session.caches {
-            for slot in [&mut cache.k, &mut cache.v] {
-                let old = take_cache(slot)?;
-                let grown = Tensor::zeros([nkv, capacity, hd], &self.device);
-                *slot = Some(if pos == 0 {
-                    grown
-                } else {
-                    grown.slice_assign([0..nkv, 0..pos, 0..hd], old.slice([0..nkv, 0..pos, 0..hd]))
-                });
+            match cache {
+                LayerCache::Host(h) => h.grow(capacity, nkv * hd),
+                LayerCache::Device { k, v } => {
+                    for slot in [k, v] {
+                        let old = take_cache(slot)?;
+                        let grown = Tensor::zeros([nkv, capacity, hd], &self.device);
+                        *slot = Some(if pos == 0 {
+                            grown
+                        } else {
+                            grown.slice_assign(
+                                [0..nkv, 0..pos, 0..hd],
+                                old.slice([0..nkv, 0..pos, 0..hd]),
+                            )
+                        });
+                    }
+                }
             }
         }
         session.max_context = capacity;
@@ -406,9 +448,22 @@ impl Llama {
             self.token_embd
                 .row_into(t as usize, &mut emb[i * dim..(i + 1) * dim])?;
         }
-        let mut x = Tensor::<2>::from_data(TensorData::new(emb, [n, dim]), &self.device);
         let pos0 = session.pos;
         let dense_ok = !session.decode_numerics;
+        if self.host_decode && (!dense_ok || n < DENSE_FROM_ROWS) {
+            let caches: Result<Vec<&mut HostCache>, ForwardError> = session
+                .caches
+                .iter_mut()
+                .map(|c| match c {
+                    LayerCache::Host(h) => Ok(h),
+                    LayerCache::Device { .. } => Err(ForwardError::CacheLost),
+                })
+                .collect();
+            let logits = self.forward_host(caches?, pos0, emb, all_logits)?;
+            session.pos += n;
+            return Ok(logits);
+        }
+        let mut x = Tensor::<2>::from_data(TensorData::new(emb, [n, dim]), &self.device);
         let mask = (n > 1).then(|| self.causal_mask(pos0, n));
         for (layer, cache) in self.layers.iter().zip(session.caches.iter_mut()) {
             let h = self.attention(
@@ -478,8 +533,31 @@ impl Llama {
         let q = self.rope(q, pos0);
         let k = self.rope(k, pos0);
         let end = pos0 + n;
-        let k_all = take_cache(&mut cache.k)?.slice_assign([0..nkv, pos0..end, 0..hd], k);
-        let v_all = take_cache(&mut cache.v)?.slice_assign([0..nkv, pos0..end, 0..hd], v);
+        // Every key and value so far, `[nkv, end, hd]`.
+        let (keys, values) = match cache {
+            LayerCache::Device { k: ck, v: cv } => {
+                let k_all = take_cache(ck)?.slice_assign([0..nkv, pos0..end, 0..hd], k);
+                let v_all = take_cache(cv)?.slice_assign([0..nkv, pos0..end, 0..hd], v);
+                let keys = k_all.clone().slice([0..nkv, 0..end, 0..hd]);
+                let values = v_all.clone().slice([0..nkv, 0..end, 0..hd]);
+                *ck = Some(k_all);
+                *cv = Some(v_all);
+                (keys, values)
+            }
+            LayerCache::Host(h) => {
+                let width = nkv * hd;
+                h.k[pos0 * width..end * width].copy_from_slice(&to_vec(k.swap_dims(0, 1))?);
+                h.v[pos0 * width..end * width].copy_from_slice(&to_vec(v.swap_dims(0, 1))?);
+                let upload = |rows: &[f32]| {
+                    Tensor::<3>::from_data(
+                        TensorData::new(rows.to_vec(), [end, nkv, hd]),
+                        &self.device,
+                    )
+                    .swap_dims(0, 1)
+                };
+                (upload(&h.k[..end * width]), upload(&h.v[..end * width]))
+            }
+        };
         let g = c.group_size();
         if !dense_ok && n > 1 {
             // One query at a time with the shapes decoding uses, so every row is bit for bit
@@ -492,8 +570,8 @@ impl Llama {
                         .slice([0..nh, i..i + 1, 0..hd])
                         .reshape([nkv, g, hd]);
                     let end_i = pos0 + i + 1;
-                    let keys = k_all.clone().slice([0..nkv, 0..end_i, 0..hd]);
-                    let values = v_all.clone().slice([0..nkv, 0..end_i, 0..hd]);
+                    let keys = keys.clone().slice([0..nkv, 0..end_i, 0..hd]);
+                    let values = values.clone().slice([0..nkv, 0..end_i, 0..hd]);
                     let scores = qi.matmul(keys.swap_dims(1, 2)) * (1.0 / (hd as f64).sqrt());
                     softmax(scores, 2)
                         .matmul(values)
@@ -502,14 +580,8 @@ impl Llama {
                         .reshape([1, nh * hd])
                 })
                 .collect();
-            cache.k = Some(k_all);
-            cache.v = Some(v_all);
             return layer.wo.forward(Tensor::cat(rows, 0), dense_ok);
         }
-        let keys = k_all.clone().slice([0..nkv, 0..end, 0..hd]);
-        let values = v_all.clone().slice([0..nkv, 0..end, 0..hd]);
-        cache.k = Some(k_all);
-        cache.v = Some(v_all);
         // Heads sharing a key/value head are contiguous: [nh, n, hd] -> [nkv, g * n, hd].
         let q = q.reshape([nkv, g * n, hd]);
         let scores = q.matmul(keys.swap_dims(1, 2)) * (1.0 / (hd as f64).sqrt()); // [nkv, g*n, end]

@@ -6,6 +6,16 @@
 //! products run in integers (AVX2 where the CPU has it, portable code elsewhere). Types without
 //! an integer kernel (the K-quants) dequantize one weight row at a time and take an f32 dot.
 //!
+//! Q4_0, Q4_1 and Q8_0 are repacked at load in groups of eight rows, interleaved block by block
+//! (as llama.cpp's CPU "repack" does): one 32-byte load holds four quants of each of the eight
+//! rows, so a byte dot product against four broadcast activation bytes leaves each row's partial
+//! sum in its own lane. No horizontal sums, one scale multiply for eight rows, and the same bytes
+//! as GGML's blocks (f16 scales, converted eight at a time).
+//!
+//! Numerics: each output is accumulated block by block in one fixed order with fused
+//! multiply-adds, in the SIMD and the portable kernels alike, so both give the same bits, on any
+//! thread count and whether one activation row is multiplied or several.
+//!
 //! Architecture invariant: nothing here knows burn; `llama.rs` decides when to call this (few
 //! activation rows) and when to dequantize and use burn's matmul (prefill).
 
@@ -29,6 +39,9 @@ use rayon::prelude::*;
 /// Elements per block of the 8-bit activation format (equal to Q4_0/Q4_1/Q8_0's block).
 const QK: usize = 32;
 
+/// Rows interleaved together in the repacked layout (one f32 lane each in a 256-bit register).
+const GROUP: usize = 8;
+
 /// A weight matrix in row-major `[rows, cols]` order (`rows` = output features), each row a
 /// whole number of GGML blocks.
 #[derive(Clone)]
@@ -39,23 +52,89 @@ pub struct QuantMatrix {
     storage: Storage,
 }
 
-/// How the blocks are held. Q4_0, Q4_1 and Q8_0 are repacked at load (as llama.cpp's CPU
-/// "repack" does): scales and mins as f32 arrays beside the packed quants, so the hot loop
-/// converts no f16 and reads quants contiguously. The values are bit-identical to GGML's.
+/// How the blocks are held.
 #[derive(Clone)]
 enum Storage {
-    Packed {
-        /// Per block (row-major over rows, then blocks). f32 rather than GGML's f16: measured,
-        /// converting in the hot loop costs more than the 20% more bytes read.
-        scale: Vec<f32>,
-        /// Q4_1's per-block minimum; empty for Q4_0 and Q8_0.
-        min: Vec<f32>,
-        /// Per block: 16 bytes of nibbles (Q4_0/Q4_1: low nibbles are elements 0..15, high
-        /// nibbles 16..31) or 32 signed bytes (Q8_0).
-        qs: Vec<u8>,
-    },
+    /// Q4_0, Q4_1 and Q8_0: rows in groups of [`GROUP`] (the last padded with zero rows), each
+    /// group stored block by block; see [`Interleaved`] for one group-block's bytes. The values
+    /// are bit-identical to GGML's.
+    Interleaved(Interleaved),
     /// Other types, as GGML blocks.
     Raw { row_bytes: usize, data: Vec<u8> },
+}
+
+/// One group-block (`GROUP` rows × 32 columns) is `[scales][mins][quants]`:
+/// - scales: `GROUP` f16, row by row;
+/// - mins (Q4_1 only): `GROUP` f16;
+/// - quants, in 32-byte lanes-of-rows: chunk `k` holds bytes `4k..4k + 4` of each row's GGML
+///   quants, row 0 first. Q4_0/Q4_1 have 4 chunks (16 bytes of nibbles a row: low nibbles are
+///   elements 0..15, high nibbles 16..31), Q8_0 has 8 (32 signed bytes a row).
+#[derive(Clone)]
+struct Interleaved {
+    /// Blocks per row.
+    blocks: usize,
+    /// Bytes of one group-block.
+    stride: usize,
+    data: Vec<u8>,
+}
+
+impl Interleaved {
+    fn quant_chunks(ty: GgmlType) -> usize {
+        if ty == GgmlType::Q8_0 {
+            8
+        } else {
+            4
+        }
+    }
+
+    /// Offset of the quants within a group-block.
+    fn quants_at(ty: GgmlType) -> usize {
+        if ty == GgmlType::Q4_1 {
+            4 * GROUP
+        } else {
+            2 * GROUP
+        }
+    }
+
+    fn stride(ty: GgmlType) -> usize {
+        Self::quants_at(ty) + Self::quant_chunks(ty) * 4 * GROUP
+    }
+
+    /// Repacks GGML blocks (`rows` rows of `blocks` blocks each).
+    fn pack(ty: GgmlType, rows: usize, blocks: usize, ggml: &[u8]) -> Self {
+        let bb = ty.block_bytes();
+        let stride = Self::stride(ty);
+        let groups = rows.div_ceil(GROUP);
+        let mut data = vec![0u8; groups * blocks * stride];
+        let (quants_at, chunks) = (Self::quants_at(ty), Self::quant_chunks(ty));
+        let ggml_quants_at = if ty == GgmlType::Q4_1 { 4 } else { 2 };
+        for row in 0..rows {
+            let (g, r) = (row / GROUP, row % GROUP);
+            for b in 0..blocks {
+                let src = &ggml[(row * blocks + b) * bb..][..bb];
+                let dst = &mut data[(g * blocks + b) * stride..][..stride];
+                dst[2 * r..2 * r + 2].copy_from_slice(&src[0..2]);
+                if ty == GgmlType::Q4_1 {
+                    dst[2 * GROUP + 2 * r..2 * GROUP + 2 * r + 2].copy_from_slice(&src[2..4]);
+                }
+                for k in 0..chunks {
+                    let at = quants_at + k * 4 * GROUP + 4 * r;
+                    dst[at..at + 4]
+                        .copy_from_slice(&src[ggml_quants_at + 4 * k..ggml_quants_at + 4 * k + 4]);
+                }
+            }
+        }
+        Self {
+            blocks,
+            stride,
+            data,
+        }
+    }
+
+    /// One group's blocks, in order.
+    fn group(&self, g: usize) -> &[u8] {
+        &self.data[g * self.blocks * self.stride..(g + 1) * self.blocks * self.stride]
+    }
 }
 
 impl std::fmt::Debug for QuantMatrix {
@@ -78,14 +157,6 @@ struct ActBlock {
     qs: [i8; QK],
     d: f32,
     s: f32,
-}
-
-fn quant_bytes(ty: GgmlType) -> usize {
-    if ty == GgmlType::Q8_0 {
-        32
-    } else {
-        16
-    }
 }
 
 impl QuantMatrix {
@@ -111,23 +182,7 @@ impl QuantMatrix {
         }
         let storage = match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
-                let bb = ty.block_bytes();
-                let nq = quant_bytes(ty);
-                let blocks = data.len() / bb;
-                let mut scale = Vec::with_capacity(blocks);
-                let mut min = Vec::with_capacity(if ty == GgmlType::Q4_1 { blocks } else { 0 });
-                let mut qs = Vec::with_capacity(blocks * nq);
-                for blk in data.chunks_exact(bb) {
-                    scale.push(f16_at(blk, 0));
-                    let at = if ty == GgmlType::Q4_1 {
-                        min.push(f16_at(blk, 2));
-                        4
-                    } else {
-                        2
-                    };
-                    qs.extend_from_slice(&blk[at..at + nq]);
-                }
-                Storage::Packed { scale, min, qs }
+                Storage::Interleaved(Interleaved::pack(ty, rows, cols / QK, &data))
             }
             _ => Storage::Raw { row_bytes, data },
         };
@@ -151,7 +206,7 @@ impl QuantMatrix {
     /// Bytes held in memory (what one matrix-vector product reads).
     pub fn byte_len(&self) -> usize {
         match &self.storage {
-            Storage::Packed { scale, min, qs } => (scale.len() + min.len()) * 4 + qs.len(),
+            Storage::Interleaved(p) => p.data.len(),
             Storage::Raw { data, .. } => data.len(),
         }
     }
@@ -162,28 +217,42 @@ impl QuantMatrix {
             Storage::Raw { row_bytes, data } => {
                 quant::dequantize(self.ty, &data[row * row_bytes..(row + 1) * row_bytes], out)
             }
-            Storage::Packed { scale, min, qs } => {
-                let bpr = self.cols / QK;
-                let nq = quant_bytes(self.ty);
-                for (b, dst) in out.chunks_exact_mut(QK).enumerate() {
-                    let i = row * bpr + b;
-                    let d = scale[i];
-                    let q = &qs[i * nq..(i + 1) * nq];
+            Storage::Interleaved(p) => {
+                let (g, r) = (row / GROUP, row % GROUP);
+                let quants_at = Interleaved::quants_at(self.ty);
+                for (blk, dst) in p
+                    .group(g)
+                    .chunks_exact(p.stride)
+                    .zip(out.chunks_exact_mut(QK))
+                {
+                    let d = f16_at(blk, 2 * r);
+                    let chunk = |k: usize| &blk[quants_at + k * 4 * GROUP + 4 * r..][..4];
                     match self.ty {
-                        GgmlType::Q8_0 => dst
-                            .iter_mut()
-                            .zip(q)
-                            .for_each(|(o, &v)| *o = (v as i8) as f32 * d),
+                        GgmlType::Q8_0 => {
+                            for k in 0..8 {
+                                for (j, &v) in chunk(k).iter().enumerate() {
+                                    dst[4 * k + j] = (v as i8) as f32 * d;
+                                }
+                            }
+                        }
                         ty => {
-                            for j in 0..16 {
-                                let (lo, hi) = ((q[j] & 0x0F) as f32, (q[j] >> 4) as f32);
-                                // Exactly GGML's expressions: q * d + m, and (q - 8) * d.
-                                if ty == GgmlType::Q4_1 {
-                                    dst[j] = lo * d + min[i];
-                                    dst[j + 16] = hi * d + min[i];
-                                } else {
-                                    dst[j] = (lo - 8.0) * d;
-                                    dst[j + 16] = (hi - 8.0) * d;
+                            let m = if ty == GgmlType::Q4_1 {
+                                f16_at(blk, 2 * GROUP + 2 * r)
+                            } else {
+                                0.0
+                            };
+                            for k in 0..4 {
+                                for (j, &q) in chunk(k).iter().enumerate() {
+                                    let (lo, hi) = ((q & 0x0F) as f32, (q >> 4) as f32);
+                                    let (a, b) = (4 * k + j, 4 * k + j + 16);
+                                    // Exactly GGML's expressions: q * d + m, and (q - 8) * d.
+                                    if ty == GgmlType::Q4_1 {
+                                        dst[a] = lo * d + m;
+                                        dst[b] = hi * d + m;
+                                    } else {
+                                        dst[a] = (lo - 8.0) * d;
+                                        dst[b] = (hi - 8.0) * d;
+                                    }
                                 }
                             }
                         }
@@ -215,36 +284,33 @@ impl QuantMatrix {
             });
         }
         match &self.storage {
-            Storage::Packed { scale, min, qs } => {
+            Storage::Interleaved(p) => {
                 let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_act_block).collect();
-                let bpr = self.cols / QK;
-                let nq = quant_bytes(self.ty);
+                let kernel = group_kernel();
                 let ty = self.ty;
-                let dot = dot_kernel();
-                self.for_each_row(n, out, |r, row_out, _| {
-                    let blocks = r * bpr..(r + 1) * bpr;
-                    let row = PackedRow {
-                        scale: &scale[blocks.clone()],
-                        min: if min.is_empty() {
-                            &[]
-                        } else {
-                            &min[blocks.clone()]
-                        },
-                        qs: &qs[blocks.start * nq..blocks.end * nq],
-                    };
-                    for (t, o) in row_out.iter_mut().enumerate() {
-                        *o = dot(ty, &row, &acts[t * bpr..(t + 1) * bpr]);
+                self.for_each_group(n, out, |g, group_out| {
+                    for (t, lanes) in group_out.chunks_exact_mut(GROUP).enumerate() {
+                        let lanes: &mut [f32; GROUP] = lanes.try_into().expect("GROUP lanes");
+                        kernel(
+                            ty,
+                            p.group(g),
+                            &acts[t * p.blocks..(t + 1) * p.blocks],
+                            lanes,
+                        );
                     }
                     Ok(())
                 })
             }
             Storage::Raw { .. } => {
+                // K-quants: no packed kernel; each row dequantized, then f32 dot products.
                 let cols = self.cols;
-                self.for_each_row(n, out, |r, row_out, row| {
-                    row.resize(cols, 0.0);
-                    self.dequantize_row(r, row)?;
-                    for (t, o) in row_out.iter_mut().enumerate() {
-                        *o = dot_f32(row, &x[t * cols..(t + 1) * cols]);
+                self.for_each_group(n, out, |g, group_out| {
+                    let mut row = vec![0f32; cols];
+                    for i in 0..GROUP.min(self.rows - g * GROUP) {
+                        self.dequantize_row(g * GROUP + i, &mut row)?;
+                        for t in 0..n {
+                            group_out[t * GROUP + i] = dot_f32(&row, &x[t * cols..(t + 1) * cols]);
+                        }
                     }
                     Ok(())
                 })
@@ -252,50 +318,43 @@ impl QuantMatrix {
         }
     }
 
-    /// Runs `f(row, outputs_of_that_row_for_each_activation_row, scratch)` over all rows in
-    /// parallel and lays the results out `[n, rows]`. `scratch` is one buffer per task, reused
-    /// across its rows. With one activation row (decode) the results are written in place;
-    /// otherwise through a `[rows, n]` buffer and one transpose.
-    fn for_each_row(
+    /// Runs `f(group, outputs)` over all row groups in parallel, where `outputs` is
+    /// `[n][GROUP]` (the group's results for each activation row), and lays the results out
+    /// `[n, rows]`.
+    fn for_each_group(
         &self,
         n: usize,
         out: &mut [f32],
-        f: impl Fn(usize, &mut [f32], &mut Vec<f32>) -> Result<(), QuantError> + Sync,
+        f: impl Fn(usize, &mut [f32]) -> Result<(), QuantError> + Sync,
     ) -> Result<(), QMatmulError> {
+        let groups = self.rows.div_ceil(GROUP);
         let threads = rayon::current_num_threads().max(1);
         // Enough tasks to balance the threads, each long enough to amortise scheduling.
-        let rows_per_task = (self.rows / (threads * 4)).clamp(8, 256);
-        let run = |dst: &mut [f32]| -> Result<(), QuantError> {
-            dst.par_chunks_mut(rows_per_task * n)
-                .enumerate()
-                .try_for_each(|(task, chunk)| {
-                    let mut scratch = Vec::new();
-                    for (k, row_out) in chunk.chunks_mut(n).enumerate() {
-                        f(task * rows_per_task + k, row_out, &mut scratch)?;
-                    }
-                    Ok(())
-                })
-        };
-        if n == 1 {
-            run(out)?;
-        } else {
-            let mut by_row = vec![0f32; self.rows * n];
-            run(&mut by_row)?;
-            for (r, vals) in by_row.chunks_exact(n).enumerate() {
-                for (t, v) in vals.iter().enumerate() {
-                    out[t * self.rows + r] = *v;
+        let groups_per_task = (groups / (threads * 4)).clamp(1, 32);
+        let mut by_group = vec![0f32; groups * n * GROUP];
+        by_group
+            .par_chunks_mut(groups_per_task * n * GROUP)
+            .enumerate()
+            .try_for_each(|(task, chunk)| {
+                for (k, group_out) in chunk.chunks_exact_mut(n * GROUP).enumerate() {
+                    f(task * groups_per_task + k, group_out)?;
                 }
-            }
-        }
+                Ok::<_, QuantError>(())
+            })?;
+        self.scatter(n, &by_group, out);
         Ok(())
     }
-}
 
-/// One row of a repacked matrix.
-struct PackedRow<'a> {
-    scale: &'a [f32],
-    min: &'a [f32],
-    qs: &'a [u8],
+    /// Moves `[groups][n][GROUP]` results into `[n, rows]`, dropping the padding rows.
+    fn scatter(&self, n: usize, by_group: &[f32], out: &mut [f32]) {
+        for (g, group_out) in by_group.chunks_exact(n * GROUP).enumerate() {
+            let live = GROUP.min(self.rows - g * GROUP);
+            for t in 0..n {
+                let dst = t * self.rows + g * GROUP;
+                out[dst..dst + live].copy_from_slice(&group_out[t * GROUP..t * GROUP + live]);
+            }
+        }
+    }
 }
 
 fn quantize_act_block(x: &[f32]) -> ActBlock {
@@ -320,84 +379,64 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-/// A dot product of one repacked weight row with its quantized activation blocks.
-type DotKernel = fn(GgmlType, &PackedRow, &[ActBlock]) -> f32;
+/// The products of one row group (its blocks, in order) with one activation row, one output
+/// per row of the group.
+type GroupKernel = fn(GgmlType, &[u8], &[ActBlock], &mut [f32; GROUP]);
 
-/// The fastest kernel this CPU runs; chosen once per product, not per row.
-fn dot_kernel() -> DotKernel {
+/// The fastest kernel this CPU runs; chosen once per product, not per group.
+fn group_kernel() -> GroupKernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY (both closures): the CPU supports AVX2 and FMA, and AVX-VNNI for the
-            // first, checked just here; the kernels index only blocks 0..a.len(), which the
-            // row holds.
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY (both closures): the CPU supports AVX2, FMA and F16C, and AVX-VNNI for
+            // the first, checked just here; the kernels read `a.len()` group-blocks, which the
+            // group holds (checked by the assertion inside).
             if std::is_x86_feature_detected!("avxvnni") {
-                return |ty, w, a| unsafe { avx2::dot_packed_vnni(ty, w, a) };
+                return |ty, w, a, out| unsafe { avx2::group_dot_vnni(ty, w, a, out) };
             }
-            return |ty, w, a| unsafe { avx2::dot_packed(ty, w, a) };
+            return |ty, w, a, out| unsafe { avx2::group_dot(ty, w, a, out) };
         }
     }
-    dot_packed_portable
+    group_dot_portable
 }
 
-/// The reference integer kernels: also what the AVX2 ones are tested against.
-fn dot_packed_portable(ty: GgmlType, w: &PackedRow, a: &[ActBlock]) -> f32 {
-    let mut acc = 0f32;
-    for (i, act) in a.iter().enumerate() {
-        let d = w.scale[i];
-        match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                let qs = &w.qs[i * 16..(i + 1) * 16];
-                let mut sumi = 0i32;
-                for j in 0..16 {
-                    sumi += (qs[j] & 0x0F) as i32 * act.qs[j] as i32;
-                    sumi += (qs[j] >> 4) as i32 * act.qs[j + 16] as i32;
+/// The reference kernel, in the same order of operations as the SIMD ones (so the same bits):
+/// per block, `acc = sumi * (d * a.d) + acc`, then the offset term, both fused.
+fn group_dot_portable(ty: GgmlType, w: &[u8], a: &[ActBlock], out: &mut [f32; GROUP]) {
+    let stride = Interleaved::stride(ty);
+    let quants_at = Interleaved::quants_at(ty);
+    assert!(w.len() >= a.len() * stride, "a group holds every block");
+    *out = [0.0; GROUP];
+    for (blk, act) in w.chunks_exact(stride).zip(a) {
+        for (r, acc) in out.iter_mut().enumerate() {
+            let d = f16_at(blk, 2 * r);
+            let chunk = |k: usize| &blk[quants_at + k * 4 * GROUP + 4 * r..][..4];
+            let mut sumi = 0i32;
+            if ty == GgmlType::Q8_0 {
+                for k in 0..8 {
+                    for (j, &q) in chunk(k).iter().enumerate() {
+                        sumi += (q as i8) as i32 * act.qs[4 * k + j] as i32;
+                    }
                 }
-                acc += d * act.d * sumi as f32;
-                acc += if ty == GgmlType::Q4_1 {
-                    w.min[i] * act.s
-                } else {
-                    -8.0 * d * act.s
-                };
+            } else {
+                for k in 0..4 {
+                    for (j, &q) in chunk(k).iter().enumerate() {
+                        sumi += (q & 0x0F) as i32 * act.qs[4 * k + j] as i32;
+                        sumi += (q >> 4) as i32 * act.qs[4 * k + j + 16] as i32;
+                    }
+                }
             }
-            GgmlType::Q8_0 => {
-                let qs = &w.qs[i * 32..(i + 1) * 32];
-                let sumi: i32 = qs
-                    .iter()
-                    .zip(&act.qs)
-                    .map(|(&q, &x)| (q as i8) as i32 * x as i32)
-                    .sum();
-                acc += d * act.d * sumi as f32;
+            *acc = (sumi as f32).mul_add(d * act.d, *acc);
+            match ty {
+                GgmlType::Q4_1 => *acc = f16_at(blk, 2 * GROUP + 2 * r).mul_add(act.s, *acc),
+                GgmlType::Q4_0 => *acc = d.mul_add(-8.0 * act.s, *acc),
+                _ => {}
             }
-            _ => unreachable!("packed storage exists only for Q4_0, Q4_1 and Q8_0"),
         }
     }
-    acc
-}
-
-#[cfg(test)]
-fn with_packed_row<R>(
-    ty: GgmlType,
-    w: &[u8],
-    x: &[f32],
-    f: impl Fn(&PackedRow, &[ActBlock]) -> R,
-) -> R {
-    let m = QuantMatrix::new(ty, 1, x.len(), w.to_vec()).unwrap();
-    let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_act_block).collect();
-    match &m.storage {
-        Storage::Packed { scale, min, qs } => f(&PackedRow { scale, min, qs }, &acts),
-        Storage::Raw { .. } => unreachable!(),
-    }
-}
-
-#[cfg(test)]
-fn dot_row_portable_f32(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
-    with_packed_row(ty, w, x, |row, acts| dot_packed_portable(ty, row, acts))
-}
-
-#[cfg(test)]
-fn dot_row_fast_f32(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
-    with_packed_row(ty, w, x, |row, acts| dot_kernel()(ty, row, acts))
 }
 
 /// f32 dot product written so the compiler vectorises it (eight independent accumulators).
@@ -418,117 +457,123 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{ActBlock, GgmlType, PackedRow};
+    use super::{ActBlock, GgmlType, Interleaved, GROUP};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_packed(ty: GgmlType, w: &PackedRow, a: &[ActBlock]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group_dot(ty: GgmlType, w: &[u8], a: &[ActBlock], out: &mut [f32; GROUP]) {
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => dot_q4::<false>(w, a, ty == GgmlType::Q4_1),
-            GgmlType::Q8_0 => dot_q8_0::<false>(w, a),
-            _ => unreachable!("packed storage exists only for Q4_0, Q4_1 and Q8_0"),
+            GgmlType::Q4_0 => group_q4::<false, false>(w, a, out),
+            GgmlType::Q4_1 => group_q4::<false, true>(w, a, out),
+            GgmlType::Q8_0 => group_q8_0::<false>(w, a, out),
+            _ => unreachable!("interleaved storage exists only for Q4_0, Q4_1 and Q8_0"),
         }
     }
 
-    /// The same kernels with AVX-VNNI's fused unsigned×signed byte dot product (one
-    /// instruction where AVX2 needs two).
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub(super) unsafe fn dot_packed_vnni(ty: GgmlType, w: &PackedRow, a: &[ActBlock]) -> f32 {
+    /// The same kernels with AVX-VNNI's fused, accumulating unsigned×signed byte dot product
+    /// (one instruction where AVX2 needs three).
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn group_dot_vnni(
+        ty: GgmlType,
+        w: &[u8],
+        a: &[ActBlock],
+        out: &mut [f32; GROUP],
+    ) {
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => dot_q4::<true>(w, a, ty == GgmlType::Q4_1),
-            GgmlType::Q8_0 => dot_q8_0::<true>(w, a),
-            _ => unreachable!("packed storage exists only for Q4_0, Q4_1 and Q8_0"),
+            GgmlType::Q4_0 => group_q4::<true, false>(w, a, out),
+            GgmlType::Q4_1 => group_q4::<true, true>(w, a, out),
+            GgmlType::Q8_0 => group_q8_0::<true>(w, a, out),
+            _ => unreachable!("interleaved storage exists only for Q4_0, Q4_1 and Q8_0"),
         }
     }
 
-    /// Σ u8 × i8 over 32 bytes, as 8 i32 lanes.
+    /// `acc + Σ u8 × i8` over each lane's 4 bytes.
     #[inline(always)]
-    unsafe fn dot_u8_i8<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+    unsafe fn dot_acc<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         if VNNI {
-            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+            _mm256_dpbusd_avx_epi32(acc, u, s)
         } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    /// Sum of products of one block: nibbles (unsigned 0..15) times signed activations.
-    #[inline(always)]
-    unsafe fn block_q4<const VNNI: bool>(qs: *const u8, act: &ActBlock) -> __m256 {
-        let mask = _mm256_set1_epi8(0x0F);
-        let packed = _mm_loadu_si128(qs as *const __m128i);
-        // Low nibbles are elements 0..15, high nibbles 16..31: the activation's order.
-        let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
-        let x = _mm256_load_si256(act.qs.as_ptr() as *const __m256i);
-        _mm256_cvtepi32_ps(dot_u8_i8::<VNNI>(q, x))
-    }
-
-    /// Q4_0 and Q4_1, two blocks per iteration into independent accumulators.
-    #[inline(always)]
-    unsafe fn dot_q4<const VNNI: bool>(w: &PackedRow, a: &[ActBlock], has_min: bool) -> f32 {
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut offset = 0f32;
-        let qs = w.qs.as_ptr();
-        let n = a.len();
-        let mut i = 0;
-        while i + 1 < n {
-            let (a0, a1) = (a.get_unchecked(i), a.get_unchecked(i + 1));
-            let (d0, d1) = (*w.scale.get_unchecked(i), *w.scale.get_unchecked(i + 1));
-            acc0 = _mm256_fmadd_ps(
-                _mm256_set1_ps(d0 * a0.d),
-                block_q4::<VNNI>(qs.add(i * 16), a0),
-                acc0,
-            );
-            acc1 = _mm256_fmadd_ps(
-                _mm256_set1_ps(d1 * a1.d),
-                block_q4::<VNNI>(qs.add(i * 16 + 16), a1),
-                acc1,
-            );
-            i += 2;
-        }
-        if i < n {
-            let a0 = a.get_unchecked(i);
-            let d0 = *w.scale.get_unchecked(i);
-            acc0 = _mm256_fmadd_ps(
-                _mm256_set1_ps(d0 * a0.d),
-                block_q4::<VNNI>(qs.add(i * 16), a0),
-                acc0,
-            );
-        }
-        for (j, act) in a.iter().enumerate() {
-            offset += if has_min {
-                *w.min.get_unchecked(j) * act.s
-            } else {
-                -8.0 * *w.scale.get_unchecked(j) * act.s
-            };
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + offset
-    }
-
-    /// Q8_0: signed × signed, made unsigned × signed with the sign trick for `maddubs`.
-    #[inline(always)]
-    unsafe fn dot_q8_0<const VNNI: bool>(w: &PackedRow, a: &[ActBlock]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (i, act) in a.iter().enumerate() {
-            let q = _mm256_loadu_si256(w.qs.as_ptr().add(i * 32) as *const __m256i);
-            let x = _mm256_load_si256(act.qs.as_ptr() as *const __m256i);
-            let prod = dot_u8_i8::<VNNI>(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
-            acc = _mm256_fmadd_ps(
-                _mm256_set1_ps(*w.scale.get_unchecked(i) * act.d),
-                _mm256_cvtepi32_ps(prod),
+            _mm256_add_epi32(
                 acc,
-            );
+                _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+            )
         }
-        hsum(acc)
+    }
+
+    /// Four activation bytes starting at `at`, in every lane.
+    #[inline(always)]
+    unsafe fn act4(act: &ActBlock, at: usize) -> __m256i {
+        _mm256_set1_epi32(std::ptr::read_unaligned(
+            act.qs.as_ptr().add(at) as *const i32
+        ))
+    }
+
+    #[inline(always)]
+    unsafe fn f16x8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// Q4_0 and Q4_1: nibbles (unsigned 0..15) times signed activations.
+    #[inline(always)]
+    unsafe fn group_q4<const VNNI: bool, const MIN: bool>(
+        w: &[u8],
+        a: &[ActBlock],
+        out: &mut [f32; GROUP],
+    ) {
+        let ty = if MIN { GgmlType::Q4_1 } else { GgmlType::Q4_0 };
+        let stride = Interleaved::stride(ty);
+        let quants_at = Interleaved::quants_at(ty);
+        assert!(w.len() >= a.len() * stride, "a group holds every block");
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut blk = w.as_ptr();
+        for act in a {
+            let q = blk.add(quants_at);
+            let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for k in 0..4 {
+                let bytes = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+                let low = _mm256_and_si256(bytes, mask);
+                let high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+                lo = dot_acc::<VNNI>(lo, low, act4(act, 4 * k));
+                hi = dot_acc::<VNNI>(hi, high, act4(act, 16 + 4 * k));
+            }
+            let sumi = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+            let d = f16x8(blk);
+            acc = _mm256_fmadd_ps(sumi, _mm256_mul_ps(d, _mm256_set1_ps(act.d)), acc);
+            acc = if MIN {
+                _mm256_fmadd_ps(f16x8(blk.add(2 * GROUP)), _mm256_set1_ps(act.s), acc)
+            } else {
+                _mm256_fmadd_ps(d, _mm256_set1_ps(-8.0 * act.s), acc)
+            };
+            blk = blk.add(stride);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    }
+
+    /// Q8_0: signed × signed, made unsigned × signed with the sign trick.
+    #[inline(always)]
+    unsafe fn group_q8_0<const VNNI: bool>(w: &[u8], a: &[ActBlock], out: &mut [f32; GROUP]) {
+        let stride = Interleaved::stride(GgmlType::Q8_0);
+        let quants_at = Interleaved::quants_at(GgmlType::Q8_0);
+        assert!(w.len() >= a.len() * stride, "a group holds every block");
+        let mut acc = _mm256_setzero_ps();
+        let mut blk = w.as_ptr();
+        for act in a {
+            let q = blk.add(quants_at);
+            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for k in (0..8).step_by(2) {
+                let w0 = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+                let w1 = _mm256_loadu_si256(q.add(32 * k + 32) as *const __m256i);
+                let (x0, x1) = (act4(act, 4 * k), act4(act, 4 * k + 4));
+                s0 = dot_acc::<VNNI>(s0, _mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0));
+                s1 = dot_acc::<VNNI>(s1, _mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1));
+            }
+            let sumi = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+            let d = f16x8(blk);
+            acc = _mm256_fmadd_ps(sumi, _mm256_mul_ps(d, _mm256_set1_ps(act.d)), acc);
+            blk = blk.add(stride);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
     }
 }
 
@@ -542,29 +587,77 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
     }
 
-    /// The SIMD kernels must equal the portable ones up to f32 summation order.
+    const TYPES: [(GgmlType, fn(&[f32]) -> Vec<u8>); 3] = [
+        (GgmlType::Q4_0, quant::quantize_q4_0),
+        (GgmlType::Q4_1, quant::quantize_q4_1),
+        (GgmlType::Q8_0, quant::quantize_q8_0),
+    ];
+
+    /// The SIMD kernels run the portable kernel's operations in the same order: the same bits,
+    /// so miners and validators on different CPUs agree.
     #[test]
-    fn simd_kernels_match_portable_kernels() {
+    fn simd_kernels_equal_the_portable_kernel_bit_for_bit() {
         let seed = 7;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        for (ty, quantize) in [
-            (
-                GgmlType::Q4_0,
-                quant::quantize_q4_0 as fn(&[f32]) -> Vec<u8>,
-            ),
-            (GgmlType::Q4_1, quant::quantize_q4_1),
-            (GgmlType::Q8_0, quant::quantize_q8_0),
-        ] {
-            for cols in [32usize, 64, 576, 1536] {
-                let w = quantize(&random(&mut rng, cols));
+        for (ty, quantize) in TYPES {
+            for (rows, cols) in [(1usize, 32usize), (8, 64), (13, 576), (16, 1536)] {
+                let m = QuantMatrix::new(ty, rows, cols, quantize(&random(&mut rng, rows * cols)))
+                    .unwrap();
+                let Storage::Interleaved(p) = &m.storage else {
+                    unreachable!()
+                };
                 let x = random(&mut rng, cols);
-                let slow = dot_row_portable_f32(ty, &w, &x);
-                let fast = dot_row_fast_f32(ty, &w, &x);
-                assert!(
-                    (slow - fast).abs() <= 1e-4 * (1.0 + slow.abs()),
-                    "{ty:?} cols={cols} seed={seed}: portable {slow} vs fast {fast}"
+                let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_act_block).collect();
+                for g in 0..rows.div_ceil(GROUP) {
+                    let (mut slow, mut fast) = ([0f32; GROUP], [0f32; GROUP]);
+                    group_dot_portable(ty, p.group(g), &acts, &mut slow);
+                    group_kernel()(ty, p.group(g), &acts, &mut fast);
+                    assert_eq!(
+                        slow.map(f32::to_bits),
+                        fast.map(f32::to_bits),
+                        "{ty:?} {rows}x{cols} group {g} seed={seed}: {slow:?} vs {fast:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Several activation rows at once give each row exactly what it gets alone (validators
+    /// replay many tokens in one pass and must see what decoding computed), on any number of
+    /// threads.
+    #[test]
+    fn many_rows_and_any_thread_count_give_the_same_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let (rows, cols, n) = (37, 128, 5);
+        for (ty, quantize) in TYPES {
+            let m =
+                QuantMatrix::new(ty, rows, cols, quantize(&random(&mut rng, rows * cols))).unwrap();
+            let x = random(&mut rng, n * cols);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut all = vec![0f32; n * rows];
+                    m.matmul(&x, &mut all).unwrap();
+                    all
+                })
+            };
+            let together = run(1);
+            for t in 0..n {
+                let mut alone = vec![0f32; rows];
+                m.matmul(&x[t * cols..(t + 1) * cols], &mut alone).unwrap();
+                assert_eq!(
+                    alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    together[t * rows..(t + 1) * rows]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    "{ty:?} row {t}"
                 );
             }
+            assert_eq!(together, run(3), "{ty:?}: 1 vs 3 threads");
         }
     }
 
@@ -572,15 +665,9 @@ mod tests {
     #[test]
     fn repacked_rows_dequantize_exactly_like_ggml() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        for (ty, quantize) in [
-            (
-                GgmlType::Q4_0,
-                quant::quantize_q4_0 as fn(&[f32]) -> Vec<u8>,
-            ),
-            (GgmlType::Q4_1, quant::quantize_q4_1),
-            (GgmlType::Q8_0, quant::quantize_q8_0),
-        ] {
-            let (rows, cols) = (3, 96);
+        for (ty, quantize) in TYPES {
+            // 13 rows: a whole group and a padded one.
+            let (rows, cols) = (13, 96);
             let raw = quantize(&random(&mut rng, rows * cols));
             let mut expected = vec![0f32; rows * cols];
             quant::dequantize(ty, &raw, &mut expected).unwrap();
@@ -602,14 +689,7 @@ mod tests {
         let seed = 11;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (rows, cols, n) = (40, 96, 3);
-        for (ty, quantize) in [
-            (
-                GgmlType::Q4_0,
-                quant::quantize_q4_0 as fn(&[f32]) -> Vec<u8>,
-            ),
-            (GgmlType::Q4_1, quant::quantize_q4_1),
-            (GgmlType::Q8_0, quant::quantize_q8_0),
-        ] {
+        for (ty, quantize) in TYPES {
             let w = quantize(&random(&mut rng, rows * cols));
             let m = QuantMatrix::new(ty, rows, cols, w).unwrap();
             let dense = m.dequantize().unwrap();
