@@ -645,6 +645,27 @@ impl GgufFile {
         range.and_then(|r| self.bytes().get(r)).unwrap_or(&[])
     }
 
+    /// Tells the OS that a tensor's pages of the mapping are not needed now (they are read from
+    /// the file again if they are). A no-op for in-memory files, or where unsupported.
+    pub fn release_tensor(&self, info: &GgufTensorInfo) {
+        #[cfg(unix)]
+        if let Backing::Mmap(m) = &self.backing {
+            let start = usize::try_from(self.data_offset.saturating_add(info.offset)).ok();
+            let len = usize::try_from(info.n_bytes()).ok();
+            if let (Some(start), Some(len)) = (start, len) {
+                if start.saturating_add(len) <= m.len() {
+                    // SAFETY: the mapping is read-only and private and the file is not
+                    // modified while open (as `open` requires): dropped pages are read back
+                    // from the file with the same bytes, so no reader sees a change. Failure
+                    // only means the pages stay resident.
+                    let _ = unsafe {
+                        m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+                    };
+                }
+            }
+        }
+    }
+
     /// A tensor's values as f32 (dequantized if needed), in ggml order (`dims[0]` fastest).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, GgufError> {
         let info = self

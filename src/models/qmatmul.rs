@@ -160,13 +160,9 @@ struct ActBlock {
 }
 
 impl QuantMatrix {
-    /// Wraps `data` (exactly `rows` rows of `cols` elements of `ty`, GGML block layout).
-    pub fn new(
-        ty: GgmlType,
-        rows: usize,
-        cols: usize,
-        data: Vec<u8>,
-    ) -> Result<Self, QMatmulError> {
+    /// Copies `data` (exactly `rows` rows of `cols` elements of `ty`, GGML block layout) into
+    /// this matrix's layout.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Result<Self, QMatmulError> {
         let row_bytes = ty.row_bytes(cols)?;
         let expected = row_bytes.checked_mul(rows).ok_or(QMatmulError::Shape {
             what: "matrix size overflows",
@@ -182,9 +178,12 @@ impl QuantMatrix {
         }
         let storage = match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
-                Storage::Interleaved(Interleaved::pack(ty, rows, cols / QK, &data))
+                Storage::Interleaved(Interleaved::pack(ty, rows, cols / QK, data))
             }
-            _ => Storage::Raw { row_bytes, data },
+            _ => Storage::Raw {
+                row_bytes,
+                data: data.to_vec(),
+            },
         };
         Ok(Self {
             ty,
@@ -601,7 +600,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         for (ty, quantize) in TYPES {
             for (rows, cols) in [(1usize, 32usize), (8, 64), (13, 576), (16, 1536)] {
-                let m = QuantMatrix::new(ty, rows, cols, quantize(&random(&mut rng, rows * cols)))
+                let m = QuantMatrix::new(ty, rows, cols, &quantize(&random(&mut rng, rows * cols)))
                     .unwrap();
                 let Storage::Interleaved(p) = &m.storage else {
                     unreachable!()
@@ -630,8 +629,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(13);
         let (rows, cols, n) = (37, 128, 5);
         for (ty, quantize) in TYPES {
-            let m =
-                QuantMatrix::new(ty, rows, cols, quantize(&random(&mut rng, rows * cols))).unwrap();
+            let m = QuantMatrix::new(ty, rows, cols, &quantize(&random(&mut rng, rows * cols)))
+                .unwrap();
             let x = random(&mut rng, n * cols);
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -671,7 +670,7 @@ mod tests {
             let raw = quantize(&random(&mut rng, rows * cols));
             let mut expected = vec![0f32; rows * cols];
             quant::dequantize(ty, &raw, &mut expected).unwrap();
-            let m = QuantMatrix::new(ty, rows, cols, raw).unwrap();
+            let m = QuantMatrix::new(ty, rows, cols, &raw).unwrap();
             let got = m.dequantize().unwrap();
             assert!(
                 got.iter()
@@ -691,7 +690,7 @@ mod tests {
         let (rows, cols, n) = (40, 96, 3);
         for (ty, quantize) in TYPES {
             let w = quantize(&random(&mut rng, rows * cols));
-            let m = QuantMatrix::new(ty, rows, cols, w).unwrap();
+            let m = QuantMatrix::new(ty, rows, cols, &w).unwrap();
             let dense = m.dequantize().unwrap();
             let x = random(&mut rng, n * cols);
             let mut out = vec![0f32; n * rows];

@@ -234,14 +234,18 @@ impl TensorSource for GgufSource<'_> {
             }
         };
         let bytes = self.0.tensor_data(info);
-        Ok(match info.ty {
+        let matrix = match info.ty {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
                 let mut data = vec![0f32; rows * cols];
                 quant::dequantize(info.ty, bytes, &mut data)?;
                 Matrix::Dense { rows, cols, data }
             }
-            ty => Matrix::Quant(QuantMatrix::new(ty, rows, cols, bytes.to_vec())?),
-        })
+            ty => Matrix::Quant(QuantMatrix::new(ty, rows, cols, bytes)?),
+        };
+        // Copied into the model's layout: the file's pages need not stay resident beside it
+        // (the peak memory of loading is then about one copy of the weights, not two).
+        self.0.release_tensor(info);
+        Ok(matrix)
     }
     fn vector(&self, name: &str) -> Result<Vec<f32>, LoadError> {
         if self.0.tensor(name).is_none() {
