@@ -61,12 +61,42 @@ fn signatures_bind_the_task_the_miner_the_assignment_and_the_content() {
         ),
         ("kind", Box::new(|r| r.kind = ReportKind::Ack)),
     ];
+    // The queue remembers a key once a signature recovered it and checks later reports
+    // against it: the same verdicts, whether the key is known or not.
+    let mut known = report_signing::SignerKeys::default();
+    assert_eq!(known.verify(&report, key.address()), Ok(()));
+    assert_eq!(known.verify(&report, key.address()), Ok(()));
+    let mut by_other = report.clone();
+    report_signing::sign(&mut by_other, &other);
+    assert!(matches!(
+        known.verify(&by_other, key.address()),
+        Err(SignatureError::WrongSigner { signer, .. }) if signer == other.address()
+    ));
+    // A high-S twin of a valid signature (same r, s' = n - s, v flipped) is the same
+    // signature to ethers' recovery; the known-key check takes it the same way.
+    let mut twin = report.clone();
+    let sig = twin.signature.as_mut().unwrap();
+    let n = ethers::types::U256::from_str_radix(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141",
+        16,
+    )
+    .unwrap();
+    sig.s = n - sig.s;
+    sig.v = if sig.v == 27 { 28 } else { 27 };
+    assert_eq!(
+        report_signing::verify(&twin, key.address()),
+        known.verify(&twin, key.address())
+    );
     for (what, change) in changes {
         let mut moved = report.clone();
         change(&mut moved);
         assert!(
             report_signing::verify(&moved, key.address()).is_err(),
             "a report with its {what} changed still verified"
+        );
+        assert!(
+            known.verify(&moved, key.address()).is_err(),
+            "a report with its {what} changed still verified against the known key"
         );
     }
 }

@@ -5,7 +5,10 @@
 
 use super::messages::{MinerReport, ReportKind};
 use crate::chain::node_key::NodeKey;
-use ethers::types::{Address, H256};
+use ethers::core::k256::ecdsa::signature::hazmat::PrehashVerifier;
+use ethers::core::k256::ecdsa::{RecoveryId, Signature as K256Signature, VerifyingKey};
+use ethers::types::{Address, Signature, H256};
+use std::collections::HashMap;
 
 /// Whether a report of this kind must be signed. Every claim is (ack, precommit, commit,
 /// failure, refusal); streamed tokens are not: they are a preview the client sees before the
@@ -78,14 +81,75 @@ pub fn sign(report: &mut MinerReport, key: &NodeKey) {
     );
 }
 
-/// Checks that the report was signed by `expected`.
+/// Checks that the report was signed by `expected` (recovering the signer's key; see
+/// [`SignerKeys`] for the cheaper check of a key seen before).
 pub fn verify(report: &MinerReport, expected: Address) -> Result<(), SignatureError> {
-    let signature = report.signature.as_ref().ok_or(SignatureError::Unsigned)?;
-    let signer = signature
-        .recover(report_digest(report))
-        .map_err(|e| SignatureError::Malformed(e.to_string()))?;
-    if signer != expected {
-        return Err(SignatureError::WrongSigner { signer, expected });
+    SignerKeys::default().verify(report, expected)
+}
+
+/// At most this many keys are remembered (one per registered node; beyond it, forgotten).
+const MAX_SIGNER_KEYS: usize = 4096;
+
+/// The public keys of addresses that signed a valid report before. Recovering a signer costs
+/// two elliptic-curve multiplications (secp256k1 recovery verifies what it recovered); checking
+/// a signature against a known key costs one, so a node's later reports cost half.
+#[derive(Default)]
+pub struct SignerKeys {
+    keys: HashMap<Address, VerifyingKey>,
+}
+
+impl SignerKeys {
+    /// Checks that the report was signed by `expected`.
+    pub fn verify(
+        &mut self,
+        report: &MinerReport,
+        expected: Address,
+    ) -> Result<(), SignatureError> {
+        let signature = report.signature.as_ref().ok_or(SignatureError::Unsigned)?;
+        let digest = report_digest(report);
+        let malformed = |e: &dyn std::fmt::Display| SignatureError::Malformed(e.to_string());
+        let (sig, recovery) = k256_signature(signature).map_err(|e| malformed(&e))?;
+        if let Some(key) = self.keys.get(&expected) {
+            if key.verify_prehash(digest.as_bytes(), &sig).is_ok() {
+                return Ok(());
+            }
+            // Not the known key's: say whose it is.
+        }
+        let key = VerifyingKey::recover_from_prehash(digest.as_bytes(), &sig, recovery)
+            .map_err(|e| malformed(&e))?;
+        let signer = ethers::utils::public_key_to_address(&key);
+        if signer != expected {
+            return Err(SignatureError::WrongSigner { signer, expected });
+        }
+        if self.keys.len() >= MAX_SIGNER_KEYS {
+            self.keys.clear();
+        }
+        self.keys.insert(expected, key);
+        Ok(())
     }
-    Ok(())
+}
+
+/// The signature as k256 takes it: low-S (flipping the recovery id with it), as ethers
+/// recovers it.
+fn k256_signature(
+    signature: &Signature,
+) -> Result<(K256Signature, RecoveryId), ethers::core::k256::ecdsa::Error> {
+    let (mut r, mut s) = ([0u8; 32], [0u8; 32]);
+    signature.r.to_big_endian(&mut r);
+    signature.s.to_big_endian(&mut s);
+    let sig = K256Signature::from_scalars(r, s)?;
+    // ethers' reading of `v`: raw, pre-EIP-155 (27/28…) or EIP-155.
+    let v = match signature.v {
+        v @ 0..=26 => (v % 4) as u8,
+        v @ 27..=34 => ((v - 27) % 4) as u8,
+        v => ((v - 1) % 2) as u8,
+    };
+    let recovery = RecoveryId::from_byte(v).ok_or_else(ethers::core::k256::ecdsa::Error::new)?;
+    Ok(match sig.normalize_s() {
+        Some(low) => (
+            low,
+            RecoveryId::new(!recovery.is_y_odd(), recovery.is_x_reduced()),
+        ),
+        None => (sig, recovery),
+    })
 }

@@ -298,6 +298,8 @@ pub struct SessionQueue {
     live: HashMap<TaskKey, LiveTask>,
     /// Live tasks changed since they were last written.
     dirty: std::collections::HashSet<TaskKey>,
+    /// Keys of miners whose signatures checked before (their later reports cost half).
+    signer_keys: report_signing::SignerKeys,
     stats: QueueStats,
     /// How network tasks (probes of new and released nodes) are validated.
     probe_validation: Levels,
@@ -373,6 +375,7 @@ impl SessionQueue {
             next_validator: 0,
             live: HashMap::new(),
             dirty: Default::default(),
+            signer_keys: report_signing::SignerKeys::default(),
             stats: QueueStats::default(),
             probe_validation: Levels::default(),
             probes_started: 0,
@@ -1137,7 +1140,7 @@ impl SessionQueue {
 
     /// Whether a report about an active assignment carries its miner's signature over that
     /// assignment's nonce. Reports about nothing active pass here and are ignored later.
-    fn check_signature(&self, report: &MinerReport) -> Result<(), String> {
+    fn check_signature(&mut self, report: &MinerReport) -> Result<(), String> {
         let Some(task) = self.live.get(&report.key) else {
             return Ok(());
         };
@@ -1150,7 +1153,7 @@ impl SessionQueue {
         else {
             return Ok(());
         };
-        let address = task
+        let address = *task
             .addresses
             .get(&report.miner)
             .ok_or_else(|| "no registered key for this miner".to_string())?;
@@ -1163,7 +1166,9 @@ impl SessionQueue {
         if !report_signing::needs_signature(&report.kind) {
             return Ok(());
         }
-        report_signing::verify(report, *address).map_err(|e| e.to_string())
+        self.signer_keys
+            .verify(report, address)
+            .map_err(|e| e.to_string())
     }
 
     fn on_report(&mut self, report: MinerReport, ctx: &mut Context<Self>) {
