@@ -36,6 +36,10 @@ pub enum ForwardError {
     Readback(String),
     #[error("this session's KV cache was lost by an earlier failed step; start a new session")]
     CacheLost,
+    #[error("this session belongs to a model whose cache lives elsewhere (host vs device)")]
+    ForeignSession,
+    #[error("host decoding met a layer without quantized weights")]
+    NotQuantized,
 }
 
 /// From how many activation rows on a linear layer the CPU path dequantizes the weights and
@@ -164,6 +168,8 @@ impl RmsNorm {
 /// The keys and values of one layer for every position so far, preallocated to the session's
 /// capacity so memory is bounded and known at start.
 #[derive(Clone)]
+// One per layer of a session: the variants' sizes do not matter, a box would only add a step.
+#[allow(clippy::large_enum_variant)]
 enum LayerCache {
     /// On the device. Held in `Option`s so each step can take sole ownership before
     /// `slice_assign`: with no other handle on the buffer the backend writes the new rows in
@@ -456,7 +462,7 @@ impl Llama {
                 .iter_mut()
                 .map(|c| match c {
                     LayerCache::Host(h) => Ok(h),
-                    LayerCache::Device { .. } => Err(ForwardError::CacheLost),
+                    LayerCache::Device { .. } => Err(ForwardError::ForeignSession),
                 })
                 .collect();
             let logits = self.forward_host(caches?, pos0, emb, all_logits)?;

@@ -287,7 +287,7 @@ impl QuantMatrix {
                 let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_act_block).collect();
                 let kernel = group_kernel();
                 let ty = self.ty;
-                self.for_each_group(n, out, |g, group_out| {
+                self.for_each_group(n, out, |g, group_out, _| {
                     for (t, lanes) in group_out.chunks_exact_mut(GROUP).enumerate() {
                         let lanes: &mut [f32; GROUP] = lanes.try_into().expect("GROUP lanes");
                         kernel(
@@ -303,12 +303,12 @@ impl QuantMatrix {
             Storage::Raw { .. } => {
                 // K-quants: no packed kernel; each row dequantized, then f32 dot products.
                 let cols = self.cols;
-                self.for_each_group(n, out, |g, group_out| {
-                    let mut row = vec![0f32; cols];
+                self.for_each_group(n, out, |g, group_out, row| {
+                    row.resize(cols, 0.0);
                     for i in 0..GROUP.min(self.rows - g * GROUP) {
-                        self.dequantize_row(g * GROUP + i, &mut row)?;
+                        self.dequantize_row(g * GROUP + i, row)?;
                         for t in 0..n {
-                            group_out[t * GROUP + i] = dot_f32(&row, &x[t * cols..(t + 1) * cols]);
+                            group_out[t * GROUP + i] = dot_f32(row, &x[t * cols..(t + 1) * cols]);
                         }
                     }
                     Ok(())
@@ -317,14 +317,14 @@ impl QuantMatrix {
         }
     }
 
-    /// Runs `f(group, outputs)` over all row groups in parallel, where `outputs` is
-    /// `[n][GROUP]` (the group's results for each activation row), and lays the results out
-    /// `[n, rows]`.
+    /// Runs `f(group, outputs, scratch)` over all row groups in parallel, where `outputs` is
+    /// `[n][GROUP]` (the group's results for each activation row) and `scratch` a buffer per
+    /// task, reused across its groups; lays the results out `[n, rows]`.
     fn for_each_group(
         &self,
         n: usize,
         out: &mut [f32],
-        f: impl Fn(usize, &mut [f32]) -> Result<(), QuantError> + Sync,
+        f: impl Fn(usize, &mut [f32], &mut Vec<f32>) -> Result<(), QuantError> + Sync,
     ) -> Result<(), QMatmulError> {
         let groups = self.rows.div_ceil(GROUP);
         let threads = rayon::current_num_threads().max(1);
@@ -335,8 +335,9 @@ impl QuantMatrix {
             .par_chunks_mut(groups_per_task * n * GROUP)
             .enumerate()
             .try_for_each(|(task, chunk)| {
+                let mut scratch = Vec::new();
                 for (k, group_out) in chunk.chunks_exact_mut(n * GROUP).enumerate() {
-                    f(task * groups_per_task + k, group_out)?;
+                    f(task * groups_per_task + k, group_out, &mut scratch)?;
                 }
                 Ok::<_, QuantError>(())
             })?;
@@ -586,7 +587,8 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
     }
 
-    const TYPES: [(GgmlType, fn(&[f32]) -> Vec<u8>); 3] = [
+    type Quantizer = fn(&[f32]) -> Vec<u8>;
+    const TYPES: [(GgmlType, Quantizer); 3] = [
         (GgmlType::Q4_0, quant::quantize_q4_0),
         (GgmlType::Q4_1, quant::quantize_q4_1),
         (GgmlType::Q8_0, quant::quantize_q8_0),

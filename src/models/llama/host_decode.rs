@@ -13,7 +13,7 @@
 
 use super::{ForwardError, Linear, Llama};
 use crate::models::config::RopeLayout;
-use crate::models::qmatmul::{dot_f32, QMatmulError};
+use crate::models::qmatmul::dot_f32;
 
 /// Keys and values of one layer, position-major: position `p` holds every key/value head's
 /// `head_dim` values at `[p * width .. (p + 1) * width]`. Allocated to the session's capacity.
@@ -50,11 +50,8 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 fn quant_product(layer: &Linear, x: &[f32], out: &mut [f32]) -> Result<(), ForwardError> {
     match layer {
         Linear::Quant(q) => Ok(q.matmul(x, out)?),
-        Linear::Dense(_) => Err(ForwardError::Quant(QMatmulError::Shape {
-            what: "host decoding needs quantized weights",
-            expected: 0,
-            actual: 0,
-        })),
+        // `host_decode` is set only when every layer is quantized.
+        Linear::Dense(_) => Err(ForwardError::NotQuantized),
     }
 }
 
