@@ -274,6 +274,17 @@ impl QuantMatrix {
     /// `out[t * rows + r] = Σ_c x[t * cols + c] * W[r, c]` for `n = x.len() / cols` activation
     /// rows: `x · Wᵀ`, the shape of a linear layer.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) -> Result<(), QMatmulError> {
+        self.matmul_activations(&Activations::new(x), out)
+    }
+
+    /// [`QuantMatrix::matmul`] with activations quantized beforehand, so several matrices
+    /// multiplying the same rows (a layer's q, k and v) quantize them once.
+    pub fn matmul_activations(
+        &self,
+        activations: &Activations,
+        out: &mut [f32],
+    ) -> Result<(), QMatmulError> {
+        let x = activations.x;
         let n = x.len() / self.cols.max(1);
         if x.len() != n * self.cols || out.len() != n * self.rows {
             return Err(QMatmulError::Shape {
@@ -284,7 +295,7 @@ impl QuantMatrix {
         }
         match &self.storage {
             Storage::Interleaved(p) => {
-                let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_act_block).collect();
+                let acts = &activations.blocks;
                 let kernel = group_kernel();
                 let ty = self.ty;
                 self.for_each_group(n, out, |g, group_out, _| {
@@ -353,6 +364,22 @@ impl QuantMatrix {
                 let dst = t * self.rows + g * GROUP;
                 out[dst..dst + live].copy_from_slice(&group_out[t * GROUP..t * GROUP + live]);
             }
+        }
+    }
+}
+
+/// Activation rows (row-major, each a whole number of 32-element blocks) with their 8-bit
+/// blocks, for the packed kernels.
+pub struct Activations<'a> {
+    x: &'a [f32],
+    blocks: Vec<ActBlock>,
+}
+
+impl<'a> Activations<'a> {
+    pub fn new(x: &'a [f32]) -> Self {
+        Self {
+            x,
+            blocks: x.chunks_exact(QK).map(quantize_act_block).collect(),
         }
     }
 }

@@ -13,7 +13,7 @@
 
 use super::{ForwardError, Linear, Llama};
 use crate::models::config::RopeLayout;
-use crate::models::qmatmul::dot_f32;
+use crate::models::qmatmul::{dot_f32, Activations};
 
 /// Keys and values of one layer, position-major: position `p` holds every key/value head's
 /// `head_dim` values at `[p * width .. (p + 1) * width]`. Allocated to the session's capacity.
@@ -47,9 +47,9 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-fn quant_product(layer: &Linear, x: &[f32], out: &mut [f32]) -> Result<(), ForwardError> {
+fn quant_product(layer: &Linear, x: &Activations, out: &mut [f32]) -> Result<(), ForwardError> {
     match layer {
-        Linear::Quant(q) => Ok(q.matmul(x, out)?),
+        Linear::Quant(q) => Ok(q.matmul_activations(x, out)?),
         // `host_decode` is set only when every layer is quantized.
         Linear::Dense(_) => Err(ForwardError::NotQuantized),
     }
@@ -180,13 +180,15 @@ impl Llama {
                 rms_norm(xr, &layer.attn_norm.host, layer.attn_norm.eps, hr);
             }
             // One parallel region for the three products (each is too short to keep two
-            // threads busy alone, and every region ends with the threads waiting for each other).
+            // threads busy alone, and every region ends with the threads waiting for each other),
+            // on activations quantized once.
+            let hq = Activations::new(&h);
             let (rq, (rk, rv)) = rayon::join(
-                || quant_product(&layer.wq, &h, &mut q),
+                || quant_product(&layer.wq, &hq, &mut q),
                 || {
                     rayon::join(
-                        || quant_product(&layer.wk, &h, &mut k),
-                        || quant_product(&layer.wv, &h, &mut v),
+                        || quant_product(&layer.wk, &hq, &mut k),
+                        || quant_product(&layer.wv, &hq, &mut v),
                     )
                 },
             );
@@ -213,22 +215,23 @@ impl Llama {
                     &mut attn[i * qw..(i + 1) * qw],
                 );
             }
-            quant_product(&layer.wo, &attn, &mut proj)?;
+            quant_product(&layer.wo, &Activations::new(&attn), &mut proj)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
             for (xr, hr) in x.chunks_exact(dim).zip(h.chunks_exact_mut(dim)) {
                 rms_norm(xr, &layer.ffn_norm.host, layer.ffn_norm.eps, hr);
             }
+            let hq = Activations::new(&h);
             let (rg, ru) = rayon::join(
-                || quant_product(&layer.w_gate, &h, &mut gate),
-                || quant_product(&layer.w_up, &h, &mut up),
+                || quant_product(&layer.w_gate, &hq, &mut gate),
+                || quant_product(&layer.w_up, &hq, &mut up),
             );
             rg.and(ru)?;
             for (gv, &uv) in gate.iter_mut().zip(&up) {
                 *gv = *gv / (1.0 + (-*gv).exp()) * uv;
             }
-            quant_product(&layer.w_down, &gate, &mut proj)?;
+            quant_product(&layer.w_down, &Activations::new(&gate), &mut proj)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
@@ -244,7 +247,7 @@ impl Llama {
             );
         }
         let mut logits = vec![0f32; (normed.len() / dim) * self.output.rows()];
-        quant_product(&self.output, &normed, &mut logits)?;
+        quant_product(&self.output, &Activations::new(&normed), &mut logits)?;
         Ok(logits)
     }
 }
