@@ -15,8 +15,8 @@ use cortensor::models::sampling::SamplingParams;
 use cortensor::testkit::network::{Engines, TestnetBuilder};
 use cortensor::testkit::remote::RemoteMiner;
 use cortensor::testkit::scripted_engine::{Script, ScriptedEngine};
+use cortensor::testkit::sse::SseEvents;
 use serde_json::{json, Value};
-use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 const LENGTH: usize = 40;
@@ -337,15 +337,7 @@ fn a_miner_lost_mid_generation_is_replaced_by_one_that_continues_the_accepted_ou
     assert_eq!(response.status(), 200);
     let (mut streamed, mut pieces, mut task_id) = (String::new(), 0, 0);
     let mut lost: Option<(String, u64)> = None;
-    for line in std::io::BufReader::new(response).lines() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let chunk: Value = serde_json::from_str(data).unwrap();
+    for chunk in SseEvents::new(response) {
         assert!(chunk.get("error").is_none(), "{chunk}");
         task_id = chunk["task_id"].as_u64().unwrap_or(task_id);
         streamed.push_str(chunk["choices"][0]["text"].as_str().unwrap_or(""));

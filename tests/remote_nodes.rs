@@ -11,6 +11,7 @@ use cortensor::nodes::protocol::{
 use cortensor::testkit::network::{Engines, TestNetwork, TestnetBuilder};
 use cortensor::testkit::remote::RemoteMiner;
 use cortensor::testkit::scripted_engine::Script;
+use cortensor::testkit::sse::SseEvents;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tungstenite::Message;
@@ -309,19 +310,9 @@ fn a_stream_goes_on_without_a_repeated_or_lost_token_when_its_miner_dies() {
         .send()
         .unwrap();
     assert_eq!(response.status(), 200);
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(response).lines();
     let (mut streamed, mut pieces, mut task_id) = (String::new(), 0, 0);
     let mut cut = false;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let chunk: Value = serde_json::from_str(data).unwrap();
+    for chunk in SseEvents::new(response) {
         assert!(chunk.get("error").is_none(), "{chunk}");
         task_id = chunk["task_id"].as_u64().unwrap_or(task_id);
         streamed.push_str(chunk["choices"][0]["text"].as_str().unwrap_or(""));

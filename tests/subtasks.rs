@@ -5,6 +5,7 @@
 
 use cortensor::testkit::network::{Engines, TestNetwork, TestnetBuilder};
 use cortensor::testkit::scripted_engine::Script;
+use cortensor::testkit::sse::SseEvents;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -130,7 +131,6 @@ fn choices_and_batches_run_as_parallel_subtasks_in_order() {
 
 /// The `data:` events of a streamed request, as JSON, up to `[DONE]`.
 fn stream_events(net: &TestNetwork, path: &str, body: Value) -> Vec<Value> {
-    use std::io::BufRead;
     let response = reqwest::blocking::Client::new()
         .post(format!("{}{path}", net.url()))
         .bearer_auth(net.api_key())
@@ -138,20 +138,13 @@ fn stream_events(net: &TestNetwork, path: &str, body: Value) -> Vec<Value> {
         .send()
         .unwrap();
     assert_eq!(response.status(), 200);
-    let mut events = Vec::new();
-    for line in std::io::BufReader::new(response).lines() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            return events;
-        }
-        let v: Value = serde_json::from_str(data).unwrap();
+    let mut stream = SseEvents::new(response);
+    let events: Vec<Value> = stream.by_ref().collect();
+    assert!(stream.done(), "the stream ended without [DONE]: {events:?}");
+    for v in &events {
         assert!(v.get("error").is_none(), "{v}");
-        events.push(v);
     }
-    panic!("the stream ended without [DONE]: {events:?}");
+    events
 }
 
 #[test]

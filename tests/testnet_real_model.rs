@@ -16,8 +16,8 @@ use cortensor::models::engine::{
 use cortensor::models::fetch;
 use cortensor::models::sampling::SamplingParams;
 use cortensor::task::TaskKey;
+use cortensor::testkit::sse::SseEvents;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 
 fn real_net(miners: usize) -> (Net, tempfile::TempDir, std::path::PathBuf) {
     real_net_chunked(miners, TestnetConfig::default().queue.chunk_tokens)
@@ -190,22 +190,13 @@ fn tokens_stream_over_sse_and_websocket() {
     let mut streamed = String::new();
     let mut chunks = 0;
     let mut last = Value::Null;
-    let mut done = false;
-    for line in BufReader::new(response).lines() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            done = true;
-            break;
-        }
-        let chunk: Value = serde_json::from_str(data).unwrap();
+    let mut stream = SseEvents::new(response);
+    for chunk in stream.by_ref() {
         streamed.push_str(chunk["choices"][0]["text"].as_str().unwrap());
         chunks += 1;
         last = chunk;
     }
-    assert!(done, "the stream ends with data: [DONE]");
+    assert!(stream.done(), "the stream ends with data: [DONE]");
     assert!(chunks >= 3);
     assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
     let tid = last["task_id"].as_u64().unwrap();

@@ -10,6 +10,7 @@
 //!   deadlines, cuts the chain's RPC, fails store writes, restarts the whole network.
 //! - [`scenario`]: a seeded workload run under a random plan: what CI runs for 100+ seeds.
 //! - [`scripted_engine`]: a deterministic engine (a test double; never what ships).
+//! - [`sse`]: a streamed response's events, as a client reads them.
 
 pub mod chain_cut;
 pub mod fault_plan;
@@ -19,6 +20,7 @@ pub mod network;
 pub mod remote;
 pub mod scenario;
 pub mod scripted_engine;
+pub mod sse;
 
 pub use fault_plan::{Fault, FaultPlan, LinkFaults, ScheduledFault};
 pub use network::{Engines, Report, TestNetwork, TestnetBuilder};
