@@ -251,12 +251,18 @@ impl Testnet {
                 let system = actix_rt::System::new();
                 // A chain that blocks on RPC gets an arbiter (thread) of its own.
                 let chain_arbiter = (chain_name == "evm").then(Arbiter::new);
+                // The miners' actors get a thread of their own, as a miner is a process of
+                // its own outside the testnet: their signing runs beside the router's work.
+                let miners_arbiter = Arbiter::new();
                 let started = system.block_on(start_actors(
                     options,
                     listener,
                     store,
                     chain,
-                    chain_arbiter.as_ref(),
+                    Arbiters {
+                        chain: chain_arbiter.as_ref(),
+                        miners: &miners_arbiter,
+                    },
                     chain_name,
                     thread_keys,
                 ));
@@ -265,7 +271,7 @@ impl Testnet {
                 if !failed {
                     let _ = system.run();
                 }
-                if let Some(arbiter) = chain_arbiter {
+                for arbiter in chain_arbiter.into_iter().chain([miners_arbiter]) {
                     arbiter.stop();
                     let _ = arbiter.join();
                 }
@@ -357,12 +363,21 @@ where
     }
 }
 
+/// The threads some actors run on, beside the system's own (where the router, the queue,
+/// the pool, the validators and the embedded ledger run).
+struct Arbiters<'a> {
+    /// A chain that blocks on RPC (the EVM); none for the embedded ledger.
+    chain: Option<&'a Arbiter>,
+    /// The in-process miners.
+    miners: &'a Arbiter,
+}
+
 async fn start_actors(
     options: TestnetOptions,
     listener: TcpListener,
     store: Store,
     chain: Box<dyn Chain>,
-    chain_arbiter: Option<&Arbiter>,
+    arbiters: Arbiters<'_>,
     chain_name: &'static str,
     node_keys: Vec<NodeKey>,
 ) -> Result<Started, TestnetError> {
@@ -370,10 +385,10 @@ async fn start_actors(
 
     // Router, queue, pool, validators and ledger share this arbiter: none of them blocks (the
     // store flushes on its own thread), and messages between them cost no thread hand-off.
-    // Engines run on threads of their own.
+    // The miners run on their own arbiter, their engines on threads of their own.
     let outbox = store.clone();
     let confirm_after = config.chain.confirm_after();
-    let chain = match chain_arbiter {
+    let chain = match arbiters.chain {
         Some(arbiter) => ChainBridge::start_in_arbiter(&arbiter.handle(), move |_| {
             ChainBridge::with_outbox(chain, outbox, confirm_after)
         }),
@@ -481,9 +496,10 @@ async fn start_actors(
             key: key.clone(),
         };
         let (factory, pool) = (options.engine.clone(), pool.clone());
-        miners.push(Supervisor::start(move |_| {
-            Miner::new(spec, factory, upstream, NodeUplink::pool(&pool))
-        }));
+        miners.push(Supervisor::start_in_arbiter(
+            &arbiters.miners.handle(),
+            move |_| Miner::new(spec, factory, upstream, NodeUplink::pool(&pool)),
+        ));
     }
 
     let settings = RouterSettings {
