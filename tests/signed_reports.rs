@@ -40,6 +40,15 @@ fn signatures_bind_the_task_the_miner_the_assignment_and_the_content() {
     );
     report_signing::sign(&mut report, &key);
     assert_eq!(report_signing::verify(&report, key.address()), Ok(()));
+    // Signed as the node's Ethereum wallet signs the same digest, bit for bit.
+    assert_eq!(
+        report.signature,
+        Some(
+            key.wallet
+                .sign_hash(report_signing::report_digest(&report))
+                .unwrap()
+        )
+    );
     assert!(matches!(
         report_signing::verify(&report, other.address()),
         Err(SignatureError::WrongSigner { .. })
@@ -231,4 +240,61 @@ fn a_signed_report_replayed_into_another_task_or_assignment_is_refused() {
     assert_eq!(v2["usage"]["completion_tokens"], 8, "{v2}");
     let v1 = first.join().unwrap();
     assert!(v1["choices"].is_array(), "{v1}");
+}
+
+#[test]
+fn only_a_reveal_matching_its_signed_precommit_skips_the_signature_check() {
+    use cortensor::task::TaskResult;
+    let result = TaskResult {
+        text: "four".into(),
+        token_ids: vec![1, 2],
+        finish_reason: cortensor::models::engine::FinishReason::Stop,
+        prompt_tokens: 3,
+    };
+    let commit = |result: &TaskResult, miner: &str| MinerReport {
+        key: TaskKey {
+            session_id: 1,
+            task_id: 1,
+        },
+        miner: miner.into(),
+        nonce: 7,
+        kind: ReportKind::Commit {
+            result: result.clone(),
+        },
+        signature: None,
+    };
+    let precommitted = result.commitment_hex("miner-1");
+    // The precommitted result, under the miner's name: authenticated by the precommit.
+    assert!(report_signing::authenticated_by_precommit(
+        &commit(&result, "miner-1"),
+        Some(&precommitted)
+    ));
+    // Anything else still needs the miner's signature: another result, another miner's name
+    // (the hash names the miner), no precommit, or a report that is not a reveal.
+    let mut other = result.clone();
+    other.text.push('!');
+    for (what, report, hash) in [
+        (
+            "another result",
+            commit(&other, "miner-1"),
+            Some(precommitted.as_str()),
+        ),
+        (
+            "another miner",
+            commit(&result, "miner-2"),
+            Some(precommitted.as_str()),
+        ),
+        ("no precommit", commit(&result, "miner-1"), None),
+    ] {
+        assert!(
+            !report_signing::authenticated_by_precommit(&report, hash),
+            "{what} skipped the check"
+        );
+    }
+    let mut ack = commit(&result, "miner-1");
+    ack.kind = ReportKind::Ack;
+    assert!(!report_signing::authenticated_by_precommit(
+        &ack,
+        Some(&precommitted)
+    ));
 }

@@ -1166,6 +1166,9 @@ impl SessionQueue {
         if !report_signing::needs_signature(&report.kind) {
             return Ok(());
         }
+        if report_signing::authenticated_by_precommit(report, a.precommit_hash.as_deref()) {
+            return Ok(());
+        }
         self.signer_keys
             .verify(report, address)
             .map_err(|e| e.to_string())
