@@ -29,6 +29,23 @@ async fn funded(provider: &Provider<Http>, rng: &mut rand_chacha::ChaCha8Rng) ->
     Arc::new(SignerMiddleware::new(provider.clone(), wallet))
 }
 
+/// Waits for a sent transaction to be mined, and asserts it succeeded.
+trait Mined {
+    async fn mined(self) -> TransactionReceipt;
+}
+
+impl Mined for PendingTransaction<'_, Http> {
+    async fn mined(self) -> TransactionReceipt {
+        let receipt = self
+            .retries(cortensor::chain::evm::UNSEEN_TX_POLLS)
+            .await
+            .unwrap()
+            .expect("the transaction was dropped");
+        assert_eq!(receipt.status, Some(1u64.into()), "reverted: {receipt:?}");
+        receipt
+    }
+}
+
 /// The custom error a call reverted with.
 fn revert<E: ContractRevert + std::fmt::Debug, T: std::fmt::Debug>(
     result: Result<T, ContractError<Client>>,
@@ -91,8 +108,8 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         let sid = U256::one();
         assert_eq!(
             sessions.get_session(sid).call().await.unwrap().owner,
@@ -111,8 +128,8 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
 
         let payment = SessionPayment::new(d.payment, user.clone());
         payment
@@ -121,8 +138,8 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
 
         // Only the session's routers submit; a submission holds maxTokens × redundant × price.
         let llm: Vec<U256> = [100u64, 70, 95, 40, 110, 0, 0]
@@ -152,8 +169,8 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         assert_eq!(
             payment.session_held(sid).call().await.unwrap(),
             U256::from(200)
@@ -202,18 +219,12 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         let e: SessionQueueV2Errors =
             revert(queue(&outsider).ack(sid, tid).send().await.map(|_| ()));
         assert!(matches!(e, SessionQueueV2Errors::NotAssigned(_)), "{e:?}");
-        queue(&m1)
-            .ack(sid, tid)
-            .send()
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        queue(&m1).ack(sid, tid).send().await.unwrap().mined().await;
         let e: SessionQueueV2Errors = revert(queue(&m1).ack(sid, tid).send().await.map(|_| ()));
         assert!(matches!(e, SessionQueueV2Errors::AlreadyDone(_)), "{e:?}");
         let answer = b"Paris is the capital of France.".to_vec();
@@ -224,8 +235,8 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         let e: SessionQueueV2Errors = revert(
             queue(&m1)
                 .commit(sid, tid, Bytes::from(answer.clone()))
@@ -239,8 +250,8 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         // A reveal that does not match its precommit is refused.
         let e: SessionQueueV2Errors = revert(
             queue(&m1)
@@ -255,15 +266,15 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         queue(&m2)
             .commit(sid, tid, Bytes::from(answer.clone()))
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         let (miners, results) = queue(&router)
             .get_task_results(sid, tid)
             .call()
@@ -289,8 +300,8 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         let task = queue(&router).get_task(sid, tid).call().await.unwrap();
         assert!(task.ended && !task.force_ended);
 
@@ -324,8 +335,8 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
                 .send()
                 .await
                 .unwrap()
-                .await
-                .unwrap();
+                .mined()
+                .await;
         }
         assert_eq!(
             payment.session_held(sid).call().await.unwrap(),
@@ -362,9 +373,8 @@ fn the_task_protocol_access_rules_and_money_on_a_real_evm() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap()
-            .unwrap();
+            .mined()
+            .await;
         let gas = receipt.gas_used.unwrap() * receipt.effective_gas_price.unwrap();
         assert_eq!(
             provider.get_balance(m1.address(), None).await.unwrap() + gas - before,
@@ -422,8 +432,8 @@ fn node_pool_states_and_reputation_levels() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         let e: NodePoolErrors = revert(
             pool(&node)
                 .register("llama-3".into())
@@ -451,8 +461,8 @@ fn node_pool_states_and_reputation_levels() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         assert_eq!(
             state(pool(&router).nodes(node.address()).call().await.unwrap()),
             2
@@ -467,8 +477,8 @@ fn node_pool_states_and_reputation_levels() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         assert_eq!(
             state(pool(&router).nodes(node.address()).call().await.unwrap()),
             3
@@ -478,15 +488,15 @@ fn node_pool_states_and_reputation_levels() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         pool(&router)
             .dedicate(node.address(), U256::from(2))
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         assert_eq!(
             state(pool(&router).nodes(node.address()).call().await.unwrap()),
             4
@@ -496,8 +506,8 @@ fn node_pool_states_and_reputation_levels() {
             .send()
             .await
             .unwrap()
-            .await
-            .unwrap();
+            .mined()
+            .await;
         assert_eq!(
             state(pool(&router).nodes(node.address()).call().await.unwrap()),
             5
@@ -510,8 +520,8 @@ fn node_pool_states_and_reputation_levels() {
                 .send()
                 .await
                 .unwrap()
-                .await
-                .unwrap();
+                .mined()
+                .await;
         }
         let level = |s: (u64, u64, u64, u64, u128, u8, U256)| s.5;
         assert_eq!(
@@ -524,8 +534,8 @@ fn node_pool_states_and_reputation_levels() {
                 .send()
                 .await
                 .unwrap()
-                .await
-                .unwrap();
+                .mined()
+                .await;
         }
         let s = reputation.stats(node.address()).call().await.unwrap();
         assert_eq!((s.0, s.1, s.4, level(s)), (5, 2, 160, 0));

@@ -29,11 +29,17 @@ async fn confirm<M: Middleware + 'static>(
     what: &str,
     call: ContractCall<M, ()>,
 ) -> Result<(), ChainError> {
-    call.send()
+    let receipt = call
+        .send()
         .await
         .map_err(evm(what))?
+        .retries(super::evm::UNSEEN_TX_POLLS)
         .await
-        .map_err(evm(what))?;
+        .map_err(evm(what))?
+        .ok_or_else(|| ChainError::Evm(format!("{what}: the transaction was dropped")))?;
+    if receipt.status != Some(1u64.into()) {
+        return Err(ChainError::Evm(format!("{what}: the transaction reverted")));
+    }
     Ok(())
 }
 

@@ -35,6 +35,9 @@ pub const ANVIL_DEV_KEY: &str =
 pub const RECEIPT_POLL: Duration = Duration::from_millis(20);
 /// Sends of one transaction at most (the first try and retries with back-off).
 pub const MAX_SEND_ATTEMPTS: u32 = 4;
+/// Polls a sent transaction may go unseen before it counts as dropped (ethers' default of 3
+/// is 60 ms at [`RECEIPT_POLL`]; anvil under load has kept a mined transaction unseen longer).
+pub const UNSEEN_TX_POLLS: usize = 100;
 
 type Client = SignerMiddleware<Provider<Http>, LocalWallet>;
 type Job = Box<dyn FnOnce(Arc<Client>, Deployment) -> BoxFuture<'static, ()> + Send>;
@@ -291,7 +294,7 @@ async fn send<D: ethers::abi::Detokenize + Send + Sync>(
     loop {
         attempt += 1;
         match call.send().await {
-            Ok(pending) => match pending.await {
+            Ok(pending) => match pending.retries(UNSEEN_TX_POLLS).await {
                 Ok(Some(receipt)) => return Ok(receipt),
                 Ok(None) => {
                     return Err(ContractError::ProviderError {
