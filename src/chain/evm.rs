@@ -35,8 +35,10 @@ pub const ANVIL_DEV_KEY: &str =
 pub const RECEIPT_POLL: Duration = Duration::from_millis(20);
 /// Sends of one transaction at most (the first try and retries with back-off).
 pub const MAX_SEND_ATTEMPTS: u32 = 4;
-/// Polls a sent transaction may go unseen before it counts as dropped (ethers' default of 3
-/// is 60 ms at [`RECEIPT_POLL`]; anvil under load has kept a mined transaction unseen longer).
+/// Polls a sent transaction may go unseen before it counts as dropped. ethers' default of 3
+/// is 60 ms at [`RECEIPT_POLL`]: short enough for a loaded machine to call a transaction
+/// dropped before the node shows it (the likely cause of a contract test's failure under CI
+/// load, where a report went uncounted).
 pub const UNSEEN_TX_POLLS: usize = 100;
 
 type Client = SignerMiddleware<Provider<Http>, LocalWallet>;
