@@ -132,9 +132,10 @@ impl SignerKeys {
         let (sig, recovery) = k256_signature(signature).map_err(|e| malformed(&e))?;
         if let Some(key) = self.keys.get(&expected) {
             // `sig` is low-S, as libsecp256k1 requires.
-            let known = secp256k1::ecdsa::Signature::from_compact(&sig.to_bytes())
-                .map(|sig| SECP256K1.verify_ecdsa(&Message::from_digest(digest.0), &sig, key));
-            if matches!(known, Ok(Ok(()))) {
+            let message = Message::from_digest(digest.0);
+            if secp256k1::ecdsa::Signature::from_compact(&sig.to_bytes())
+                .is_ok_and(|sig| SECP256K1.verify_ecdsa(&message, &sig, key).is_ok())
+            {
                 return Ok(());
             }
             // Not the known key's: say whose it is.
