@@ -330,9 +330,9 @@ impl Store {
             .is_ok())
     }
 
-    /// Writes a session and a task's mark, both or (after a restart) neither, unless the mark
-    /// is already there (then nothing changes and `false` comes back). Holds and settlements
-    /// use it to happen once. Callers serialize their writes to one session (the ledger is one
+    /// Writes a session and a task's mark (a crash between the two is finished when the store
+    /// is opened again), unless the mark is already there (then nothing changes and `false`
+    /// comes back). Holds and settlements use it to happen once. Callers serialize their writes to one session (the ledger is one
     /// actor).
     ///
     /// Two plain writes rather than a sled batch: every batch seals sled's log buffer twice
