@@ -352,6 +352,15 @@ pub fn task_seed(key: TaskKey) -> u64 {
     u64::from_be_bytes(hash[..8].try_into().expect("8 bytes"))
 }
 
+/// What the signature check found out about a report.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Authenticated {
+    /// Its signature was checked, or it needs none (see `SessionQueue::check_signature`).
+    Checked,
+    /// A reveal that matches its assignment's precommitted hash (authenticated by it).
+    RevealMatchingPrecommit,
+}
+
 impl SessionQueue {
     pub fn new(
         config: QueueConfig,
@@ -1140,9 +1149,9 @@ impl SessionQueue {
 
     /// Whether a report about an active assignment carries its miner's signature over that
     /// assignment's nonce. Reports about nothing active pass here and are ignored later.
-    fn check_signature(&mut self, report: &MinerReport) -> Result<(), String> {
+    fn check_signature(&mut self, report: &MinerReport) -> Result<Authenticated, String> {
         let Some(task) = self.live.get(&report.key) else {
-            return Ok(());
+            return Ok(Authenticated::Checked);
         };
         let Some(a) = task
             .record
@@ -1151,7 +1160,7 @@ impl SessionQueue {
             .rev()
             .find(|a| a.miner == report.miner && a.state.is_active())
         else {
-            return Ok(());
+            return Ok(Authenticated::Checked);
         };
         let address = *task
             .addresses
@@ -1164,13 +1173,14 @@ impl SessionQueue {
             ));
         }
         if !report_signing::needs_signature(&report.kind) {
-            return Ok(());
+            return Ok(Authenticated::Checked);
         }
         if report_signing::authenticated_by_precommit(report, a.precommit_hash.as_deref()) {
-            return Ok(());
+            return Ok(Authenticated::RevealMatchingPrecommit);
         }
         self.signer_keys
             .verify(report, address)
+            .map(|()| Authenticated::Checked)
             .map_err(|e| e.to_string())
     }
 
@@ -1178,11 +1188,14 @@ impl SessionQueue {
         if self.stopping {
             return;
         }
-        if let Err(why) = self.check_signature(&report) {
-            self.stats.rejected_reports += 1;
-            tracing::warn!(task = %report.key, miner = %report.miner, %why, "a report refused");
-            return;
-        }
+        let authenticated = match self.check_signature(&report) {
+            Ok(authenticated) => authenticated,
+            Err(why) => {
+                self.stats.rejected_reports += 1;
+                tracing::warn!(task = %report.key, miner = %report.miner, %why, "a report refused");
+                return;
+            }
+        };
         let MinerReport {
             key, miner, kind, ..
         } = report;
@@ -1259,7 +1272,10 @@ impl SessionQueue {
                 if !revealed || a.state != AssignmentState::Precommitted {
                     return; // a commit before the reveal is a protocol error: ignored
                 }
-                if a.precommit_hash.as_deref() != Some(result.commitment_hex(&miner).as_str()) {
+                // The signature check may have found the match already (and hashed the result).
+                if authenticated != Authenticated::RevealMatchingPrecommit
+                    && a.precommit_hash.as_deref() != Some(result.commitment_hex(&miner).as_str())
+                {
                     self.stats.rejected_reveals += 1;
                     self.history.record(|| Operation::RevealRejected {
                         key,
