@@ -160,16 +160,18 @@ impl Chain for LocalLedger {
         session.held -= hold;
         session.balance += hold - charged;
         session.spent += charged;
+        let payments: Vec<(String, u64)> = payees
+            .iter()
+            .zip(split_payment(charged, payees.len()))
+            .map(|(payee, amount)| (format!("pay/{payee}"), amount))
+            .collect();
         if !self
             .store
-            .put_session_with_mark_once(&session, task, SETTLED, &[1])?
+            .put_settlement_once(&session, task, SETTLED, &[1], &payments)?
         {
             return Ok(before); // settled before: nothing changes
         }
         self.cache.insert(task.session_id, session.clone());
-        for (payee, amount) in payees.iter().zip(split_payment(charged, payees.len())) {
-            self.store.add_amount(&format!("pay/{payee}"), amount)?;
-        }
         Ok(session)
     }
 

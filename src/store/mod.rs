@@ -162,6 +162,7 @@ impl Store {
             write_faults: WriteFaults::default(),
         };
         store.finish_interrupted_marks()?;
+        store.finish_interrupted_payments()?;
         Ok(store)
     }
 
@@ -356,6 +357,87 @@ impl Store {
         Ok(true)
     }
 
+    /// A settlement, once: like [`Store::put_session_with_mark_once`], and then its payments
+    /// (amounts added to counters such as a node's `pay/{node}`), so that a crash anywhere in
+    /// it loses no payment and repeats none. `false` (and no change) if the mark is there.
+    ///
+    /// The writes, in order: the payments to be made (one record, overwritten by the next
+    /// settlement that pays anyone), the session naming the mark, the mark, then each payment,
+    /// each counter tagged with the task that last added to it. sled recovers a prefix of its
+    /// log, so when [`Store::open`] finds the record naming a settled task, no later settlement
+    /// has paid anyone, and a payee whose counter is not tagged with that task was not paid
+    /// yet ([`Store::finish_interrupted_payments`]). A payee named twice is paid the sum once.
+    pub fn put_settlement_once(
+        &self,
+        session: &Session,
+        task: TaskKey,
+        kind: &str,
+        value: &[u8],
+        payments: &[(String, u64)],
+    ) -> Result<bool, StoreError> {
+        let mark = mark_key(task, kind);
+        if self.sessions.contains_key(&mark)? {
+            return Ok(false);
+        }
+        let payments = merged_payments(payments);
+        if !payments.is_empty() {
+            let record = PaymentsInProgress {
+                task,
+                kind: kind.to_string(),
+                payments: payments.clone(),
+            };
+            put(&self.meta, PAYMENTS_IN_PROGRESS, &record)?;
+        }
+        self.put_session_naming_mark(session, &mark, value)?;
+        self.sessions.insert(mark, value)?;
+        for (name, amount) in &payments {
+            self.add_payment(name, *amount, task)?;
+        }
+        Ok(true)
+    }
+
+    /// Adds a settlement's payment to the counter `name`, tagging it with the task.
+    fn add_payment(&self, name: &str, amount: u64, task: TaskKey) -> Result<(), StoreError> {
+        let tag = task_key_bytes(task);
+        self.meta.update_and_fetch(name.as_bytes(), |old| {
+            let mut value = amount_of(old).saturating_add(amount).to_be_bytes().to_vec();
+            value.extend_from_slice(&tag);
+            Some(value)
+        })?;
+        Ok(())
+    }
+
+    /// Pays what the last settlement had not paid when a crash came (see
+    /// [`Store::put_settlement_once`]). Runs after [`Store::finish_interrupted_marks`]: a
+    /// settlement whose mark is still missing never happened, and pays nothing.
+    fn finish_interrupted_payments(&self) -> Result<(), StoreError> {
+        let Some(last): Option<PaymentsInProgress> =
+            get(&self.meta, PAYMENTS_IN_PROGRESS, "payments in progress")?
+        else {
+            return Ok(());
+        };
+        if !self
+            .sessions
+            .contains_key(mark_key(last.task, &last.kind))?
+        {
+            return Ok(());
+        }
+        let tag = task_key_bytes(last.task);
+        let mut finished = false;
+        for (name, amount) in &last.payments {
+            let counter = self.meta.get(name.as_bytes())?;
+            if counter.as_deref().and_then(|v| v.get(8..)) != Some(&tag[..]) {
+                tracing::warn!(task = %last.task, payee = %name, "finishing a payment a crash interrupted");
+                self.add_payment(name, *amount, last.task)?;
+                finished = true;
+            }
+        }
+        if finished {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     /// The first half of [`Store::put_session_with_mark_once`]: the session, naming the mark
     /// that is to follow it.
     fn put_session_naming_mark(
@@ -405,45 +487,39 @@ impl Store {
         Ok(())
     }
 
-    /// Adds to an amount kept under `name` in the counters tree (node payments).
+    /// Adds to an amount kept under `name` in the counters tree (clients' key quotas; node
+    /// payments go through [`Store::put_settlement_once`]).
     pub fn add_amount(&self, name: &str, amount: u64) -> Result<u64, StoreError> {
         let value = self.meta.update_and_fetch(name.as_bytes(), |old| {
-            let n = old
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            Some(n.saturating_add(amount).to_be_bytes().to_vec())
+            let mut value = amount_of(old).saturating_add(amount).to_be_bytes().to_vec();
+            value.extend_from_slice(old.and_then(|v| v.get(8..)).unwrap_or_default());
+            Some(value)
         })?;
-        Ok(value
-            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0))
+        Ok(amount_of(value.as_deref()))
     }
 
     pub fn amount(&self, name: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .meta
-            .get(name.as_bytes())?
-            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0))
+        Ok(amount_of(self.meta.get(name.as_bytes())?.as_deref()))
     }
 
     /// Moves the whole amount kept under `from` onto each of `to`, in one transaction; what
-    /// was moved comes back (node withdrawals: onto the node's and the overall total).
+    /// was moved comes back (node withdrawals: onto the node's and the overall total). The
+    /// counters keep their tags (see [`Store::put_settlement_once`]).
     pub fn move_amount(&self, from: &str, to: &[&str]) -> Result<u64, StoreError> {
-        let read = |b: Option<sled::IVec>| {
-            b.and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0)
+        let set = |old: Option<&[u8]>, amount: u64| {
+            let mut value = amount.to_be_bytes().to_vec();
+            value.extend_from_slice(old.and_then(|v| v.get(8..)).unwrap_or_default());
+            value
         };
         self.meta
             .transaction(|meta| {
-                let amount = read(meta.get(from.as_bytes())?);
-                meta.insert(from.as_bytes(), &0u64.to_be_bytes()[..])?;
+                let old = meta.get(from.as_bytes())?;
+                let amount = amount_of(old.as_deref());
+                meta.insert(from.as_bytes(), set(old.as_deref(), 0))?;
                 for name in to {
-                    let total = read(meta.get(name.as_bytes())?).saturating_add(amount);
-                    meta.insert(name.as_bytes(), &total.to_be_bytes()[..])?;
+                    let old = meta.get(name.as_bytes())?;
+                    let total = amount_of(old.as_deref()).saturating_add(amount);
+                    meta.insert(name.as_bytes(), set(old.as_deref(), total))?;
                 }
                 Ok(amount)
             })
@@ -631,6 +707,40 @@ struct NamedMark {
     value: String,
 }
 
+/// The meta key of the last settlement's payments (see [`Store::put_settlement_once`]).
+const PAYMENTS_IN_PROGRESS: &[u8] = b"payments_in_progress";
+
+/// A settlement's payments, written before its session and mark.
+#[derive(Serialize, serde::Deserialize)]
+struct PaymentsInProgress {
+    task: TaskKey,
+    /// The kind of the settlement's mark.
+    kind: String,
+    /// Counter names and amounts; each name once.
+    payments: Vec<(String, u64)>,
+}
+
+/// The payments with each name once (amounts summed, first-seen order) and without zeros.
+fn merged_payments(payments: &[(String, u64)]) -> Vec<(String, u64)> {
+    let mut merged: Vec<(String, u64)> = Vec::with_capacity(payments.len());
+    for (name, amount) in payments.iter().filter(|(_, amount)| *amount > 0) {
+        match merged.iter_mut().find(|(n, _)| n == name) {
+            Some((_, total)) => *total = total.saturating_add(*amount),
+            None => merged.push((name.clone(), *amount)),
+        }
+    }
+    merged
+}
+
+/// A counter's amount: its first eight bytes (big-endian); what follows is a settlement's tag.
+fn amount_of(value: Option<&[u8]>) -> u64 {
+    value
+        .and_then(|v| v.get(..8))
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
 fn id_of_session_key(key: &[u8]) -> u64 {
     u64::from_be_bytes(<[u8; 8]>::try_from(key).unwrap_or([0xff; 8]))
 }
@@ -771,6 +881,111 @@ mod tests {
             store.task_mark(task(3, 1), "settled").unwrap(),
             Some(vec![1])
         );
+    }
+
+    fn pays(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+        pairs.iter().map(|(n, a)| (n.to_string(), *a)).collect()
+    }
+
+    #[test]
+    fn a_settlement_pays_each_payee_once_and_only_the_first_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_session(&session(4, 100)).unwrap();
+        let payments = pays(&[("pay/a", 3), ("pay/b", 0), ("pay/a", 2), ("pay/c", 1)]);
+        assert!(store
+            .put_settlement_once(&session(4, 94), task(4, 1), "settled", &[1], &payments)
+            .unwrap());
+        assert!(!store
+            .put_settlement_once(&session(4, 90), task(4, 1), "settled", &[1], &payments)
+            .unwrap());
+        assert_eq!(store.amount("pay/a").unwrap(), 5);
+        assert_eq!(store.amount("pay/b").unwrap(), 0);
+        assert_eq!(store.amount("pay/c").unwrap(), 1);
+        assert_eq!(store.session(4).unwrap(), Some(session(4, 94)));
+    }
+
+    /// Every point a crash can cut a settlement at (sled keeps a prefix of the writes): the
+    /// store reopened pays what the settlement owed exactly once, and nothing for one that
+    /// never reached its session.
+    #[test]
+    fn a_settlement_a_crash_cut_anywhere_is_paid_exactly_once_on_open() {
+        let payments = pays(&[("pay/a", 7), ("pay/b", 4)]);
+        let settled = task(2, 5);
+        // Writes done before the crash: 0 = none, 1 = the payments record, 2 = + the
+        // session, 3 = + the mark, 4 = + the first payment, 5 = all.
+        for done in 0..=5usize {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let store = Store::open(dir.path()).unwrap();
+                store.put_session(&session(2, 100)).unwrap();
+                // An earlier settlement of another task paid `a` already.
+                assert!(store
+                    .put_settlement_once(
+                        &session(2, 100),
+                        task(2, 1),
+                        "settled",
+                        &[1],
+                        &pays(&[("pay/a", 10)])
+                    )
+                    .unwrap());
+                let mark = mark_key(settled, "settled");
+                if done >= 1 {
+                    let record = PaymentsInProgress {
+                        task: settled,
+                        kind: "settled".into(),
+                        payments: payments.clone(),
+                    };
+                    put(&store.meta, PAYMENTS_IN_PROGRESS, &record).unwrap();
+                }
+                if done >= 2 {
+                    store
+                        .put_session_naming_mark(&session(2, 89), &mark, &[1])
+                        .unwrap();
+                }
+                if done >= 3 {
+                    store.sessions.insert(&mark, &[1]).unwrap();
+                }
+                for (name, amount) in payments.iter().take(done.saturating_sub(3)) {
+                    store.add_payment(name, *amount, settled).unwrap();
+                }
+                store.flush().unwrap();
+            }
+            let reached_session = done >= 2;
+            for _reopening in 0..2 {
+                let store = Store::open(dir.path()).unwrap();
+                let (a, b) = if reached_session { (17, 4) } else { (10, 0) };
+                assert_eq!(store.amount("pay/a").unwrap(), a, "cut after {done} writes");
+                assert_eq!(store.amount("pay/b").unwrap(), b, "cut after {done} writes");
+                assert_eq!(
+                    store.task_mark(settled, "settled").unwrap().is_some(),
+                    reached_session
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_withdrawal_after_a_settlement_is_not_undone_by_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_session(&session(6, 100)).unwrap();
+            assert!(store
+                .put_settlement_once(
+                    &session(6, 91),
+                    task(6, 1),
+                    "settled",
+                    &[1],
+                    &pays(&[("pay/n", 9)])
+                )
+                .unwrap());
+            assert_eq!(store.move_amount("pay/n", &["withdrawn/n"]).unwrap(), 9);
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.amount("pay/n").unwrap(), 0);
+        assert_eq!(store.amount("withdrawn/n").unwrap(), 9);
     }
 
     #[test]
