@@ -1,5 +1,7 @@
-//! The one place that touches sled. Records are JSON in three trees: `sessions` (owned by the
-//! ledger), `tasks` (owned by the session queue) and `meta` (counters). Writers make their
+//! The one place that touches sled. Records are JSON in trees: `sessions` (owned by the
+//! ledger, with its holds' and settlements' marks), `tasks` (owned by the session queue),
+//! `meta` (counters: ids, node payments, the embedded ledger's records), `outbox` and
+//! `outbox_delivered` (chain writes), `api_keys` and `standby` (peer routers' tasks). Writers make their
 //! writes durable ([`Store::flush`], or [`Store::durable`] without blocking) before they
 //! acknowledge anything that must survive a crash.
 //!
