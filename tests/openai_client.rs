@@ -60,7 +60,7 @@ fn the_official_openai_client_works_unchanged() {
         "system + user messages: {usage}"
     );
     let completion_tokens = usage["completion_tokens"].as_u64().unwrap();
-    assert!(completion_tokens >= 1 && completion_tokens <= 24);
+    assert!((1..=24).contains(&completion_tokens));
     assert_eq!(
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + completion_tokens

@@ -390,7 +390,7 @@ fn a_client_that_disconnects_cancels_its_task_and_is_refunded() {
     drop(lines); // the client goes away mid-stream
     let task = net.wait_task(sid, task_id, "Cancelled");
     let charged = task["charged"].as_u64().unwrap();
-    assert!(charged >= 3 && charged < 200, "charged {charged}");
+    assert!((3..200).contains(&charged), "charged {charged}");
     // The state shows at once; the settlement follows it.
     net.wait_for(Duration::from_secs(5), "the hold is settled", |n| {
         n.session_view(sid)["held"] == 0
@@ -627,7 +627,16 @@ fn bad_input_gets_a_json_error_with_a_stable_code() {
     let (a, b) = (Some("alice"), Some("bob"));
     let s = sid.to_string();
     let body = |v: Value| v.to_string();
-    let cases: Vec<(&str, String, Option<&str>, Option<String>, u16, &str)> = vec![
+    // (method, path, key's owner, body, status, code)
+    type Case<'a> = (
+        &'a str,
+        String,
+        Option<&'a str>,
+        Option<String>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "GET",
             "/api/v1/sessions".into(),

@@ -294,7 +294,7 @@ impl NodePool {
             .filter(|(_, n)| {
                 n.online && n.in_pool(now_ms) && n.model == model && n.reserved_for.is_none()
             })
-            .filter(|(_, n)| !n.released_until.is_some_and(|t| t > now))
+            .filter(|(_, n)| n.released_until.is_none_or(|t| t <= now))
             .map(|(id, _)| id.clone())
             .collect();
         let free = self.order(free);
@@ -525,7 +525,7 @@ impl Handler<SelectMiners> for NodePool {
                     .iter()
                     .filter(|(id, n)| usable(id, n) && n.reserved_for != Some(session))
                     .filter(|(_, n)| !(n.dedicated && n.reserved_for.is_some()))
-                    .filter(|(_, n)| !n.released_until.is_some_and(|t| t > now))
+                    .filter(|(_, n)| n.released_until.is_none_or(|t| t <= now))
                     .map(|(id, _)| id.clone())
                     .collect(),
             );

@@ -244,7 +244,7 @@ fn bert_config(c: &serde_json::Value, dir: &Path) -> Result<BertConfig, EmbedErr
         max_positions: get("max_position_embeddings")?,
         vocab: get("vocab_size")?,
     };
-    if config.hidden % config.heads != 0 {
+    if !config.hidden.is_multiple_of(config.heads) {
         return Err(fail(format!(
             "hidden_size {} is not a multiple of num_attention_heads {}",
             config.hidden, config.heads

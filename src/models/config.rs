@@ -123,7 +123,7 @@ impl LlamaConfig {
                 return bad(key, format!("{v} is outside 1..={LIMIT}"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(
                 "n_kv_heads",
                 format!(
@@ -132,7 +132,7 @@ impl LlamaConfig {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(
                 "head_dim",
                 format!(

@@ -47,7 +47,9 @@ pub enum ForwardError {
 /// dequantization cost is spread over enough rows.
 const DENSE_FROM_ROWS: usize = 8;
 
-/// A linear layer `y = x · Wᵀ` with `W` of shape `[out, in]`.
+/// A linear layer `y = x · Wᵀ` with `W` of shape `[out, in]`. A model has a few hundred, so
+/// the dense variant's size is not worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Linear {
     /// `W` as a dense `[out, in]` tensor on the device.
     Dense(Tensor<2>),

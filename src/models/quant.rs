@@ -131,7 +131,7 @@ impl GgmlType {
     /// Bytes taken by `n_elems` elements; an error if `n_elems` is not a whole number of blocks.
     pub fn row_bytes(self, n_elems: usize) -> Result<usize, QuantError> {
         let be = self.block_elems();
-        if n_elems % be != 0 {
+        if !n_elems.is_multiple_of(be) {
             return Err(QuantError::NotBlockMultiple {
                 ty: self.name(),
                 n_elems,
@@ -407,7 +407,7 @@ fn dequant_q6_k(b: &[u8], y: &mut [f32]) {
 
 fn assert_blocks(x: &[f32], ty: &str) {
     assert!(
-        x.len() % QK32 == 0,
+        x.len().is_multiple_of(QK32),
         "{ty} quantization needs a multiple of {QK32} values, got {}",
         x.len()
     );
