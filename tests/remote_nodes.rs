@@ -2,7 +2,8 @@
 //! the same link and miner actors `cortensor miner` runs), log in with a signed challenge,
 //! and serve tasks like local ones; a connection lost mid-task hands the task to another
 //! miner and takes the lost one offline. The login refuses bad keys, other versions,
-//! malformed and oversized frames, each with a reason.
+//! malformed and oversized frames, each with a reason. A remote validator's evidence counts
+//! only when its own key signed it.
 
 use cortensor::chain::node_key::NodeKey;
 use cortensor::nodes::protocol::{
@@ -12,6 +13,7 @@ use cortensor::testkit::network::{Engines, TestNetwork, TestnetBuilder};
 use cortensor::testkit::remote::RemoteMiner;
 use cortensor::testkit::scripted_engine::Script;
 use cortensor::testkit::sse::SseEvents;
+use cortensor::validation::consensus::Evidence;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tungstenite::Message;
@@ -338,4 +340,107 @@ fn a_stream_goes_on_without_a_repeated_or_lost_token_when_its_miner_dies() {
         "{task}"
     );
     assert_eq!(task["usage"]["completion_tokens"], 60);
+}
+
+/// A raw validator at the node port that answers every `validate` with evidence naming
+/// `marker` in its errors, signed by `signer`; ends when the router closes the socket.
+fn raw_validator(net: &TestNetwork, key: NodeKey, signer: NodeKey, marker: &'static str) {
+    let (mut s, challenge) = dial(net);
+    let hello = protocol::hello(&challenge, NodeRole::Validator, &key).unwrap();
+    s.send(Message::Text(protocol::encode(&hello))).unwrap();
+    s.send(Message::Text(protocol::encode(&NodeFrame::ValidatorReady)))
+        .unwrap();
+    std::thread::spawn(move || loop {
+        let Ok(Message::Text(text)) = s.read() else {
+            return;
+        };
+        if let Ok(RouterFrame::Validate { id, validate }) = protocol::decode(&text) {
+            let evidence = Evidence {
+                errors: vec![marker.to_string()],
+                ..Evidence::default()
+            };
+            let frame = protocol::signed_evidence(&challenge, id, validate.key, &evidence, &signer)
+                .unwrap();
+            s.send(Message::Text(protocol::encode(&frame))).unwrap();
+        }
+    });
+}
+
+fn validators_connected(net: &TestNetwork) -> f64 {
+    net.get_text("/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix("cortensor_validators "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A remote validator's evidence counts only when the key its login proved signed it:
+/// evidence signed by another key is refused (its content never reaches the decision); signed
+/// by the validator's own key, it reaches the decision under the validator's id.
+#[test]
+fn a_remote_validators_evidence_counts_only_under_its_own_signature() {
+    let net = TestnetBuilder::new()
+        .config("[nodes]\nprobes_required = 0\n[queue]\nmax_replacements = 0\n")
+        .miners(1)
+        .validators(0)
+        .engines(Engines::Scripted(Script::default()))
+        .node_gateway()
+        .start()
+        .expect("the network starts");
+    wait_for(Duration::from_secs(20), "the local miner", || {
+        ready(&net) == 1
+    });
+    let (status, v) = net.post(
+        "/api/v1/sessions",
+        &json!({"redundant": 1, "deposit": 1_000_000, "validation": "likelihood",
+                "num_of_validator_nodes": 1}),
+    );
+    assert_eq!(status, 201, "{v}");
+    let sid = v["session_id"].as_u64().unwrap();
+    let ask = |prompt: &str| {
+        let (status, v) = net.post(
+            "/api/v1/completions",
+            &json!({"session_id": sid, "prompt": prompt, "max_tokens": 4}),
+        );
+        assert_eq!(
+            status, 502,
+            "a validator that checks nothing fails the task: {v}"
+        );
+        v["error"]["message"].as_str().unwrap().to_string()
+    };
+
+    // Logged in with its key, the validator's evidence signed with another key.
+    let validator = NodeKey::random("validator");
+    raw_validator(
+        &net,
+        validator.clone(),
+        NodeKey::random("other"),
+        "forged-marker",
+    );
+    wait_for(Duration::from_secs(20), "the validator to join", || {
+        validators_connected(&net) == 1.0
+    });
+    let message = ask("judged under a forged signature");
+    assert!(message.contains("evidence refused"), "{message}");
+    assert!(message.contains("signed by"), "{message}");
+    assert!(!message.contains("forged-marker"), "{message}");
+
+    // The same node logs in again (its new connection replaces the old one) and signs its
+    // evidence with its own key: the evidence reaches the decision, under its id.
+    raw_validator(&net, validator.clone(), validator.clone(), "honest-marker");
+    let own = format!("{}: honest-marker", protocol::node_id(validator.address()));
+    let mut seen_honest = false;
+    for i in 0..20 {
+        let message = ask(&format!("judged again {i}"));
+        if message.contains("honest-marker") {
+            assert!(message.contains(&own), "{message}");
+            assert!(!message.contains("evidence refused"), "{message}");
+            seen_honest = true;
+            break;
+        }
+        // The old connection may answer until the new one has replaced it.
+        assert!(message.contains("evidence refused"), "{message}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(seen_honest, "the honest validator was never asked");
 }

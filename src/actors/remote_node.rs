@@ -63,7 +63,8 @@ pub struct RemoteNode {
     out: mpsc::Sender<Outgoing>,
     node: Option<Node>,
     last_heard: Instant,
-    validations: HashMap<u64, oneshot::Sender<Evidence>>,
+    /// Validations asked of a remote validator: the task each is about, and who waits.
+    validations: HashMap<u64, (crate::task::TaskKey, oneshot::Sender<Evidence>)>,
     next_validation: u64,
 }
 
@@ -186,11 +187,36 @@ impl RemoteNode {
                         validator: ctx.address().recipient(),
                     });
             }
-            (NodeFrame::Evidence { id, mut evidence }, NodeRole::Validator) => {
-                if let Some(waiting) = self.validations.remove(&id) {
-                    evidence.validator = node.id;
-                    let _ = waiting.send(evidence);
-                }
+            (
+                NodeFrame::Evidence {
+                    id,
+                    evidence,
+                    signature,
+                },
+                NodeRole::Validator,
+            ) => {
+                let Some((key, waiting)) = self.validations.remove(&id) else {
+                    return;
+                };
+                let opened = protocol::open_evidence(
+                    &self.challenge,
+                    id,
+                    key,
+                    &evidence,
+                    &signature,
+                    node.address,
+                );
+                let evidence = match opened {
+                    Ok(mut evidence) => {
+                        evidence.validator = node.id;
+                        evidence
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %node.id, task = %key, error = %e, "remote evidence refused");
+                        failed_evidence(node.id, &format!("evidence refused: {e}"))
+                    }
+                };
+                let _ = waiting.send(evidence);
             }
             (frame, role) => {
                 let reason = format!("a {role:?} node may not send {}", frame_name(&frame));
@@ -237,6 +263,15 @@ impl RemoteNode {
             ctx,
         );
         self.node = Some(node);
+    }
+}
+
+/// What a validation that got no usable answer counts as: the validator could not check.
+fn failed_evidence(validator: String, why: &str) -> Evidence {
+    Evidence {
+        validator,
+        miners: vec![],
+        errors: vec![why.to_string()],
     }
 }
 
@@ -292,7 +327,7 @@ impl Actor for RemoteNode {
         });
         ctx.run_interval(self.links.heartbeat, |node, ctx| {
             // Validations the queue gave up waiting for.
-            node.validations.retain(|_, waiting| !waiting.is_closed());
+            node.validations.retain(|_, (_, waiting)| !waiting.is_closed());
             if node.last_heard.elapsed() > node.links.offline_after {
                 tracing::warn!(node = ?node.node.as_ref().map(|n| &n.id), peer = %node.peer, silent = ?node.last_heard.elapsed(), "remote node silent: taken as gone");
                 ctx.stop();
@@ -388,11 +423,7 @@ impl Handler<Validate> for RemoteNode {
     type Result = ResponseFuture<Evidence>;
     fn handle(&mut self, m: Validate, ctx: &mut Context<Self>) -> Self::Result {
         let validator = self.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-        let failed = move |why: &str| Evidence {
-            validator: validator.clone(),
-            miners: vec![],
-            errors: vec![why.to_string()],
-        };
+        let failed = move |why: &str| failed_evidence(validator.clone(), why);
         if self.validations.len() >= MAX_PENDING_VALIDATIONS {
             let evidence = failed("the remote validator has too many validations in flight");
             return Box::pin(async move { evidence });
@@ -400,7 +431,7 @@ impl Handler<Validate> for RemoteNode {
         self.next_validation += 1;
         let id = self.next_validation;
         let (tx, rx) = oneshot::channel();
-        self.validations.insert(id, tx);
+        self.validations.insert(id, (m.key, tx));
         let frame = RouterFrame::Validate {
             id,
             validate: WireValidate {

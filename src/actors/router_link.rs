@@ -63,6 +63,8 @@ pub struct RouterLink {
     out: Option<mpsc::Sender<WsMessage>>,
     reader: Option<SpawnHandle>,
     welcomed: bool,
+    /// The current connection's challenge: a validator's evidence is signed with it.
+    challenge: Option<String>,
     registration: Option<Registration>,
     miner: Option<Recipient<ToMiner>>,
     validator: Option<Recipient<Validate>>,
@@ -82,6 +84,7 @@ impl RouterLink {
             out: None,
             reader: None,
             welcomed: false,
+            challenge: None,
             registration: None,
             miner: None,
             validator: None,
@@ -118,6 +121,7 @@ impl RouterLink {
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
+        self.challenge = None;
         let generation = self.generation;
         let url = self.settings.url.clone();
         let connector = self
@@ -219,7 +223,10 @@ impl RouterLink {
                     return self.give_up(reason, ctx);
                 }
                 match protocol::hello(&challenge, self.settings.role, &self.settings.key) {
-                    Ok(hello) => self.send(&hello),
+                    Ok(hello) => {
+                        self.challenge = Some(challenge);
+                        self.send(&hello);
+                    }
                     Err(e) => self.lost(&e.to_string(), ctx),
                 }
             }
@@ -279,9 +286,12 @@ impl RouterLink {
                 }
             }
             RouterFrame::Validate { id, validate } => {
-                let Some(validator) = self.validator.clone() else {
+                let (Some(validator), Some(challenge)) =
+                    (self.validator.clone(), self.challenge.clone())
+                else {
                     return;
                 };
+                let key = validate.key;
                 let ask = Validate {
                     key: validate.key,
                     request: validate.request,
@@ -295,9 +305,21 @@ impl RouterLink {
                         .send(ask)
                         .into_actor(self)
                         .map(move |evidence, link, _| {
-                            if let (Ok(evidence), true) = (evidence, generation == link.generation)
-                            {
-                                link.send(&NodeFrame::Evidence { id, evidence });
+                            let (Ok(evidence), true) = (evidence, generation == link.generation)
+                            else {
+                                return;
+                            };
+                            match protocol::signed_evidence(
+                                &challenge,
+                                id,
+                                key,
+                                &evidence,
+                                &link.settings.key,
+                            ) {
+                                Ok(frame) => link.send(&frame),
+                                Err(e) => {
+                                    tracing::error!(task = %key, error = %e, "cannot sign the evidence")
+                                }
                             }
                         }),
                 );

@@ -15,8 +15,11 @@
 //! the pool, on the chain and in its signed reports. A miner then announces its model and
 //! backend (`register`), heartbeats, and exchanges task frames: `assign` / `reveal` / `cancel`
 //! one way, `report` (ack, tokens, precommit, commit, failures: each claim signed as in
-//! `actors::report_signing`) the other. A frame that does not parse, an unknown type or a
-//! version outside the router's range ends the connection with `rejected` naming the problem.
+//! `actors::report_signing`) the other. A validator answers each `validate` with `evidence`:
+//! the evidence as JSON text, and the node key's signature over [`evidence_digest`] of that
+//! exact text, the connection's challenge, the request's id and the task. A frame that does not
+//! parse, an unknown type or a version outside the router's range ends the connection with
+//! `rejected` naming the problem.
 
 use crate::actors::messages::ReportKind;
 use crate::chain::node_key::NodeKey;
@@ -27,8 +30,9 @@ use ethers::types::{Address, Signature, H256};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. A router accepts [`MIN_VERSION`]..=this.
-pub const PROTOCOL_VERSION: u32 = 1;
-pub const MIN_VERSION: u32 = 1;
+/// Version 2: validators sign their evidence (version 1 sent it unsigned, so it is refused).
+pub const PROTOCOL_VERSION: u32 = 2;
+pub const MIN_VERSION: u32 = 2;
 /// The largest frame either side accepts (a prompt or a result is at most a request body,
 /// 1 MiB by default, plus its JSON escaping).
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
@@ -36,6 +40,8 @@ pub const MAX_FRAME_BYTES: usize = 4 << 20;
 pub const DEFAULT_NODE_PORT: u16 = 9001;
 /// Bumped when what a login signs changes.
 pub const LOGIN_DOMAIN: &[u8] = b"cortensor/node-login/v1";
+/// Bumped when what a validator's evidence signs changes.
+pub const EVIDENCE_DOMAIN: &[u8] = b"cortensor/validator-evidence/v1";
 
 /// What a remote node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,10 +122,12 @@ pub enum NodeFrame {
         kind: ReportKind,
         signature: Option<Signature>,
     },
-    /// A validator's answer to `validate` with the same id.
+    /// A validator's answer to `validate` with the same id: the [`Evidence`] as JSON text,
+    /// signed as it is ([`signed_evidence`]).
     Evidence {
         id: u64,
-        evidence: Evidence,
+        evidence: String,
+        signature: Signature,
     },
 }
 
@@ -147,6 +155,12 @@ pub enum ProtocolError {
     WrongSigner { signer: Address, claimed: Address },
     #[error("the challenge is not 32 bytes of hex")]
     BadChallenge,
+    #[error("the evidence's signature does not recover: {0}")]
+    BadEvidenceSignature(String),
+    #[error("the evidence is signed by {signer:?}, not by the validator {validator:?}")]
+    EvidenceWrongSigner { signer: Address, validator: Address },
+    #[error("the evidence does not decode: {0}")]
+    MalformedEvidence(String),
 }
 
 /// A node's id on the network: its address in lower-case hex.
@@ -180,10 +194,7 @@ pub fn login_digest(
     role: NodeRole,
     address: Address,
 ) -> Result<H256, ProtocolError> {
-    let challenge = hex::decode(challenge).map_err(|_| ProtocolError::BadChallenge)?;
-    if challenge.len() != 32 {
-        return Err(ProtocolError::BadChallenge);
-    }
+    let challenge = challenge_bytes(challenge)?;
     let role: &[u8] = match role {
         NodeRole::Miner => b"miner",
         NodeRole::Validator => b"validator",
@@ -194,6 +205,80 @@ pub fn login_digest(
         bytes.extend_from_slice(field);
     }
     Ok(H256(ethers::utils::keccak256(bytes)))
+}
+
+/// keccak256 over a validator's answer, length-prefixed: the connection's challenge (so
+/// it cannot be replayed on another connection), the `validate` request's id and task (so it
+/// cannot answer another request) and the evidence's exact JSON text.
+pub fn evidence_digest(
+    challenge: &str,
+    id: u64,
+    key: TaskKey,
+    evidence: &str,
+) -> Result<H256, ProtocolError> {
+    let challenge = challenge_bytes(challenge)?;
+    let mut bytes = Vec::with_capacity(128 + evidence.len());
+    for field in [
+        EVIDENCE_DOMAIN,
+        &challenge,
+        &id.to_be_bytes(),
+        &key.session_id.to_be_bytes(),
+        &key.task_id.to_be_bytes(),
+        evidence.as_bytes(),
+    ] {
+        bytes.extend_from_slice(&(field.len() as u64).to_be_bytes());
+        bytes.extend_from_slice(field);
+    }
+    Ok(H256(ethers::utils::keccak256(bytes)))
+}
+
+/// A validator's answer to the `validate` request `id` about `key`, signed with its node key.
+pub fn signed_evidence(
+    challenge: &str,
+    id: u64,
+    key: TaskKey,
+    evidence: &Evidence,
+    node_key: &NodeKey,
+) -> Result<NodeFrame, ProtocolError> {
+    let evidence = encode(evidence);
+    let digest = evidence_digest(challenge, id, key, &evidence)?;
+    let signature = node_key
+        .wallet
+        .sign_hash(digest)
+        .map_err(|e| ProtocolError::BadEvidenceSignature(e.to_string()))?;
+    Ok(NodeFrame::Evidence {
+        id,
+        evidence,
+        signature,
+    })
+}
+
+/// The evidence of an `evidence` frame, once its signature is checked against the validator's
+/// address (the one its login proved).
+pub fn open_evidence(
+    challenge: &str,
+    id: u64,
+    key: TaskKey,
+    evidence: &str,
+    signature: &Signature,
+    validator: Address,
+) -> Result<Evidence, ProtocolError> {
+    let digest = evidence_digest(challenge, id, key, evidence)?;
+    let signer = signature
+        .recover(digest)
+        .map_err(|e| ProtocolError::BadEvidenceSignature(e.to_string()))?;
+    if signer != validator {
+        return Err(ProtocolError::EvidenceWrongSigner { signer, validator });
+    }
+    serde_json::from_str(evidence).map_err(|e| ProtocolError::MalformedEvidence(e.to_string()))
+}
+
+fn challenge_bytes(challenge: &str) -> Result<Vec<u8>, ProtocolError> {
+    let bytes = hex::decode(challenge).map_err(|_| ProtocolError::BadChallenge)?;
+    if bytes.len() != 32 {
+        return Err(ProtocolError::BadChallenge);
+    }
+    Ok(bytes)
 }
 
 /// The node's answer to a challenge.
@@ -280,6 +365,75 @@ mod tests {
             verify_hello(&challenge, PROTOCOL_VERSION + 1, role, address, &signature),
             Err(ProtocolError::Version { .. })
         ));
+    }
+
+    #[test]
+    fn evidence_opens_only_for_its_connection_request_task_content_and_validator() {
+        let key = NodeKey::random("v");
+        let challenge = new_challenge();
+        let task = TaskKey {
+            session_id: 2,
+            task_id: 7,
+        };
+        let evidence = Evidence {
+            validator: "v".into(),
+            miners: vec![crate::validation::consensus::MinerEvidence {
+                miner: "m".into(),
+                similarity: Some(0.1 + 0.2),
+                likelihood: None,
+                likelihood_failures: vec![],
+                grade: None,
+            }],
+            errors: vec![],
+        };
+        let NodeFrame::Evidence {
+            id,
+            evidence: text,
+            signature,
+        } = signed_evidence(&challenge, 5, task, &evidence, &key).unwrap()
+        else {
+            panic!("signed_evidence makes an evidence frame");
+        };
+        let open = |challenge: &str, id: u64, task: TaskKey, text: &str, signer: Address| {
+            open_evidence(challenge, id, task, text, &signature, signer)
+        };
+        assert_eq!(
+            open(&challenge, id, task, &text, key.address()),
+            Ok(evidence)
+        );
+        let other_task = TaskKey {
+            session_id: 2,
+            task_id: 8,
+        };
+        let tampered = text.replace("\"errors\":[]", "\"errors\":[\"x\"]");
+        assert_ne!(tampered, text);
+        for (what, result) in [
+            (
+                "another connection",
+                open(&new_challenge(), id, task, &text, key.address()),
+            ),
+            (
+                "another request",
+                open(&challenge, id + 1, task, &text, key.address()),
+            ),
+            (
+                "another task",
+                open(&challenge, id, other_task, &text, key.address()),
+            ),
+            (
+                "changed evidence",
+                open(&challenge, id, task, &tampered, key.address()),
+            ),
+            (
+                "another validator",
+                open(&challenge, id, task, &text, NodeKey::random("w").address()),
+            ),
+        ] {
+            assert!(
+                matches!(result, Err(ProtocolError::EvidenceWrongSigner { .. })),
+                "{what}: {result:?}"
+            );
+        }
     }
 
     #[test]
