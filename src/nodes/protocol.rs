@@ -199,12 +199,22 @@ pub fn login_digest(
         NodeRole::Miner => b"miner",
         NodeRole::Validator => b"validator",
     };
-    let mut bytes = Vec::with_capacity(128);
-    for field in [LOGIN_DOMAIN, &challenge, role, address.as_bytes()] {
+    Ok(keccak_of_fields(&[
+        LOGIN_DOMAIN,
+        &challenge,
+        role,
+        address.as_bytes(),
+    ]))
+}
+
+/// keccak256 over the fields, each prefixed with its length (so no two lists encode alike).
+fn keccak_of_fields(fields: &[&[u8]]) -> H256 {
+    let mut bytes = Vec::with_capacity(fields.iter().map(|f| 8 + f.len()).sum());
+    for field in fields {
         bytes.extend_from_slice(&(field.len() as u64).to_be_bytes());
         bytes.extend_from_slice(field);
     }
-    Ok(H256(ethers::utils::keccak256(bytes)))
+    H256(ethers::utils::keccak256(bytes))
 }
 
 /// keccak256 over a validator's answer, length-prefixed: the connection's challenge (so
@@ -217,19 +227,14 @@ pub fn evidence_digest(
     evidence: &str,
 ) -> Result<H256, ProtocolError> {
     let challenge = challenge_bytes(challenge)?;
-    let mut bytes = Vec::with_capacity(128 + evidence.len());
-    for field in [
+    Ok(keccak_of_fields(&[
         EVIDENCE_DOMAIN,
         &challenge,
         &id.to_be_bytes(),
         &key.session_id.to_be_bytes(),
         &key.task_id.to_be_bytes(),
         evidence.as_bytes(),
-    ] {
-        bytes.extend_from_slice(&(field.len() as u64).to_be_bytes());
-        bytes.extend_from_slice(field);
-    }
-    Ok(H256(ethers::utils::keccak256(bytes)))
+    ]))
 }
 
 /// A validator's answer to the `validate` request `id` about `key`, signed with its node key.
