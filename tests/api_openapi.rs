@@ -7,6 +7,7 @@ use actix_web::App;
 use cortensor::api::completion::{
     MAX_STOP_STRINGS, PENALTY_RANGE, REPEAT_PENALTY_MAX, SECONDS_RANGE, TEMPERATURE_MAX,
 };
+use cortensor::api::openai::MAX_SUBTASKS;
 use cortensor::api::openapi::DOCUMENT;
 use cortensor::api::routes::Route;
 use cortensor::session::{
@@ -257,6 +258,18 @@ fn stated_limits_are_the_codes() {
             Some(REPEAT_PENALTY_MAX)
         );
         assert_eq!(props["top_p"]["exclusiveMinimum"], true);
+    }
+    // Batched prompts and `n` choices: as many choices come back as were asked for.
+    let subtasks = Some(MAX_SUBTASKS as u64);
+    assert_eq!(openai["n"]["maximum"].as_u64(), subtasks);
+    let openai_completion = &schema(&doc, "CompletionRequestOpenAI")["allOf"][1]["properties"];
+    assert_eq!(
+        openai_completion["prompt"]["oneOf"][1]["maxItems"].as_u64(),
+        subtasks
+    );
+    for response in ["ChatCompletion", "TextCompletion"] {
+        let choices = &schema(&doc, response)["properties"]["choices"];
+        assert_eq!(choices["maxItems"].as_u64(), subtasks, "{response}");
     }
     for field in ["timeout", "precommit_timeout"] {
         assert_eq!(
