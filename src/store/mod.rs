@@ -350,13 +350,8 @@ impl Store {
         kind: &str,
         value: &[u8],
     ) -> Result<bool, StoreError> {
-        let mark = mark_key(task, kind);
-        if self.sessions.contains_key(&mark)? {
-            return Ok(false);
-        }
-        self.put_session_naming_mark(session, &mark, value)?;
-        self.sessions.insert(mark, value)?;
-        Ok(true)
+        // A settlement with nothing to pay writes exactly this: the session, then the mark.
+        self.put_settlement_once(session, task, kind, value, &[])
     }
 
     /// A settlement, once: like [`Store::put_session_with_mark_once`], and then its payments
@@ -402,9 +397,7 @@ impl Store {
     fn add_payment(&self, name: &str, amount: u64, task: TaskKey) -> Result<(), StoreError> {
         let tag = task_key_bytes(task);
         self.meta.update_and_fetch(name.as_bytes(), |old| {
-            let mut value = amount_of(old).saturating_add(amount).to_be_bytes().to_vec();
-            value.extend_from_slice(&tag);
-            Some(value)
+            Some(counter_value(amount_of(old).saturating_add(amount), &tag))
         })?;
         Ok(())
     }
@@ -428,7 +421,7 @@ impl Store {
         let mut finished = false;
         for (name, amount) in &last.payments {
             let counter = self.meta.get(name.as_bytes())?;
-            if counter.as_deref().and_then(|v| v.get(8..)) != Some(&tag[..]) {
+            if tag_of(counter.as_deref()) != tag {
                 tracing::warn!(task = %last.task, payee = %name, "finishing a payment a crash interrupted");
                 self.add_payment(name, *amount, last.task)?;
                 finished = true;
@@ -493,9 +486,10 @@ impl Store {
     /// payments go through [`Store::put_settlement_once`]).
     pub fn add_amount(&self, name: &str, amount: u64) -> Result<u64, StoreError> {
         let value = self.meta.update_and_fetch(name.as_bytes(), |old| {
-            let mut value = amount_of(old).saturating_add(amount).to_be_bytes().to_vec();
-            value.extend_from_slice(old.and_then(|v| v.get(8..)).unwrap_or_default());
-            Some(value)
+            Some(counter_value(
+                amount_of(old).saturating_add(amount),
+                tag_of(old),
+            ))
         })?;
         Ok(amount_of(value.as_deref()))
     }
@@ -508,20 +502,16 @@ impl Store {
     /// was moved comes back (node withdrawals: onto the node's and the overall total). The
     /// counters keep their tags (see [`Store::put_settlement_once`]).
     pub fn move_amount(&self, from: &str, to: &[&str]) -> Result<u64, StoreError> {
-        let set = |old: Option<&[u8]>, amount: u64| {
-            let mut value = amount.to_be_bytes().to_vec();
-            value.extend_from_slice(old.and_then(|v| v.get(8..)).unwrap_or_default());
-            value
-        };
         self.meta
             .transaction(|meta| {
                 let old = meta.get(from.as_bytes())?;
                 let amount = amount_of(old.as_deref());
-                meta.insert(from.as_bytes(), set(old.as_deref(), 0))?;
+                meta.insert(from.as_bytes(), counter_value(0, tag_of(old.as_deref())))?;
                 for name in to {
                     let old = meta.get(name.as_bytes())?;
                     let total = amount_of(old.as_deref()).saturating_add(amount);
-                    meta.insert(name.as_bytes(), set(old.as_deref(), total))?;
+                    let value = counter_value(total, tag_of(old.as_deref()));
+                    meta.insert(name.as_bytes(), value)?;
                 }
                 Ok(amount)
             })
@@ -741,6 +731,19 @@ fn amount_of(value: Option<&[u8]>) -> u64 {
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0)
+}
+
+/// A counter's tag: what follows its amount (the task that last paid into it, or nothing).
+fn tag_of(value: Option<&[u8]>) -> &[u8] {
+    value.and_then(|v| v.get(8..)).unwrap_or_default()
+}
+
+/// A counter's bytes: the amount (big-endian), then the tag.
+fn counter_value(amount: u64, tag: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + tag.len());
+    value.extend_from_slice(&amount.to_be_bytes());
+    value.extend_from_slice(tag);
+    value
 }
 
 fn id_of_session_key(key: &[u8]) -> u64 {
