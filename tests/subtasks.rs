@@ -94,9 +94,12 @@ fn choices_and_batches_run_as_parallel_subtasks_in_order() {
         completion_tokens += t["usage"]["completion_tokens"].as_u64().unwrap();
     }
     assert!(miners.len() > 1, "the subtasks all ran on {miners:?}");
-    let overlapping = spans
-        .iter()
-        .any(|a| spans.iter().any(|b| a != b && a.0 < b.1 && b.0 < a.1));
+    let overlapping = spans.iter().enumerate().any(|(i, a)| {
+        spans
+            .iter()
+            .enumerate()
+            .any(|(j, b)| i != j && a.0 < b.1 && b.0 < a.1)
+    });
     assert!(overlapping, "the subtasks ran one after another: {spans:?}");
     assert_eq!(v["usage"]["completion_tokens"], completion_tokens, "{v}");
 

@@ -208,19 +208,23 @@ impl Common {
     }
 }
 
-/// Starts several tasks at once (each admitted, held and queued like any other), in order;
-/// `live` for streaming. A refusal drops the ones started: their guards cancel them.
+/// Starts several tasks at once (each admitted, held and queued like any other), returned in
+/// the order of `specs`; `live` for streaming. They are submitted together, so one store flush
+/// acknowledges them all and their miners start together (one after another, each would wait
+/// for its own flush). A refusal drops the ones started: their guards cancel them.
 async fn start_subtasks(
     state: &ApiState,
     caller: &Caller,
     specs: Vec<TaskSpec>,
     live: bool,
 ) -> Result<Vec<completion::Running>, ApiError> {
-    let mut running = Vec::with_capacity(specs.len());
-    for spec in specs {
-        running.push(completion::start(state, caller, spec, live).await?);
-    }
-    Ok(running)
+    let starts = specs
+        .into_iter()
+        .map(|spec| completion::start(state, caller, spec, live));
+    futures_util::future::join_all(starts)
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// Runs several tasks at once and returns their records in order. One that fails fails the
