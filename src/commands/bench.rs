@@ -43,6 +43,9 @@ pub enum BenchCommand {
     /// What chunked generation costs: a real-model miner's tokens/s end to end in chunks of
     /// several sizes against one round, under exact and likelihood validation.
     Chunks(super::bench_chunks::ChunksArgs),
+    /// How encoding cost grows with the prompt: each shipped tokenizer on 1, 16 and 150
+    /// paragraphs, cost per token against the one-paragraph cost.
+    Tokenize(super::bench_tokenize::TokenizeArgs),
     /// One configuration, printed as one JSON line (what `generate` runs in each child).
     #[command(hide = true)]
     GenerateOne(OneArgs),
@@ -125,6 +128,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Remote(args) => super::bench_remote::run(args),
         BenchCommand::Balance(args) => super::bench_balance::run(args),
         BenchCommand::Chunks(args) => super::bench_chunks::run(args),
+        BenchCommand::Tokenize(args) => super::bench_tokenize::run(args),
     }
 }
 

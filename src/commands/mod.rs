@@ -10,6 +10,7 @@ pub mod bench_likelihood;
 pub mod bench_load;
 pub mod bench_orchestrate;
 pub mod bench_remote;
+pub mod bench_tokenize;
 pub mod client;
 pub mod generate;
 pub mod models;
