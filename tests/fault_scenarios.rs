@@ -110,6 +110,7 @@ fn fault_kind(f: &Fault) -> &'static str {
         Fault::CorruptResults { .. } => "corrupt results",
         Fault::CutChain { .. } => "cut chain",
         Fault::FailStoreWrites { .. } => "fail store writes",
+        Fault::SlowStore { .. } => "slow store",
         Fault::RestartNetwork => "restart network",
     }
 }
@@ -150,6 +151,10 @@ fn every_fault_kind_in_one_run() {
         },
         Fault::FailStoreWrites {
             for_: Duration::from_millis(100),
+        },
+        Fault::SlowStore {
+            delay: Duration::from_millis(150),
+            for_: Duration::from_millis(2_000),
         },
         Fault::RestartNetwork,
     ];

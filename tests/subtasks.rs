@@ -6,6 +6,7 @@
 use cortensor::testkit::network::{Engines, TestNetwork, TestnetBuilder};
 use cortensor::testkit::scripted_engine::Script;
 use cortensor::testkit::sse::SseEvents;
+use cortensor::testkit::Fault;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -152,7 +153,14 @@ fn stream_events(net: &TestNetwork, path: &str, body: Value) -> Vec<Value> {
 
 #[test]
 fn several_choices_stream_together_each_tagged_with_its_index() {
-    let net = network();
+    let mut net = network();
+    // On a slow disk (each acceptance's flush answers 400 ms late, longer than a choice takes
+    // to generate) the choices still start together: one flush accepts them all.
+    net.apply(&Fault::SlowStore {
+        delay: Duration::from_millis(400),
+        for_: Duration::from_secs(120),
+    })
+    .unwrap();
     let single = |prompt: &str, seed: u64| single(&net, prompt, seed);
     // Two prompts × two choices, streamed: the pieces of each index join into that choice.
     let events = stream_events(

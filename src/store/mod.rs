@@ -36,17 +36,35 @@ pub enum StoreError {
     CorruptMark(u64),
 }
 
-/// A switch that makes task writes fail, for fault-injection tests; off unless a test turns it
-/// on. Only the task tree is affected: the ledger's writes fail with the chain's own faults.
+/// Switches for fault-injection tests, off unless a test turns them on: task writes that
+/// fail (only the task tree: the ledger's writes fail with the chain's own faults), and a slow
+/// disk (each acknowledged flush answers its waiters that much later).
 #[derive(Clone, Default)]
-pub struct WriteFaults(std::sync::Arc<std::sync::atomic::AtomicBool>);
+pub struct WriteFaults {
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    flush_delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
 
 impl WriteFaults {
     pub fn set_failing(&self, failing: bool) {
-        self.0.store(failing, std::sync::atomic::Ordering::SeqCst);
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::SeqCst);
     }
     pub fn failing(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        self.failing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Every flush awaited through [`Store::durable`] from now on answers `delay` late (zero:
+    /// the disk's own speed again).
+    pub fn set_flush_delay(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.flush_delay_ms
+            .store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+    pub fn flush_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.flush_delay_ms
+                .load(std::sync::atomic::Ordering::SeqCst),
+        )
     }
 }
 
@@ -168,26 +186,33 @@ impl Store {
         Ok(store)
     }
 
-    /// Task writes fail while `faults` says so (fault-injection tests).
+    /// Task writes fail, and flushes answer late, while `faults` says so (fault-injection
+    /// tests).
     pub fn with_write_faults(mut self, faults: WriteFaults) -> Self {
         self.write_faults = faults;
         self
     }
 
     /// Resolves once every write made before this call is on disk, without blocking the
-    /// caller's thread; concurrent callers share one flush.
+    /// caller's thread; concurrent callers share one flush. (With a slow disk injected, it
+    /// resolves that much later; it must then be awaited on a tokio runtime, as actors are.)
     pub fn durable(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + 'static {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sent = match &self.flusher.waiters {
             Some(waiters) => waiters.send(tx).map_err(|_| ()),
             None => Err(()),
         };
+        let injected_delay = self.write_faults.flush_delay();
         async move {
             sent.map_err(|_| StoreError::Flush("the flusher thread stopped".into()))?;
-            match rx.await {
+            let result = match rx.await {
                 Ok(result) => result.map_err(StoreError::Flush),
                 Err(_) => Err(StoreError::Flush("the flusher thread stopped".into())),
+            };
+            if !injected_delay.is_zero() {
+                tokio::time::sleep(injected_delay).await;
             }
+            result
         }
     }
 

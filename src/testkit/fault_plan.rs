@@ -44,6 +44,9 @@ pub enum Fault {
     CutChain { for_: Duration },
     /// The store refuses task writes for a while.
     FailStoreWrites { for_: Duration },
+    /// The disk is slow for a while: every flush the network waits for (a task's acceptance,
+    /// its end) is acknowledged `delay` late.
+    SlowStore { delay: Duration, for_: Duration },
     /// The whole network stops and starts again on the same data (every actor restarts).
     RestartNetwork,
 }
@@ -55,7 +58,8 @@ impl Fault {
             Fault::StallMiner { for_, .. }
             | Fault::CorruptResults { for_, .. }
             | Fault::CutChain { for_ }
-            | Fault::FailStoreWrites { for_ } => *for_,
+            | Fault::FailStoreWrites { for_ }
+            | Fault::SlowStore { for_, .. } => *for_,
             _ => Duration::ZERO,
         }
     }
@@ -132,7 +136,7 @@ impl FaultPlan {
                     Duration::from_millis(rng.gen_range(0..RANDOM_FAULT_WINDOW.as_millis() as u64));
                 let miner = rng.gen_range(0..miners.max(1));
                 let for_ = Duration::from_millis(rng.gen_range(50..600));
-                let fault = match rng.gen_range(0..7) {
+                let fault = match rng.gen_range(0..8) {
                     0 => Fault::CrashMiner { miner },
                     1 => Fault::PanicEngine {
                         miner,
@@ -142,6 +146,10 @@ impl FaultPlan {
                     3 => Fault::CorruptResults { miner, for_ },
                     4 => Fault::CutChain { for_ },
                     5 => Fault::FailStoreWrites { for_ },
+                    6 => Fault::SlowStore {
+                        delay: Duration::from_millis(rng.gen_range(5..200)),
+                        for_,
+                    },
                     _ => Fault::RestartNetwork,
                 };
                 ScheduledFault { at, fault }

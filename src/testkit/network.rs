@@ -526,6 +526,11 @@ impl TestNetwork {
                 store.set_failing(true);
                 after(until, move || store.set_failing(false));
             }
+            Fault::SlowStore { delay, .. } => {
+                let store = self.faults.store.clone();
+                store.set_flush_delay(*delay);
+                after(until, move || store.set_flush_delay(Duration::ZERO));
+            }
             Fault::RestartNetwork => self.restart()?,
         }
         Ok(())
@@ -564,6 +569,7 @@ impl TestNetwork {
     pub fn finish(mut self, limit: Duration) -> Report {
         self.faults.chain_cut.set_cut(false);
         self.faults.store.set_failing(false);
+        self.faults.store.set_flush_delay(Duration::ZERO);
         let start = Instant::now();
         while start.elapsed() < limit && !self.unfinished().is_empty() {
             std::thread::sleep(Duration::from_millis(20));
