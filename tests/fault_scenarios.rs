@@ -180,6 +180,41 @@ fn every_fault_kind_in_one_run() {
     assert_eq!(report.scheduled_faults, faults.len());
 }
 
+/// On a slow disk a streamed task can end before the flush that acknowledges it (a live
+/// follower is acknowledged once its task is on disk): the history then holds its end before
+/// its acceptance, and the task still counts as ended.
+#[test]
+fn a_task_that_ends_before_its_acknowledgment_counts_as_ended() {
+    let mut net = TestnetBuilder::new().start().unwrap();
+    let sid = net.create_session(1, 1_000_000).unwrap();
+    net.apply(&Fault::SlowStore {
+        delay: Duration::from_millis(300),
+        for_: Duration::from_secs(120),
+    })
+    .unwrap();
+    let body = reqwest::blocking::Client::new()
+        .post(format!("{}/api/v1/completions/{sid}", net.url()))
+        .bearer_auth(net.api_key())
+        .json(&serde_json::json!({"prompt": "quick", "max_tokens": 4, "stream": true}))
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.text())
+        .unwrap();
+    assert!(body.contains("[DONE]"), "{body}");
+    let operations = net.history.operations();
+    let position = |wanted: fn(&Operation) -> bool| operations.iter().position(wanted);
+    let ended = position(|op| matches!(op, Operation::Ended { .. }));
+    let accepted = position(|op| matches!(op, Operation::Accepted { .. }));
+    assert!(
+        ended.is_some() && accepted.is_some() && ended < accepted,
+        "the task was not over before its acknowledgment: {operations:?}"
+    );
+    assert_eq!(net.unfinished(), vec![], "{operations:?}");
+    let report = net.finish(Duration::from_secs(30));
+    assert!(report.violations.is_empty(), "{report}");
+    assert_eq!(report.checked.accepted, 1, "{report}");
+}
+
 fn result(text: &str) -> TaskResult {
     TaskResult {
         text: text.into(),

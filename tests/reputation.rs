@@ -152,12 +152,15 @@ fn a_miner_whose_results_keep_being_rejected_is_suspended_and_honest_ones_rise()
         assert_eq!(m["counters"]["rejected"], 0, "{m}");
         assert!(m["reputation"].as_i64().unwrap() > 500, "{m}");
     }
-    // The outcomes reach the chain's records (in batches, within a second).
+    // The outcomes reach the chain's records (in batches, within a second): the byzantine
+    // miner's failures and an honest miner's successes.
     net.wait_for(Duration::from_secs(10), "outcomes on chain", |n| {
         let (_, miners) = n.get("/api/v1/miners");
         let failures = miners["nodes"]["miner-3"]["chain_record"]["failures"].as_u64();
         let rejected = miners["nodes"]["miner-3"]["counters"]["rejected"].as_u64();
-        failures.is_some() && failures == rejected
+        let successes = miners["nodes"]["miner-1"]["chain_record"]["successes"].as_u64();
+        let accepted = miners["nodes"]["miner-1"]["counters"]["accepted"].as_u64();
+        failures.is_some() && failures == rejected && successes.is_some() && successes == accepted
     });
     let (_, miners) = net.get("/api/v1/miners");
     let record = &miners["nodes"]["miner-1"]["chain_record"];

@@ -475,7 +475,8 @@ impl SessionQueue {
             return;
         };
         let previous = task.record.state;
-        if previous == state {
+        // An ending task's state is its end's (set by `finish`): nothing late moves it.
+        if previous == state || task.finishing {
             return;
         }
         let elapsed = task.stage_started.elapsed();
@@ -777,6 +778,10 @@ impl SessionQueue {
         let Some(task) = self.live.get_mut(&key) else {
             return;
         };
+        if task.finishing {
+            // It ended while its validators worked (cancelled, timed out): the verdict is moot.
+            return;
+        }
         let plan = task.record.validation_plan();
         let decision = decide(&results, &evidence, &plan, &reputation);
         // Tokens before this chunk were accepted (and counted) with the chunks before.

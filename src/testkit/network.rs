@@ -546,21 +546,24 @@ impl TestNetwork {
         self.boot()
     }
 
-    /// Accepted tasks that have not ended yet (from the history).
+    /// Accepted tasks that have not ended yet (from the history). The order of the history
+    /// does not matter: a live follower's task is acknowledged (and recorded as accepted) only
+    /// once it is on disk, and on a slow disk a short task has ended by then.
     pub fn unfinished(&self) -> Vec<TaskKey> {
-        let mut open: HashSet<TaskKey> = HashSet::new();
+        let mut accepted: HashSet<TaskKey> = HashSet::new();
+        let mut closed: HashSet<TaskKey> = HashSet::new();
         for op in self.history.operations() {
             match op {
                 Operation::Accepted { key, .. } => {
-                    open.insert(key);
+                    accepted.insert(key);
                 }
                 Operation::Refused { key } | Operation::Ended { key, .. } => {
-                    open.remove(&key);
+                    closed.insert(key);
                 }
                 _ => {}
             }
         }
-        open.into_iter().collect()
+        accepted.difference(&closed).copied().collect()
     }
 
     /// Waits (at most `limit`) for every accepted task to end and the chain's outbox to
