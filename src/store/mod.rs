@@ -16,6 +16,9 @@ use crate::task::{TaskKey, TaskRecord};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -41,36 +44,31 @@ pub enum StoreError {
 /// disk (each acknowledged flush answers its waiters that much later).
 #[derive(Clone, Default)]
 pub struct WriteFaults {
-    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    flush_delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failing: Arc<AtomicBool>,
+    flush_delay_ms: Arc<AtomicU64>,
 }
 
 impl WriteFaults {
     pub fn set_failing(&self, failing: bool) {
-        self.failing
-            .store(failing, std::sync::atomic::Ordering::SeqCst);
+        self.failing.store(failing, Ordering::SeqCst);
     }
     pub fn failing(&self) -> bool {
-        self.failing.load(std::sync::atomic::Ordering::SeqCst)
+        self.failing.load(Ordering::SeqCst)
     }
     /// Every flush awaited through [`Store::durable`] from now on answers `delay` late (zero:
     /// the disk's own speed again).
-    pub fn set_flush_delay(&self, delay: std::time::Duration) {
+    pub fn set_flush_delay(&self, delay: Duration) {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        self.flush_delay_ms
-            .store(ms, std::sync::atomic::Ordering::SeqCst);
+        self.flush_delay_ms.store(ms, Ordering::SeqCst);
     }
-    pub fn flush_delay(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(
-            self.flush_delay_ms
-                .load(std::sync::atomic::Ordering::SeqCst),
-        )
+    pub fn flush_delay(&self) -> Duration {
+        Duration::from_millis(self.flush_delay_ms.load(Ordering::SeqCst))
     }
 }
 
 /// Tries at taking the database's lock, and the pause between them (2 s in all).
 pub const OPEN_LOCK_ATTEMPTS: u32 = 40;
-pub const OPEN_LOCK_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+pub const OPEN_LOCK_PAUSE: Duration = Duration::from_millis(50);
 
 /// A handle on the database; clones share it (sled keeps one `Db` per process).
 #[derive(Clone)]
@@ -86,7 +84,7 @@ pub struct Store {
     delivered: sled::Tree,
     /// Tasks a peer router accepted and has not ended: run here if that router dies.
     standby: sled::Tree,
-    flusher: std::sync::Arc<Flusher>,
+    flusher: Arc<Flusher>,
     write_faults: WriteFaults,
 }
 
@@ -165,7 +163,7 @@ impl Store {
                 path: "flusher thread".into(),
                 message: e.to_string(),
             })?;
-        let flusher = std::sync::Arc::new(Flusher {
+        let flusher = Arc::new(Flusher {
             waiters: Some(sender),
             thread: Some(thread),
         });
