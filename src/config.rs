@@ -89,8 +89,20 @@ pub struct RouterConfig {
     pub instance: u8,
     /// The other routers sharing the chain.
     pub peers: Vec<PeerConfig>,
+    /// The key this router presents to its peers when it tells them of its tasks (each peer
+    /// lists it as this router's `key`); never an operator's key.
+    pub peer_key: String,
+    /// Peers' tasks kept here at most (what a dead peer leaves for this router to run).
+    pub max_standby_tasks: usize,
     /// A peer that does not answer for this long is taken as dead: its tasks run here.
     pub peer_dead_after_ms: u64,
+    /// The longest `reserve_period` a session may ask for, in seconds.
+    pub max_reserve_period_s: u64,
+    /// The most nodes one client key's session may reserve or hold dedicated
+    /// (`max_num_of_nodes` of a hybrid or dedicated session); operators' keys are not limited.
+    pub max_reserved_nodes: u32,
+    /// Sessions one client key may open; operators' keys are not limited.
+    pub max_sessions_per_key: usize,
 }
 
 /// Another router on the same chain and sessions.
@@ -104,6 +116,10 @@ pub struct PeerConfig {
     /// roles at start.
     #[serde(default)]
     pub address: Option<String>,
+    /// The key it presents when it tells this router of its tasks (its `router.peer_key`).
+    /// A peer authenticates as that peer, and is trusted only with its own tasks.
+    #[serde(default)]
+    pub key: String,
 }
 
 /// The first task id of a router instance (ids count on from there).
@@ -180,6 +196,30 @@ impl RouterConfig {
         } else {
             self.api_keys.clone()
         }
+    }
+
+    /// Settles the operator keys of a router that others can reach (`exposed`: it is
+    /// `cortensor router`, or it listens beyond loopback). The public development key is
+    /// refused there; with no key configured, a random one is made and returned, to be printed
+    /// once. A loopback testnet keeps the development key.
+    pub fn settle_operator_keys(&mut self, exposed: bool) -> Result<Option<String>, ConfigError> {
+        if !exposed {
+            return Ok(None);
+        }
+        if self.api_keys.iter().any(|k| k == DEV_API_KEY) {
+            return Err(ConfigError::Invalid(format!(
+                "router.api_keys holds the public development key {DEV_API_KEY:?}, which anyone \
+                 can use: a router reachable from other hosts needs keys of its own (or none \
+                 configured, and it makes a random one)"
+            )));
+        }
+        if !self.api_keys.is_empty() {
+            return Ok(None);
+        }
+        let secret: [u8; 32] = rand::random();
+        let key = format!("ctsr_op_{}", hex::encode(secret));
+        self.api_keys = vec![key.clone()];
+        Ok(Some(key))
     }
 }
 
@@ -276,6 +316,27 @@ impl TestnetConfig {
                 }
             }
         }
+        if !self.router.peers.is_empty() {
+            let operator =
+                |k: &str| k == DEV_API_KEY || self.router.api_keys.iter().any(|o| o == k);
+            if self.router.peer_key.trim().is_empty() || operator(&self.router.peer_key) {
+                return fail(
+                    "router.peer_key: a router with peers needs a key of its own to present to them (not an operator's key)",
+                );
+            }
+            let mut keys: Vec<&str> = vec![&self.router.peer_key];
+            for p in &self.router.peers {
+                if p.key.trim().is_empty() || operator(&p.key) || keys.contains(&p.key.as_str()) {
+                    return fail(
+                        "router.peers: each peer needs its own key (its router.peer_key), distinct from every other key here",
+                    );
+                }
+                keys.push(&p.key);
+            }
+        }
+        if self.router.max_standby_tasks == 0 {
+            return fail("router.max_standby_tasks must be at least 1");
+        }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             return fail("tls.cert and tls.key go together");
         }
@@ -283,6 +344,14 @@ impl TestnetConfig {
             return fail(
                 "tls.self_signed makes its own certificate: leave tls.cert and tls.key empty",
             );
+        }
+        if self.router.max_reserve_period_s == 0
+            || self.router.max_reserve_period_s > crate::session::MAX_RESERVE_PERIOD_S
+        {
+            return fail("router.max_reserve_period_s must be between 1 and a year (31536000)");
+        }
+        if self.router.max_sessions_per_key == 0 {
+            return fail("router.max_sessions_per_key must be at least 1");
         }
         if self.router.peer_dead_after_ms == 0 {
             return fail("router.peer_dead_after_ms must be above 0");

@@ -83,3 +83,44 @@ fn deployed_contracts_are_named_in_the_configuration() {
     );
     assert!(TestnetConfig::default().chain.contracts.is_none());
 }
+
+#[test]
+fn an_exposed_router_never_keeps_the_public_development_key() {
+    // On loopback the development key stays.
+    let mut local = TestnetConfig::default();
+    assert_eq!(local.router.settle_operator_keys(false).unwrap(), None);
+    assert_eq!(
+        local.router.effective_api_keys(),
+        vec![DEV_API_KEY.to_string()]
+    );
+    // Exposed with none configured: a random key of its own, different each time.
+    let mut exposed = TestnetConfig::default();
+    let made = exposed.router.settle_operator_keys(true).unwrap().unwrap();
+    assert_eq!(exposed.router.effective_api_keys(), vec![made.clone()]);
+    let mut other = TestnetConfig::default();
+    assert_ne!(other.router.settle_operator_keys(true).unwrap(), Some(made));
+    // Exposed with the development key configured: refused, naming it.
+    let mut dev = TestnetConfig::from_toml_str(
+        "[router]\napi_keys = [\"mine\", \"default-dev-token\"]",
+        "t",
+    )
+    .unwrap();
+    let e = dev
+        .router
+        .settle_operator_keys(true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(DEV_API_KEY), "{e}");
+    // Exposed with keys of its own: kept as they are.
+    let mut own = TestnetConfig::from_toml_str("[router]\napi_keys = [\"mine\"]", "t").unwrap();
+    assert_eq!(own.router.settle_operator_keys(true).unwrap(), None);
+    assert_eq!(own.router.effective_api_keys(), vec!["mine".to_string()]);
+}
+
+#[test]
+fn the_node_socket_leaves_loopback_only_behind_tls() {
+    use cortensor::commands::router::default_node_listen;
+    assert!(default_node_listen(false).ip().is_loopback());
+    assert!(default_node_listen(true).ip().is_unspecified());
+    assert_eq!(default_node_listen(false).port(), 9001);
+}

@@ -17,6 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cortensor");
+/// The operator key the router of this test is configured with.
+const OPERATOR_KEY: &str = "multi-host-operator-key";
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("ip runs");
@@ -179,7 +181,10 @@ fn a_task_survives_its_miners_host_losing_its_link() {
     let config = log.join("router.toml");
     std::fs::write(
         &config,
-        "[nodes]\nprobes_required = 0\nheartbeat_interval_ms = 300\noffline_after_ms = 2000\n",
+        format!(
+            "[router]\napi_keys = [\"{OPERATOR_KEY}\"]\n\
+             [nodes]\nprobes_required = 0\nheartbeat_interval_ms = 300\noffline_after_ms = 2000\n"
+        ),
     )
     .unwrap();
     let anvil = anvil_binary();
@@ -259,7 +264,8 @@ fn a_task_survives_its_miners_host_losing_its_link() {
     );
 
     let api = "http://10.201.1.1:5010";
-    let auth = "default-dev-token";
+    // A router other hosts reach refuses the public development key: it has its own.
+    let auth = OPERATOR_KEY;
     let started = Instant::now();
     loop {
         hosts.check_alive(log);

@@ -61,9 +61,15 @@ impl NodeKey {
 
     /// Reads `<dir>/<node>.key`.
     pub fn load(dir: &Path, node: &str) -> Result<Self, ChainError> {
-        let path = Self::path(dir, node);
-        let text = std::fs::read_to_string(&path).map_err(|e| key_error(&path)(e.to_string()))?;
-        Self::from_hex(node, &text).map_err(|e| key_error(&path)(e.to_string()))
+        Self::load_file(&Self::path(dir, node), node)
+    }
+
+    /// Reads a key file, which only its owner may read (as ssh refuses a private key others
+    /// can read: such a key may be known to them already).
+    pub fn load_file(path: &Path, node: &str) -> Result<Self, ChainError> {
+        check_private(path).map_err(key_error(path))?;
+        let text = std::fs::read_to_string(path).map_err(|e| key_error(path)(e.to_string()))?;
+        Self::from_hex(node, &text).map_err(|e| key_error(path)(e.to_string()))
     }
 
     /// Reads `<dir>/<node>.key`, or makes a new key and writes it there first.
@@ -78,6 +84,29 @@ impl NodeKey {
         write_private(&path, line.as_bytes()).map_err(|e| key_error(&path)(e.to_string()))?;
         Ok(key)
     }
+}
+
+/// Refuses a file that its group or others may read or write.
+#[cfg(unix)]
+fn check_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| e.to_string())?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "permissions {:04o} are too open: others can read this private key; run `chmod 600 {}`",
+            mode & 0o7777,
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private(_: &Path) -> Result<(), String> {
+    Ok(())
 }
 
 #[cfg(unix)]

@@ -61,11 +61,7 @@ fn withdraw(args: WithdrawArgs) -> anyhow::Result<()> {
         return withdraw_embedded(&args.node, &data_dir);
     }
     let key = match &args.key_file {
-        Some(f) => {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("reading the node key {}", f.display()))?;
-            NodeKey::from_hex(&args.node, &text)?
-        }
+        Some(f) => NodeKey::load_file(f, &args.node)?,
         None => NodeKey::load(&node_keys_dir(&data_dir), &args.node).with_context(|| {
             format!(
                 "no key for node {:?} in {} (give --key-file, or the testnet's --data-dir)",

@@ -74,8 +74,11 @@ fn free_port() -> anyhow::Result<u16> {
 
 pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let net = &args.network;
-    let config = net.configuration()?;
+    let mut config = net.configuration()?;
     config.validate_local()?;
+    // The router runs as `cortensor router`, which never takes the public development key:
+    // with none configured, one is made here and handed to it (and printed once, below).
+    config.router.settle_operator_keys(true)?;
     let (miners, validators) = (config.nodes.miners, config.nodes.validators);
     if args.prompt.is_some() && args.redundant as usize > miners {
         anyhow::bail!(
@@ -140,6 +143,7 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     if let Some(key) = &net.private_key {
         router.env("CORTENSOR_PRIVATE_KEY", key);
     }
+    router.env("CORTENSOR_OPERATOR_KEY", &config.router.api_keys[0]);
     if let Some(c) = &net.config {
         router.arg("--config").arg(c);
     }
@@ -166,7 +170,7 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
         .collect();
     children.spawn("the router".into(), &mut router)?;
 
-    let api_key = config.router.effective_api_keys()[0].clone();
+    let api_key = config.router.api_keys[0].clone();
     let client = Client::with_ca(&format!("{http}://{listen}"), &api_key, ca.as_deref())?;
     let started = Instant::now();
     while client.validators().is_err() {

@@ -11,20 +11,27 @@ use std::net::{SocketAddr, TcpListener};
 pub struct RouterArgs {
     #[command(flatten)]
     pub network: NetworkArgs,
-    /// Where remote miners and validators connect (Cortensor's node port is 9001).
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_NODE_PORT)))]
-    pub node_listen: SocketAddr,
+    /// Where remote miners and validators connect (Cortensor's node port is 9001). Default:
+    /// every address when the router serves TLS, else loopback only (a plain node socket
+    /// beyond this host is asked for by naming it, e.g. 0.0.0.0:9001).
+    #[arg(long)]
+    pub node_listen: Option<SocketAddr>,
+}
+
+/// Where the node socket listens unless told: beyond loopback only behind TLS.
+pub fn default_node_listen(tls: bool) -> SocketAddr {
+    let host = if tls { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
+    SocketAddr::from((host, DEFAULT_NODE_PORT))
 }
 
 pub fn run(mut args: RouterArgs) -> anyhow::Result<()> {
     args.network.miners = Some(args.network.miners.unwrap_or(0));
-    let node_listener = TcpListener::bind(args.node_listen).with_context(|| {
-        format!(
-            "cannot listen for nodes on {} (try --node-listen 127.0.0.1:0)",
-            args.node_listen
-        )
-    })?;
     let resolved = testnet::resolve(args.network, true)?;
+    let tls = resolved.config.tls.self_signed || !resolved.config.tls.cert.is_empty();
+    let node_listen = args.node_listen.unwrap_or_else(|| default_node_listen(tls));
+    let node_listener = TcpListener::bind(node_listen).with_context(|| {
+        format!("cannot listen for nodes on {node_listen} (try --node-listen 127.0.0.1:0)")
+    })?;
     let model = resolved.model.clone();
     let running = testnet::start(resolved, Some(node_listener))?;
     let t = &running.testnet;

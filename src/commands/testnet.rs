@@ -48,6 +48,11 @@ pub struct NetworkArgs {
     /// The router's account on the chain (hex); also read from CORTENSOR_PRIVATE_KEY.
     #[arg(long, env = "CORTENSOR_PRIVATE_KEY", hide_env_values = true)]
     pub private_key: Option<String>,
+    /// The operator's API key (replaces router.api_keys); also read from
+    /// CORTENSOR_OPERATOR_KEY. A router reachable from other hosts refuses the public
+    /// development key and, given none, makes a random one and prints it once.
+    #[arg(long, env = "CORTENSOR_OPERATOR_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Serve the API and the node socket over TLS with this PEM certificate chain (and
     /// --tls-key).
     #[arg(long, requires = "tls_key")]
@@ -90,6 +95,9 @@ impl NetworkArgs {
         }
         if self.tls_self_signed {
             config.tls.self_signed = true;
+        }
+        if let Some(key) = &self.api_key {
+            config.router.api_keys = vec![key.clone()];
         }
         Ok(config)
     }
@@ -153,7 +161,12 @@ pub struct Resolved {
 /// Lays the command line over the configuration and checks that the model loads. A network
 /// that serves remote nodes may have no validator of its own.
 pub fn resolve(args: NetworkArgs, remote_nodes: bool) -> anyhow::Result<Resolved> {
-    let config = args.configuration()?;
+    let mut config = args.configuration()?;
+    // A router other hosts can reach never runs on the public development key.
+    let exposed = remote_nodes || !config.router.listen.ip().is_loopback();
+    if config.router.settle_operator_keys(exposed)?.is_some() {
+        eprintln!("router: no operator key configured; made one for this run (printed below as `api key`, once)");
+    }
     if remote_nodes {
         config.validate()?;
     } else {
