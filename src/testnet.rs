@@ -449,7 +449,8 @@ async fn start_actors(
     let peers = (!config.router.peers.is_empty()).then(|| {
         PeerRouters::new(
             config.router.peers.clone(),
-            config.router.effective_api_keys()[0].clone(),
+            config.router.peer_key.clone(),
+            config.router.max_standby_tasks,
             store.clone(),
             queue_addr.clone(),
             chain.clone(),

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_cortensor");
 /// anvil's second development account (the first is `ANVIL_DEV_KEY`).
 const ANVIL_SECOND_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
-const KEY: &str = "default-dev-token";
+/// The operator key both routers are configured with (clients use either router with it).
+const KEY: &str = "scale-out-operator-key";
 
 struct Processes(Vec<(String, Child)>);
 
@@ -106,11 +107,12 @@ fn a_second_router_serves_the_session_and_finishes_a_dead_routers_task() {
     let b_account = NodeKey::from_hex("b", ANVIL_SECOND_KEY).unwrap().address();
     let common =
         "[nodes]\nprobes_required = 0\nheartbeat_interval_ms = 300\noffline_after_ms = 2000\n";
+    // Each router presents its own peer key to the other; both share the operators' key.
     let config_a = log.join("a.toml");
     std::fs::write(
         &config_a,
         format!(
-            "[router]\ninstance = 0\npeer_dead_after_ms = 2000\npeers = [{{ url = \"{url_b}\", instance = 1, address = \"{b_account:?}\" }}]\n{common}"
+            "[router]\napi_keys = [\"{KEY}\"]\ninstance = 0\npeer_key = \"router-a-peer-key\"\npeer_dead_after_ms = 2000\npeers = [{{ url = \"{url_b}\", instance = 1, address = \"{b_account:?}\", key = \"router-b-peer-key\" }}]\n{common}"
         ),
     )
     .unwrap();
@@ -156,7 +158,7 @@ fn a_second_router_serves_the_session_and_finishes_a_dead_routers_task() {
     std::fs::write(
         &config_b,
         format!(
-            "[router]\ninstance = 1\npeer_dead_after_ms = 2000\npeers = [{{ url = \"{url_a}\", instance = 0 }}]\n{common}\n[chain.contracts]\npayment = \"{}\"\nqueue = \"{}\"\nsessions = \"{}\"\nnodes = \"{}\"\nreputation = \"{}\"\n",
+            "[router]\napi_keys = [\"{KEY}\"]\ninstance = 1\npeer_key = \"router-b-peer-key\"\npeer_dead_after_ms = 2000\npeers = [{{ url = \"{url_a}\", instance = 0, key = \"router-a-peer-key\" }}]\n{common}\n[chain.contracts]\npayment = \"{}\"\nqueue = \"{}\"\nsessions = \"{}\"\nnodes = \"{}\"\nreputation = \"{}\"\n",
             d["payment"].as_str().unwrap(), d["queue"].as_str().unwrap(), d["sessions"].as_str().unwrap(),
             d["nodes"].as_str().unwrap(), d["reputation"].as_str().unwrap()
         ),

@@ -30,10 +30,87 @@ pub enum PeerEvent {
     Ended(TaskKey),
 }
 
-/// What a peer told this router (from the API).
+/// What a peer told this router (from the API, which checked who it is and what it may say).
 #[derive(Message)]
-#[rtype(result = "Result<(), crate::store::StoreError>")]
+#[rtype(result = "Result<(), PeerError>")]
 pub struct FromPeer(pub PeerEvent);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("this router keeps {0} peers' tasks, its limit (router.max_standby_tasks)")]
+    Full(usize),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What a peer may tell of a task: only its own (ids from its instance's base), unended, with
+/// deadlines and a hold this router would give such a task itself. A peer is trusted with its
+/// own tasks and nothing else; what it sends is bounded before this router runs it.
+pub fn check_peer_event(
+    event: &PeerEvent,
+    instance: u8,
+    now_ms: u64,
+    limits: &PeerLimits,
+) -> Result<(), String> {
+    let base = crate::config::task_id_base(instance);
+    let own = |key: TaskKey| (base..base + crate::config::task_id_base(1)).contains(&key.task_id);
+    let key = match event {
+        PeerEvent::Ended(key) => *key,
+        PeerEvent::Accepted(task) => task.key,
+    };
+    if !own(key) {
+        return Err(format!(
+            "task {key} is not this peer's (instance {instance}'s ids start at {base})"
+        ));
+    }
+    let PeerEvent::Accepted(task) = event else {
+        return Ok(());
+    };
+    if task.state.is_terminal() {
+        return Err(format!("task {} has ended already", task.key));
+    }
+    const DAY_MS: u64 = 86_400_000;
+    if task.deadline_ms > now_ms.saturating_add(DAY_MS) || task.precommit_timeout_ms > DAY_MS {
+        return Err(format!(
+            "task {}'s deadlines lie more than a day ahead",
+            task.key
+        ));
+    }
+    let nodes = 1..=crate::session::MAX_NODES_PER_SESSION;
+    if !nodes.contains(&task.redundancy) || task.validators > *nodes.end() {
+        return Err(format!(
+            "task {} asks for {} miners and {} validators (1 to {} each)",
+            task.key,
+            task.redundancy,
+            task.validators,
+            nodes.end()
+        ));
+    }
+    let max_tokens = task.request.max_tokens;
+    if max_tokens == 0 || max_tokens > limits.max_context {
+        return Err(format!(
+            "task {}'s max_tokens {max_tokens} is not within 1 to {}",
+            task.key, limits.max_context
+        ));
+    }
+    let hold = (max_tokens as u64)
+        .saturating_mul(task.redundancy as u64)
+        .saturating_mul(limits.price_per_token);
+    if task.hold > hold {
+        return Err(format!(
+            "task {} holds {}, more than such a task's {hold}",
+            task.key, task.hold
+        ));
+    }
+    Ok(())
+}
+
+/// What this router would give a task of its own (see [`check_peer_event`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerLimits {
+    pub max_context: usize,
+    pub price_per_token: u64,
+}
 
 struct Peer {
     config: PeerConfig,
@@ -44,8 +121,11 @@ struct Peer {
 
 pub struct PeerRouters {
     peers: Vec<Peer>,
-    /// The operator key the peers accept.
+    /// The key this router presents to its peers (`router.peer_key`).
     key: String,
+    /// Peers' tasks kept in the store, and the most it keeps.
+    standby: usize,
+    max_standby: usize,
     http: reqwest::Client,
     store: Store,
     queue: Addr<SessionQueue>,
@@ -58,12 +138,15 @@ impl PeerRouters {
     pub fn new(
         peers: Vec<PeerConfig>,
         key: String,
+        max_standby: usize,
         store: Store,
         queue: Addr<SessionQueue>,
         chain: Addr<ChainBridge>,
         dead_after: Duration,
     ) -> Self {
         Self {
+            standby: store.standby_count(),
+            max_standby,
             peers: peers
                 .into_iter()
                 .map(|config| Peer {
@@ -204,11 +287,27 @@ impl Handler<PeerEvent> for PeerRouters {
 }
 
 impl Handler<FromPeer> for PeerRouters {
-    type Result = Result<(), crate::store::StoreError>;
+    type Result = Result<(), PeerError>;
     fn handle(&mut self, m: FromPeer, _: &mut Context<Self>) -> Self::Result {
         match m.0 {
-            PeerEvent::Accepted(task) => self.store.put_standby(&task),
-            PeerEvent::Ended(key) => self.store.remove_standby(key),
+            PeerEvent::Accepted(task) => {
+                if self.standby >= self.max_standby {
+                    // Counted again: adopted tasks left the store meanwhile.
+                    self.standby = self.store.standby_count();
+                    if self.standby >= self.max_standby {
+                        return Err(PeerError::Full(self.max_standby));
+                    }
+                }
+                if self.store.put_standby(&task)? {
+                    self.standby += 1;
+                }
+            }
+            PeerEvent::Ended(key) => {
+                if self.store.remove_standby(key)? {
+                    self.standby = self.standby.saturating_sub(1);
+                }
+            }
         }
+        Ok(())
     }
 }

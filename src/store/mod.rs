@@ -296,13 +296,22 @@ impl Store {
     }
 
     /// Keeps a copy of a task a peer router accepted.
-    pub fn put_standby(&self, task: &TaskRecord) -> Result<(), StoreError> {
-        put(&self.standby, &task_key_bytes(task.key), task)
+    /// Keeps a peer's task; whether it is new here.
+    pub fn put_standby(&self, task: &TaskRecord) -> Result<bool, StoreError> {
+        let key = task_key_bytes(task.key);
+        let new = !self.standby.contains_key(key)?;
+        put(&self.standby, &key, task)?;
+        Ok(new)
     }
 
-    pub fn remove_standby(&self, key: TaskKey) -> Result<(), StoreError> {
-        self.standby.remove(task_key_bytes(key))?;
-        Ok(())
+    /// Forgets a peer's task; whether it was kept.
+    pub fn remove_standby(&self, key: TaskKey) -> Result<bool, StoreError> {
+        Ok(self.standby.remove(task_key_bytes(key))?.is_some())
+    }
+
+    /// How many peers' tasks are kept.
+    pub fn standby_count(&self) -> usize {
+        self.standby.len()
     }
 
     /// The peers' tasks kept here, in key order.
@@ -511,6 +520,44 @@ impl Store {
         let value = self.meta.update_and_fetch(name.as_bytes(), |old| {
             Some(counter_value(
                 amount_of(old).saturating_add(amount),
+                tag_of(old),
+            ))
+        })?;
+        Ok(amount_of(value.as_deref()))
+    }
+
+    /// Adds `amount` to the counter `name` only if the sum stays within `limit`, atomically
+    /// (two requests cannot both take the last of a key's credit or quota): the sum after, or
+    /// `None` when it would pass the limit (the counter then stays as it was).
+    pub fn add_amount_within(
+        &self,
+        name: &str,
+        amount: u64,
+        limit: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut taken = None;
+        self.meta.update_and_fetch(name.as_bytes(), |old| {
+            let before = amount_of(old);
+            match before.checked_add(amount).filter(|after| *after <= limit) {
+                Some(after) => {
+                    taken = Some(after);
+                    Some(counter_value(after, tag_of(old)))
+                }
+                None => {
+                    taken = None;
+                    old.map(<[u8]>::to_vec)
+                }
+            }
+        })?;
+        Ok(taken)
+    }
+
+    /// Takes `amount` back off the counter `name` (at most down to zero): what
+    /// [`Store::add_amount_within`] took for something that was then not accepted.
+    pub fn sub_amount(&self, name: &str, amount: u64) -> Result<u64, StoreError> {
+        let value = self.meta.update_and_fetch(name.as_bytes(), |old| {
+            Some(counter_value(
+                amount_of(old).saturating_sub(amount),
                 tag_of(old),
             ))
         })?;
