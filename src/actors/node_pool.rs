@@ -331,6 +331,7 @@ impl Actor for NodePool {
                     tracing::info!(miner = %id, session = ?node.reserved_for, "reservation ended: miner released; it revalidates");
                     node.reserved_for = None;
                     node.reserved_until = None;
+                    node.pinned = None;
                     node.dedicated = false;
                     node.released_until = Some(now + cooldown);
                     if pool.probes_required > 0 {
@@ -667,6 +668,8 @@ impl Handler<ProbeFinished> for NodePool {
 pub struct PinDedicated {
     pub miner: String,
     pub session: u64,
+    /// How long the pin lasts (the session's reservation period), in seconds.
+    pub for_s: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -693,11 +696,58 @@ impl Handler<PinDedicated> for NodePool {
                 tracing::info!(miner = %m.miner, session = m.session, "node pinned to a dedicated session");
                 n.pinned = Some(m.session);
                 n.reserved_for = Some(m.session);
-                n.reserved_until = None;
+                // Pins end with the session's reservation (far enough is forever).
+                let now = Instant::now();
+                n.reserved_until = Some(
+                    now.checked_add(Duration::from_secs(m.for_s))
+                        .unwrap_or(now + Duration::from_secs(crate::session::MAX_RESERVE_PERIOD_S)),
+                );
                 n.released_until = None;
                 n.dedicated = true;
                 Ok(())
             }
+        }
+    }
+}
+
+/// Undoes a pin: the node leaves the session at once and revalidates before it rejoins.
+#[derive(Message)]
+#[rtype(result = "Result<(), UnpinError>")]
+pub struct Unpin {
+    pub miner: String,
+    pub session: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("node {node} is not pinned to session {session}")]
+pub struct UnpinError {
+    pub node: String,
+    pub session: u64,
+}
+
+impl Handler<Unpin> for NodePool {
+    type Result = Result<(), UnpinError>;
+    fn handle(&mut self, m: Unpin, _: &mut Context<Self>) -> Self::Result {
+        let cooldown = self.offline_after;
+        let probes = self.probes_required;
+        match self.nodes.get_mut(&m.miner) {
+            Some(n) if n.pinned == Some(m.session) => {
+                tracing::info!(miner = %m.miner, session = m.session, "node unpinned; it revalidates");
+                n.pinned = None;
+                n.reserved_for = None;
+                n.reserved_until = None;
+                n.dedicated = false;
+                n.released_until = Some(Instant::now() + cooldown);
+                if probes > 0 {
+                    n.validated = false;
+                    n.probes_passed = 0;
+                }
+                Ok(())
+            }
+            _ => Err(UnpinError {
+                node: m.miner,
+                session: m.session,
+            }),
         }
     }
 }

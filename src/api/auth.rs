@@ -1,6 +1,7 @@
-//! Bearer keys: a request names its key in `Authorization: Bearer <key>` (WebSocket clients,
-//! which cannot always set headers, may use `?token=<key>`). The caller is known by the key's
-//! owner identity from then on. Keys are looked up by their SHA-256 (`keys.rs`).
+//! Bearer keys: a request names its key in `Authorization: Bearer <key>` (a WebSocket upgrade,
+//! which browsers cannot give headers, may use `?token=<key>`; no other request may, so a key
+//! does not end up in the access logs and histories of ordinary URLs). The caller is known by
+//! the key's owner identity from then on. Keys are looked up by their SHA-256 (`keys.rs`).
 
 use super::error::ApiError;
 use super::ApiState;
@@ -49,6 +50,9 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
         })
         .map(|v| v.trim().to_string());
     let from_query = || {
+        if !is_websocket_upgrade(req) {
+            return None;
+        }
         web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
             .ok()
             .and_then(|q| q.get("token").cloned())
@@ -65,4 +69,12 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
         key_hash,
         key,
     })
+}
+
+/// A request asking to become a WebSocket (`Upgrade: websocket`).
+fn is_websocket_upgrade(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(actix_web::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }

@@ -179,6 +179,49 @@ pub struct Running {
     _permit: Permit,
 }
 
+/// How much longer than the fastest miner's measured time a precommit deadline must allow.
+pub const PRECOMMIT_MARGIN: f64 = 2.0;
+
+/// The shortest precommit deadline, in seconds, for `max_tokens` on miners whose fastest
+/// measured speed is `best_tokens_per_s`: a deadline no miner can meet would cost honest miners
+/// their standing for the client's choice.
+pub fn precommit_floor_s(max_tokens: usize, best_tokens_per_s: f64) -> f64 {
+    (max_tokens as f64 / best_tokens_per_s * PRECOMMIT_MARGIN).ceil()
+}
+
+/// Refuses a precommit deadline shorter than the network's miners can meet (by the speed the
+/// router measured; none measured yet: any deadline in range goes).
+async fn check_precommit_timeout(
+    state: &ApiState,
+    asked: Duration,
+    max_tokens: usize,
+) -> Result<(), ApiError> {
+    let nodes = state
+        .actors
+        .pool
+        .send(crate::actors::node_pool::ListNodes)
+        .await?;
+    let best = nodes
+        .iter()
+        .filter_map(|n| n.tokens_per_second)
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .fold(None, |best: Option<f64>, s| {
+            Some(best.map_or(s, |b| b.max(s)))
+        });
+    let Some(best) = best else {
+        return Ok(());
+    };
+    let floor = precommit_floor_s(max_tokens, best);
+    if asked.as_secs_f64() < floor {
+        return Err(ApiError::Invalid(format!(
+            "precommit_timeout {} s is shorter than this network's miners can meet for \
+             max_tokens {max_tokens}: at least {floor} s (the fastest runs {best:.1} tokens/s)",
+            asked.as_secs_f64()
+        )));
+    }
+    Ok(())
+}
+
 /// Submits a task; with `live`, its states and tokens arrive as they happen, else only its end.
 pub async fn start(
     state: &ApiState,
@@ -190,6 +233,9 @@ pub async fn start(
         return Err(ApiError::Invalid(format!(
             "stop may hold at most {MAX_STOP_STRINGS} strings"
         )));
+    }
+    if let Some(asked) = spec.precommit_timeout {
+        check_precommit_timeout(state, asked, spec.request.max_tokens).await?;
     }
     let permit = state
         .admission
@@ -206,7 +252,17 @@ pub async fn start(
         client_reference: spec.client_reference,
         subscriber: Some(Subscriber { events: tx, live }),
     };
-    let submitted = state.actors.router.send(submit).await??;
+    let submitted = match state.actors.router.send(submit).await {
+        Ok(Ok(submitted)) => submitted,
+        refused => {
+            // The quota counts accepted tasks only.
+            state
+                .keys
+                .give_back_task(&caller.key_hash, &caller.key)
+                .await?;
+            refused??
+        }
+    };
     let guard = TaskGuard {
         queue: state.actors.queue.clone(),
         key: submitted.key,

@@ -29,6 +29,8 @@ pub enum KeyError {
     Full,
     #[error("this key's quota of {0} tasks is used up")]
     QuotaExhausted(u64),
+    #[error("a deposit of {wanted} is more than this key's remaining credit of {left} (an operator grants credit)")]
+    NoCredit { wanted: u64, left: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the key store stopped: {0}")]
@@ -56,6 +58,11 @@ pub struct KeyEntry {
     pub max_tasks: Option<u64>,
     /// The session its OpenAI-compatible requests use.
     pub default_session: Option<u64>,
+    /// What an operator granted it in all for its sessions' deposits (a client's deposits
+    /// come from here and nowhere else; operators' keys are not limited). Keys stored
+    /// before credit existed have none.
+    #[serde(default)]
+    pub credit: u64,
     pub created_at_ms: u64,
     pub revoked: bool,
 }
@@ -89,35 +96,86 @@ impl Handler<SaveKey> for KeyStore {
     }
 }
 
-/// Adds `add` (0 or 1) to each key's task count; the counts after.
-#[derive(Message)]
-#[rtype(result = "Result<Vec<u64>, StoreError>")]
-struct CountTasks {
-    hashes: Vec<String>,
-    add: u64,
+/// What a key has used of a limit: its tasks, or its credit.
+#[derive(Clone, Copy, Debug)]
+enum Counter {
+    Tasks,
+    Credit,
 }
 
-impl Handler<CountTasks> for KeyStore {
+impl Counter {
+    /// The counter's name in the store.
+    fn name(self, hash: &str) -> String {
+        match self {
+            Counter::Tasks => format!("key-tasks/{hash}"),
+            Counter::Credit => format!("key-credit-spent/{hash}"),
+        }
+    }
+}
+
+/// Each key's count of one counter.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<u64>, StoreError>")]
+struct ReadCounts {
+    hashes: Vec<String>,
+    counter: Counter,
+}
+
+impl Handler<ReadCounts> for KeyStore {
     type Result = Result<Vec<u64>, StoreError>;
-    fn handle(&mut self, m: CountTasks, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, m: ReadCounts, _: &mut Context<Self>) -> Self::Result {
         m.hashes
             .iter()
-            .map(|h| {
-                let name = format!("key-tasks/{h}");
-                if m.add == 0 {
-                    self.store.amount(&name)
-                } else {
-                    // One atomic increment: two requests cannot both take the last task.
-                    self.store.add_amount(&name, m.add)
-                }
-            })
+            .map(|h| self.store.amount(&m.counter.name(h)))
             .collect()
+    }
+}
+
+/// Takes `amount` of a key's counter if it stays within `limit` (flushed: what it took
+/// survives a crash): the count after, or `None` with nothing taken.
+#[derive(Message)]
+#[rtype(result = "Result<Option<u64>, StoreError>")]
+struct TakeWithin {
+    hash: String,
+    counter: Counter,
+    amount: u64,
+    limit: u64,
+}
+
+impl Handler<TakeWithin> for KeyStore {
+    type Result = Result<Option<u64>, StoreError>;
+    fn handle(&mut self, m: TakeWithin, _: &mut Context<Self>) -> Self::Result {
+        let name = m.counter.name(&m.hash);
+        let taken = self.store.add_amount_within(&name, m.amount, m.limit)?;
+        if taken.is_some() {
+            self.store.flush()?;
+        }
+        Ok(taken)
+    }
+}
+
+/// Gives back what [`TakeWithin`] took for something then not accepted.
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+struct GiveBack {
+    hash: String,
+    counter: Counter,
+    amount: u64,
+}
+
+impl Handler<GiveBack> for KeyStore {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, m: GiveBack, _: &mut Context<Self>) -> Self::Result {
+        self.store.sub_amount(&m.counter.name(&m.hash), m.amount)?;
+        self.store.flush()
     }
 }
 
 pub struct KeyRing {
     by_hash: RwLock<HashMap<String, KeyEntry>>,
     store: Addr<KeyStore>,
+    /// Counts revocations: open connections (WebSockets) watch it and check their key again.
+    revocations: tokio::sync::watch::Sender<u64>,
 }
 
 impl KeyRing {
@@ -140,6 +198,7 @@ impl KeyRing {
                     role: Role::Operator,
                     max_inflight: None,
                     max_tasks: None,
+                    credit: 0,
                     created_at_ms: 0,
                     revoked: false,
                 },
@@ -148,7 +207,19 @@ impl KeyRing {
         Ok(Self {
             by_hash: RwLock::new(by_hash),
             store: KeyStore { store }.start(),
+            revocations: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// Changes whenever a key is revoked: a connection that lives on after its request
+    /// watches it and asks [`KeyRing::is_live`] again.
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
+    /// Whether the key with this hash still authenticates.
+    pub fn is_live(&self, hash: &str) -> bool {
+        self.entry(hash).is_some_and(|e| !e.revoked)
     }
 
     /// The entry of a live key, with its hash.
@@ -181,6 +252,7 @@ impl KeyRing {
         name: &str,
         max_inflight: Option<usize>,
         max_tasks: Option<u64>,
+        credit: u64,
     ) -> Result<(String, KeyEntry), KeyError> {
         let secret: [u8; 32] = rand::random();
         let key = format!("{KEY_PREFIX}{}", hex::encode(secret));
@@ -192,6 +264,7 @@ impl KeyRing {
             max_inflight,
             max_tasks,
             default_session: None,
+            credit,
             created_at_ms: crate::task::now_ms(),
             revoked: false,
         };
@@ -227,8 +300,8 @@ impl KeyRing {
         self.save(hash, entry).await
     }
 
-    /// Every key's entry, with the first 8 hex digits of its hash and the tasks it used.
-    pub async fn list(&self) -> Result<Vec<(String, KeyEntry, u64)>, KeyError> {
+    /// Every key's entry, with the first 8 hex digits of its hash and what it used.
+    pub async fn list(&self) -> Result<Vec<(String, KeyEntry, KeyUse)>, KeyError> {
         let mut all: Vec<(String, KeyEntry)> = self
             .by_hash
             .read()
@@ -237,13 +310,30 @@ impl KeyRing {
             .map(|(h, e)| (h.clone(), e.clone()))
             .collect();
         all.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-        let hashes = all.iter().map(|(h, _)| h.clone()).collect();
-        let used = self.store.send(CountTasks { hashes, add: 0 }).await??;
+        let hashes: Vec<String> = all.iter().map(|(h, _)| h.clone()).collect();
+        let tasks = self
+            .store
+            .send(ReadCounts {
+                hashes: hashes.clone(),
+                counter: Counter::Tasks,
+            })
+            .await??;
+        let spent = self
+            .store
+            .send(ReadCounts {
+                hashes,
+                counter: Counter::Credit,
+            })
+            .await??;
         Ok(all
             .into_iter()
-            .zip(used)
-            .map(|((h, e), used)| {
-                let used = e.max_tasks.map_or(used, |m| used.min(m));
+            .zip(tasks.into_iter().zip(spent))
+            .map(|((h, e), (tasks, credit_spent))| {
+                let tasks = e.max_tasks.map_or(tasks, |m| tasks.min(m));
+                let used = KeyUse {
+                    tasks,
+                    credit_spent,
+                };
                 (h[..8].to_string(), e, used)
             })
             .collect())
@@ -261,24 +351,145 @@ impl KeyRing {
             (hash.clone(), entry.clone())
         };
         self.save(&hash, entry.clone()).await?;
+        self.revocations.send_modify(|n| *n = n.wrapping_add(1));
         Ok(entry)
     }
 
     /// Counts one task against the key's quota, or refuses it when the quota is used up.
+    /// A task then not accepted is given back ([`KeyRing::give_back_task`]): the quota counts
+    /// accepted tasks only.
     pub async fn take_task(&self, hash: &str, entry: &KeyEntry) -> Result<(), KeyError> {
         let Some(max) = entry.max_tasks else {
             return Ok(());
         };
-        let used = self
+        let taken = self
             .store
-            .send(CountTasks {
-                hashes: vec![hash.to_string()],
-                add: 1,
+            .send(TakeWithin {
+                hash: hash.to_string(),
+                counter: Counter::Tasks,
+                amount: 1,
+                limit: max,
             })
             .await??;
-        if used.first().copied().unwrap_or(0) > max {
-            return Err(KeyError::QuotaExhausted(max));
+        taken.map(drop).ok_or(KeyError::QuotaExhausted(max))
+    }
+
+    /// Gives back a task [`KeyRing::take_task`] counted that was not accepted.
+    pub async fn give_back_task(&self, hash: &str, entry: &KeyEntry) -> Result<(), KeyError> {
+        if entry.max_tasks.is_none() {
+            return Ok(());
         }
+        self.give_back(hash, Counter::Tasks, 1).await
+    }
+
+    /// Takes a deposit out of the key's credit (operators' keys are not limited), or refuses
+    /// it with what is left. A deposit then not made is given back with
+    /// [`KeyRing::refund_credit`].
+    pub async fn spend_credit(
+        &self,
+        hash: &str,
+        entry: &KeyEntry,
+        amount: u64,
+    ) -> Result<(), KeyError> {
+        if entry.role == Role::Operator || amount == 0 {
+            return Ok(());
+        }
+        // The entry read now, not the caller's copy: a top-up since counts.
+        let credit = self.entry(hash).map_or(0, |e| e.credit);
+        let taken = self
+            .store
+            .send(TakeWithin {
+                hash: hash.to_string(),
+                counter: Counter::Credit,
+                amount,
+                limit: credit,
+            })
+            .await??;
+        if taken.is_some() {
+            return Ok(());
+        }
+        let spent = self
+            .store
+            .send(ReadCounts {
+                hashes: vec![hash.to_string()],
+                counter: Counter::Credit,
+            })
+            .await??;
+        let left = credit.saturating_sub(spent.first().copied().unwrap_or(0));
+        Err(KeyError::NoCredit {
+            wanted: amount,
+            left,
+        })
+    }
+
+    /// Gives back a deposit [`KeyRing::spend_credit`] took that was not made.
+    pub async fn refund_credit(
+        &self,
+        hash: &str,
+        entry: &KeyEntry,
+        amount: u64,
+    ) -> Result<(), KeyError> {
+        if entry.role == Role::Operator || amount == 0 {
+            return Ok(());
+        }
+        self.give_back(hash, Counter::Credit, amount).await
+    }
+
+    /// Adds to a client's credit by name (an operator's top-up): the key's hash and entry
+    /// after.
+    pub async fn grant_credit(
+        &self,
+        name: &str,
+        amount: u64,
+    ) -> Result<(String, KeyEntry), KeyError> {
+        let (hash, entry) = {
+            let mut ring = self.by_hash.write().unwrap_or_else(|e| e.into_inner());
+            let (hash, entry) = ring
+                .iter_mut()
+                .find(|(_, e)| e.name == name && e.role == Role::Client)
+                .ok_or_else(|| KeyError::NoSuchKey(name.to_string()))?;
+            entry.credit = entry.credit.saturating_add(amount);
+            (hash.clone(), entry.clone())
+        };
+        self.save(&hash, entry.clone()).await?;
+        Ok((hash, entry))
+    }
+
+    /// What a key has spent of its credit.
+    pub async fn credit_spent(&self, hash: &str) -> Result<u64, KeyError> {
+        let spent = self
+            .store
+            .send(ReadCounts {
+                hashes: vec![hash.to_string()],
+                counter: Counter::Credit,
+            })
+            .await??;
+        Ok(spent.first().copied().unwrap_or(0))
+    }
+
+    fn entry(&self, hash: &str) -> Option<KeyEntry> {
+        self.by_hash
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .cloned()
+    }
+
+    async fn give_back(&self, hash: &str, counter: Counter, amount: u64) -> Result<(), KeyError> {
+        self.store
+            .send(GiveBack {
+                hash: hash.to_string(),
+                counter,
+                amount,
+            })
+            .await??;
         Ok(())
     }
+}
+
+/// What a key used of its limits.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyUse {
+    pub tasks: u64,
+    pub credit_spent: u64,
 }

@@ -38,7 +38,17 @@ pub struct ApiState {
     pub keys: keys::KeyRing,
     pub admission: Arc<Admission>,
     pub default_deposit: u64,
+    /// The longest reservation a session may ask for, in seconds.
+    pub max_reserve_period_s: u64,
+    /// The most nodes a client key's hybrid or dedicated session may reserve.
+    pub max_reserved_nodes: u32,
+    /// Sessions a client key may open.
+    pub max_sessions_per_key: usize,
     pub max_body_bytes: usize,
+    /// Peer routers by the SHA-256 of the key each presents, with its instance.
+    pub peer_keys: HashMap<String, u8>,
+    /// What a peer's task may ask (the bounds of this router's own tasks).
+    pub peer_limits: crate::actors::peer_routers::PeerLimits,
     pub started: Instant,
     /// "embedded-ledger" or "evm".
     pub chain: &'static str,
@@ -65,7 +75,19 @@ impl ApiState {
                 r.retry_after_s,
             ),
             default_deposit: config.pricing.default_deposit,
+            max_reserve_period_s: r.max_reserve_period_s,
+            max_reserved_nodes: r.max_reserved_nodes,
+            max_sessions_per_key: r.max_sessions_per_key,
             max_body_bytes: r.max_body_bytes,
+            peer_keys: r
+                .peers
+                .iter()
+                .map(|p| (keys::key_hash(&p.key), p.instance))
+                .collect(),
+            peer_limits: crate::actors::peer_routers::PeerLimits {
+                max_context: config.nodes.max_context,
+                price_per_token: config.pricing.price_per_token,
+            },
             started: Instant::now(),
             chain,
         })

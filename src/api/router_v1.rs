@@ -10,12 +10,12 @@ use super::{views, ApiState};
 use crate::actors::chain_bridge::{
     GetNodeStats, GetSession, GetTaskTrace, ListSessions, NodePendingPayment,
 };
-use crate::actors::node_pool::{ListNodes, PinDedicated, PinError};
+use crate::actors::node_pool::{ListNodes, PinDedicated, PinError, Unpin};
 use crate::actors::router::OpenSession;
 use crate::actors::session_queue::{CancelTask, GetStats, GetTask};
 use crate::models::chat::ChatMessage;
 use crate::models::engine::{GenerateRequest, Prompt};
-use crate::session::{Session, SessionParams};
+use crate::session::{Session, SessionMode, SessionParams};
 use crate::task::{now_ms, TaskKey, TaskRecord};
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Deserializer};
@@ -30,6 +30,7 @@ pub fn routes(r: &mut Routes) {
         .post("/api/v1/sessions", create_session)
         .get("/api/v1/sessions/{id}", session)
         .post("/api/v1/sessions/{id}/nodes", pin_node)
+        .delete("/api/v1/sessions/{id}/nodes/{node}", unpin_node)
         .get("/api/v1/tasks/{sid}", tasks)
         .get("/api/v1/tasks/{sid}/{tid}", task)
         .post("/api/v1/tasks/{sid}/{tid}/cancel", cancel)
@@ -124,19 +125,55 @@ async fn miners(state: web::Data<ApiState>, _: Caller) -> Result<HttpResponse, A
     Ok(HttpResponse::Ok().json(json!({"nodes": by_id, "stats": stats})))
 }
 
-async fn sessions(state: web::Data<ApiState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+#[derive(Deserialize)]
+struct SessionsQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Most sessions one listing returns.
+const MAX_SESSIONS_LISTED: usize = 1000;
+
+/// The caller's sessions.
+async fn owned_sessions(state: &ApiState, caller: &Caller) -> Result<Vec<Session>, ApiError> {
     let all = state
         .actors
         .chain
         .send(ListSessions)
         .await?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mine: Vec<Value> = all
-        .iter()
+    Ok(all
+        .into_iter()
         .filter(|s| s.owner == caller.owner)
-        .map(views::session)
+        .collect())
+}
+
+/// The caller's sessions in id order, a page at a time: `after` (an id) and `limit` (100,
+/// at most 1,000); `count` is how many it has in all, `next_after` where the next page starts.
+async fn sessions(
+    state: web::Data<ApiState>,
+    caller: Caller,
+    query: web::Query<SessionsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_SESSIONS_LISTED);
+    let mut mine = owned_sessions(&state, &caller).await?;
+    mine.sort_by_key(|s| s.id);
+    let count = mine.len();
+    let page: Vec<&Session> = mine
+        .iter()
+        .filter(|s| query.after.is_none_or(|after| s.id > after))
+        .take(limit)
         .collect();
-    Ok(HttpResponse::Ok().json(json!({"count": mine.len(), "sessions": mine})))
+    let next_after = (page.len() == limit)
+        .then(|| page.last().map(|s| s.id))
+        .flatten()
+        .filter(|last| mine.last().is_some_and(|s| s.id > *last));
+    let sessions: Vec<Value> = page.into_iter().map(views::session).collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "count": count,
+        "sessions": sessions,
+        "next_after": next_after,
+    })))
 }
 
 /// The caller's session, or 404 / 403.
@@ -178,8 +215,9 @@ struct PinBody {
     node: String,
 }
 
-/// Pins a node to the caller's dedicated session (Cortensor's `addDedicatedNode`): it skips
-/// the pool and its validation and serves this session alone.
+/// Pins a node to a dedicated session (Cortensor's `addDedicatedNode`): it skips the pool and
+/// its validation and serves this session alone, until the session's reservation period ends
+/// or the pin is undone. An operator's act: a client pinning nodes could take the pool.
 async fn pin_node(
     state: web::Data<ApiState>,
     caller: Caller,
@@ -187,8 +225,13 @@ async fn pin_node(
     body: JsonObject<PinBody>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id("session id", &id)?;
-    let s = owned_session(&state, &caller, id).await?;
-    if s.params.mode != crate::session::SessionMode::Dedicated {
+    if !caller.is_operator() {
+        return Err(ApiError::Forbidden(
+            "pinning a node to a session is an operator's act".into(),
+        ));
+    }
+    let s = any_session(&state, id).await?;
+    if s.params.mode != SessionMode::Dedicated {
         return Err(ApiError::Invalid(format!(
             "session {id} is not dedicated (mode 2): only dedicated sessions take pinned nodes"
         )));
@@ -200,6 +243,7 @@ async fn pin_node(
         .send(PinDedicated {
             miner: node.clone(),
             session: id,
+            for_s: s.params.reserve_period,
         })
         .await?
     {
@@ -211,6 +255,82 @@ async fn pin_node(
         }
         Err(e @ PinError::Taken { .. }) => Err(ApiError::Conflict(e.to_string())),
     }
+}
+
+/// Undoes a pin: the node leaves the session and revalidates before it rejoins the pool. The
+/// session's owner or an operator.
+async fn unpin_node(
+    state: web::Data<ApiState>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, node) = path.into_inner();
+    let id = parse_id("session id", &id)?;
+    if caller.is_operator() {
+        any_session(&state, id).await?;
+    } else {
+        owned_session(&state, &caller, id).await?;
+    }
+    match state
+        .actors
+        .pool
+        .send(Unpin {
+            miner: node.clone(),
+            session: id,
+        })
+        .await?
+    {
+        Ok(()) => {
+            Ok(HttpResponse::Ok().json(json!({"session_id": id, "node": node, "pinned": false})))
+        }
+        Err(e) => Err(ApiError::NotFound("node_not_found", e.to_string())),
+    }
+}
+
+/// Any session (an operator's view), or 404.
+async fn any_session(state: &ApiState, id: u64) -> Result<Session, ApiError> {
+    state
+        .actors
+        .chain
+        .send(GetSession(id))
+        .await?
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| {
+            ApiError::NotFound("session_not_found", format!("session {id} does not exist"))
+        })
+}
+
+/// What a client key may not ask of the network (operators' keys are not limited but for
+/// the reservation period).
+async fn check_session_limits(
+    state: &ApiState,
+    caller: &Caller,
+    params: &SessionParams,
+) -> Result<(), ApiError> {
+    if params.reserve_period > state.max_reserve_period_s {
+        return Err(ApiError::Invalid(format!(
+            "reserve_period may be at most {} seconds on this router",
+            state.max_reserve_period_s
+        )));
+    }
+    if caller.is_operator() {
+        return Ok(());
+    }
+    if params.mode != SessionMode::Ephemeral && params.max_num_of_nodes > state.max_reserved_nodes {
+        return Err(ApiError::Forbidden(format!(
+            "a hybrid or dedicated session of this key may reserve at most {} nodes \
+             (max_num_of_nodes)",
+            state.max_reserved_nodes
+        )));
+    }
+    let open = owned_sessions(state, caller).await?.len();
+    if open >= state.max_sessions_per_key {
+        return Err(ApiError::QuotaExceeded(format!(
+            "this key has opened {open} sessions, its limit of {}",
+            state.max_sessions_per_key
+        )));
+    }
+    Ok(())
 }
 
 /// A u64 written as ASCII digits only (no sign, no spaces): what the OpenAPI document says an
@@ -246,13 +366,28 @@ async fn create_session(
     let params: SessionParams = serde_json::from_value(body.params)
         .map_err(|e| ApiError::Invalid(format!("invalid session parameters: {e}")))?;
     params.validate().map_err(ApiError::Invalid)?;
+    check_session_limits(&state, &caller, &params).await?;
     let deposit = body.deposit.unwrap_or(state.default_deposit);
+    // The deposit comes out of the key's credit (an operator's grant), never from nothing.
+    state
+        .keys
+        .spend_credit(&caller.key_hash, &caller.key, deposit)
+        .await?;
     let open = OpenSession {
         owner: caller.owner.clone(),
         params,
         deposit,
     };
-    let session = state.actors.router.send(open).await??;
+    let session = match state.actors.router.send(open).await {
+        Ok(Ok(session)) => session,
+        failed => {
+            state
+                .keys
+                .refund_credit(&caller.key_hash, &caller.key, deposit)
+                .await?;
+            failed??
+        }
+    };
     Ok(HttpResponse::Created()
         .json(json!({"session_id": session.id, "session": views::session(&session)})))
 }

@@ -12,7 +12,7 @@ use actix_web::{web, FromRequest, Handler, HttpRequest, Resource, Responder};
 /// same template syntax OpenAPI uses).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Route {
-    /// `GET`, `POST`.
+    /// `GET`, `POST`, `DELETE`.
     pub method: &'static str,
     pub path: &'static str,
 }
@@ -51,6 +51,15 @@ impl Routes {
         F::Output: Responder + 'static,
     {
         self.add("POST", path, web::post().to(handler))
+    }
+
+    pub fn delete<F, Args>(&mut self, path: &'static str, handler: F) -> &mut Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.add("DELETE", path, web::delete().to(handler))
     }
 
     fn add(

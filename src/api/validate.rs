@@ -104,7 +104,7 @@ fn needs_spec(reason: String) -> HttpResponse {
 
 pub async fn validate(
     state: web::Data<ApiState>,
-    _caller: Caller,
+    caller: Caller,
     body: JsonObject<ValidateBody>,
 ) -> Result<HttpResponse, ApiError> {
     let b = body.into_inner();
@@ -247,6 +247,12 @@ pub async fn validate(
         plan: plan.clone(),
         seeded: b.seed.is_some(),
     };
+    // The validators' work is the network's as a task's is: admitted within the key's
+    // in-flight bound and counted against its task quota (a well-formed request only).
+    let _permit = state
+        .admission
+        .try_admit(&caller.owner, caller.key.max_inflight)?;
+    state.keys.take_task(&caller.key_hash, &caller.key).await?;
     let count = b.num_of_validator_nodes.unwrap_or(1) as usize;
     let validators = state
         .actors

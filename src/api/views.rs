@@ -2,7 +2,7 @@
 
 use crate::chain::TaskTrace;
 use crate::session::Session;
-use crate::task::{AssignmentState, TaskRecord};
+use crate::task::{AssignmentState, TaskRecord, TaskState};
 use serde_json::{json, Value};
 
 pub fn seconds(ms: u64) -> u64 {
@@ -53,11 +53,20 @@ pub fn usage(t: &TaskRecord) -> Value {
 
 /// Cortensor's task shape plus our details (assignments, charge, error).
 pub fn task(t: &TaskRecord) -> Value {
-    // The last round's results (a chunked task's earlier rounds are its spans).
+    // The last round's results (a chunked task's earlier rounds are its spans). Their texts
+    // are the client's once they are paid for: a task that completed, or one charged for the
+    // work done. A task still running, or failed or cancelled without a charge, shows who
+    // committed and not what (else a policy that rejects everything, or a cancel right after
+    // the reveal, would get the miners' work for nothing).
+    let paid = t.state == TaskState::Completed || t.charged > 0;
     let committed: Vec<_> = t
         .last_round()
         .filter(|a| a.state == AssignmentState::Committed)
-        .filter_map(|a| a.result.as_ref().map(|r| (a.miner.clone(), r.text.clone())))
+        .filter_map(|a| {
+            a.result
+                .as_ref()
+                .map(|r| (a.miner.clone(), paid.then(|| r.text.clone())))
+        })
         .collect();
     let assignments: Vec<Value> = t
         .assignments
@@ -84,7 +93,7 @@ pub fn task(t: &TaskRecord) -> Value {
         "created_at": seconds(t.created_at_ms),
         "finished_at": t.finished_at_ms.map(seconds),
         "results": {
-            "data": committed.iter().map(|c| c.1.clone()).collect::<Vec<_>>(),
+            "data": committed.iter().filter_map(|c| c.1.clone()).collect::<Vec<_>>(),
             "miners": committed.iter().map(|c| c.0.clone()).collect::<Vec<_>>(),
         },
         "accepted": t.outcome.as_ref().map(|o| json!({

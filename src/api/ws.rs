@@ -50,7 +50,24 @@ async fn connection(
     mut stream: actix_ws::MessageStream,
 ) {
     let mut tasks: Vec<actix_rt::task::JoinHandle<()>> = Vec::new();
-    while let Some(message) = stream.next().await {
+    let mut revocations = state.keys.revocations();
+    loop {
+        let message = tokio::select! {
+            message = stream.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            changed = revocations.changed() => {
+                // A revoked key keeps no connection open (its running tasks are cancelled
+                // below, as when the client leaves).
+                if changed.is_err() || !state.keys.is_live(&caller.key_hash) {
+                    let err = ApiError::Unauthorized;
+                    send(&mut session, with_type(err.body(), "error", None)).await;
+                    break;
+                }
+                continue;
+            }
+        };
         tasks.retain(|t| !t.is_finished());
         let text = match message {
             Ok(Message::Text(t)) => t.to_string(),
