@@ -983,3 +983,33 @@ async fn read_trace(
         force_ended: t.force_ended,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::anvil::AnvilNode;
+
+    /// A call that panics on the chain's thread (as `as_u64` on a stranger's deposit once did)
+    /// answers an error, and the same thread serves the calls after it.
+    #[test]
+    fn a_panicking_call_is_an_error_and_the_chain_thread_serves_on() {
+        let anvil = AnvilNode::start(None).expect("anvil starts");
+        let mut chain = EvmChain::deploy(&anvil.url, ANVIL_DEV_KEY, 1).expect("deployed");
+        let answer: Result<(), ChainError> =
+            chain.call(|_, _| Box::pin(async { panic!("an injected panic") }));
+        assert!(
+            matches!(&answer, Err(ChainError::Evm(m)) if m.contains("an injected panic")),
+            "{answer:?}"
+        );
+        let params = SessionParams {
+            name: "after a panic".into(),
+            redundant: 1,
+            ..SessionParams::default()
+        };
+        let s = chain
+            .create_session("owner", params, 10)
+            .expect("the chain thread serves on");
+        assert_eq!((s.balance, s.deposit), (10, 10));
+        assert_eq!(chain.session(s.id).unwrap().map(|s| s.balance), Some(10));
+    }
+}
