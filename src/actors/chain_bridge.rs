@@ -3,9 +3,17 @@
 //! only flushes are for session creation and deposits). On an EVM the bridge runs on an
 //! arbiter of its own and has an [`Outbox`]: holds and settlements are persisted first and
 //! delivered by a drain loop, retried with back-off while the chain does not answer.
+//!
+//! **The bridge survives its chain.** Every call into the [`Chain`] is guarded: a panic inside
+//! it (a bug, or a value from the chain it cannot handle) answers that call with an error and
+//! restarts the bridge's state (the chain's and the outbox's caches), and the actor, its
+//! mailbox and the outbox's drain loop carry on. Without the guard a panic would end the actor
+//! and every later hold, settlement and session read would fail.
 
 use super::chain_outbox::{Outbox, OutboxCounts};
-use crate::chain::{Chain, ChainError, NodeOutcome, NodeStats, Settlement, TaskTrace};
+use crate::chain::{
+    panic_message, Chain, ChainError, NodeOutcome, NodeStats, Settlement, TaskTrace,
+};
 use crate::session::{Session, SessionParams};
 use crate::store::Store;
 use crate::task::TaskKey;
@@ -28,6 +36,8 @@ pub struct ChainBridge {
     failures: u32,
     next_attempt: Instant,
     outcomes: std::collections::VecDeque<NodeOutcome>,
+    /// Panics caught in chain calls (each one restarted the bridge's state).
+    restarts: u64,
 }
 
 impl ChainBridge {
@@ -38,6 +48,32 @@ impl ChainBridge {
             failures: 0,
             next_attempt: Instant::now(),
             outcomes: std::collections::VecDeque::new(),
+            restarts: 0,
+        }
+    }
+
+    /// Runs one call into the chain. A panic inside it is caught here and answered as an
+    /// error; the chain and the outbox drop what they keep in memory (they read the chain
+    /// afresh), so the next call starts clean.
+    fn guarded<T>(
+        &mut self,
+        what: &'static str,
+        call: impl FnOnce(&mut Self) -> Result<T, ChainError>,
+    ) -> Result<T, ChainError> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(self))) {
+            Ok(answer) => answer,
+            Err(payload) => {
+                let message = panic_message(payload.as_ref());
+                self.restarts += 1;
+                tracing::error!(what, panic = %message, restarts = self.restarts, "the chain panicked; the chain bridge restarts");
+                self.chain.restart();
+                if let Some(outbox) = self.outbox.as_mut() {
+                    outbox.restart();
+                }
+                Err(ChainError::Evm(format!(
+                    "the chain panicked in {what}: {message}"
+                )))
+            }
         }
     }
 
@@ -47,7 +83,9 @@ impl ChainBridge {
             return;
         }
         let batch: Vec<NodeOutcome> = self.outcomes.iter().cloned().collect();
-        match self.chain.report_node_outcomes(&batch) {
+        match self.guarded("report_node_outcomes", |b| {
+            b.chain.report_node_outcomes(&batch)
+        }) {
             Ok(()) => self.outcomes.clear(),
             Err(e) => {
                 tracing::warn!(error = %e, pending = batch.len(), "nodes' outcomes not recorded on chain; retrying")
@@ -66,13 +104,17 @@ impl ChainBridge {
 
     /// One drain step, if it is time to try.
     fn drain(&mut self) {
-        let Some(outbox) = self.outbox.as_mut() else {
-            return;
-        };
-        if Instant::now() < self.next_attempt {
+        if self.outbox.is_none() || Instant::now() < self.next_attempt {
             return;
         }
-        match outbox.deliver(self.chain.as_mut()) {
+        let delivered = self.guarded("the outbox's delivery", |b| match b.outbox.as_mut() {
+            Some(outbox) => outbox.deliver(b.chain.as_mut()),
+            None => Ok(()),
+        });
+        let Some(outbox) = self.outbox.as_ref() else {
+            return;
+        };
+        match delivered {
             Ok(()) => {
                 if self.failures > 0 {
                     tracing::info!(failures = self.failures, "the chain answers again");
@@ -130,7 +172,7 @@ pub struct GetNodeStats(pub String);
 impl Handler<GetNodeStats> for ChainBridge {
     type Result = Result<NodeStats, ChainError>;
     fn handle(&mut self, m: GetNodeStats, _: &mut Context<Self>) -> Self::Result {
-        self.chain.node_stats(&m.0)
+        self.guarded("node_stats", |b| b.chain.node_stats(&m.0))
     }
 }
 
@@ -197,49 +239,53 @@ pub struct TaskOnChain(pub TaskKey);
 impl Handler<TaskOnChain> for ChainBridge {
     type Result = Result<(bool, bool), ChainError>;
     fn handle(&mut self, m: TaskOnChain, _: &mut Context<Self>) -> Self::Result {
-        Ok((self.chain.hold_recorded(m.0)?, self.chain.settled(m.0)?))
+        self.guarded("the task's state", |b| {
+            Ok((b.chain.hold_recorded(m.0)?, b.chain.settled(m.0)?))
+        })
     }
 }
 
 impl Handler<CreateSession> for ChainBridge {
     type Result = Result<Session, ChainError>;
     fn handle(&mut self, m: CreateSession, _: &mut Context<Self>) -> Self::Result {
-        let session = self.chain.create_session(&m.owner, m.params, m.deposit)?;
-        if let Some(outbox) = self.outbox.as_mut() {
-            outbox.created(&session)?;
-        }
-        Ok(session)
+        self.guarded("create_session", |b| {
+            let session = b.chain.create_session(&m.owner, m.params, m.deposit)?;
+            if let Some(outbox) = b.outbox.as_mut() {
+                outbox.created(&session)?;
+            }
+            Ok(session)
+        })
     }
 }
 
 impl Handler<GetSession> for ChainBridge {
     type Result = Result<Option<Session>, ChainError>;
     fn handle(&mut self, m: GetSession, _: &mut Context<Self>) -> Self::Result {
-        match self.outbox.as_mut() {
-            Some(outbox) => outbox.session(self.chain.as_mut(), m.0),
-            None => self.chain.session(m.0),
-        }
+        self.guarded("session", |b| match b.outbox.as_mut() {
+            Some(outbox) => outbox.session(b.chain.as_mut(), m.0),
+            None => b.chain.session(m.0),
+        })
     }
 }
 
 impl Handler<ListSessions> for ChainBridge {
     type Result = Result<Vec<Session>, ChainError>;
     fn handle(&mut self, _: ListSessions, _: &mut Context<Self>) -> Self::Result {
-        match self.outbox.as_ref() {
-            Some(outbox) => outbox.sessions(self.chain.as_ref()),
-            None => self.chain.sessions(),
-        }
+        self.guarded("sessions", |b| match b.outbox.as_ref() {
+            Some(outbox) => outbox.sessions(b.chain.as_ref()),
+            None => b.chain.sessions(),
+        })
     }
 }
 
 impl Handler<Hold> for ChainBridge {
     type Result = Result<Session, ChainError>;
     fn handle(&mut self, m: Hold, _: &mut Context<Self>) -> Self::Result {
-        match self.outbox.as_mut() {
+        self.guarded("hold", |b| match b.outbox.as_mut() {
             // Durable with the queue's flush that acknowledges the task.
-            Some(outbox) => outbox.hold(self.chain.as_mut(), m.task, m.amount),
-            None => self.chain.hold(m.task, m.amount),
-        }
+            Some(outbox) => outbox.hold(b.chain.as_mut(), m.task, m.amount),
+            None => b.chain.hold(m.task, m.amount),
+        })
     }
 }
 
@@ -253,14 +299,14 @@ impl Handler<Settle> for ChainBridge {
             payees: m.payees,
             trace: m.trace,
         };
-        match self.outbox.as_mut() {
+        self.guarded("settle", |b| match b.outbox.as_mut() {
             // Durable with the queue's flush that follows this answer.
             Some(outbox) => outbox.settle(settlement),
             None => {
                 if let Some(trace) = &settlement.trace {
-                    self.chain.record_trace(settlement.task, trace)?;
+                    b.chain.record_trace(settlement.task, trace)?;
                 }
-                self.chain
+                b.chain
                     .settle(
                         settlement.task,
                         settlement.hold,
@@ -269,20 +315,22 @@ impl Handler<Settle> for ChainBridge {
                     )
                     .map(|_| ())
             }
-        }
+        })
     }
 }
 
 impl Handler<NodePendingPayment> for ChainBridge {
     type Result = Result<u64, ChainError>;
     fn handle(&mut self, m: NodePendingPayment, _: &mut Context<Self>) -> Self::Result {
-        self.chain.node_pending_payment(&m.0)
+        self.guarded("node_pending_payment", |b| {
+            b.chain.node_pending_payment(&m.0)
+        })
     }
 }
 
 impl Handler<GetTaskTrace> for ChainBridge {
     type Result = Result<Option<TaskTrace>, ChainError>;
     fn handle(&mut self, m: GetTaskTrace, _: &mut Context<Self>) -> Self::Result {
-        self.chain.task_trace(m.0)
+        self.guarded("task_trace", |b| b.chain.task_trace(m.0))
     }
 }

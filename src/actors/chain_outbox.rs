@@ -106,6 +106,14 @@ impl Outbox {
         Ok(all)
     }
 
+    /// Starts over after the chain panicked in one of the bridge's calls: the views are
+    /// dropped and read from the chain (plus the writes still waiting) on next use. The
+    /// persisted writes stay as they are: each is keyed by its task, so one that reached the
+    /// chain before the panic is taken once however often it is sent.
+    pub fn restart(&mut self) {
+        self.views.clear();
+    }
+
     /// A session the chain has just created: viewed from now on, and confirmed later.
     pub fn created(&mut self, session: &Session) -> Result<(), ChainError> {
         self.views.insert(session.id, session.clone());
@@ -277,21 +285,22 @@ fn recreate(chain: &mut dyn Chain, c: &CreatedSession) -> Result<(), ChainError>
     Ok(())
 }
 
-/// A hold's effect on a session, as the chain will apply it.
+/// A hold's effect on a session, as the chain will apply it. Saturating, as the view may
+/// start from a chain's saturated amounts (a session holding more than `u64::MAX`).
 fn apply_hold(view: &mut Session, amount: u64) {
     let amount = amount.min(view.balance);
     view.balance -= amount;
-    view.held += amount;
-    view.tasks_submitted += 1;
+    view.held = view.held.saturating_add(amount);
+    view.tasks_submitted = view.tasks_submitted.saturating_add(1);
 }
 
-/// A settlement's effect on a session, with the contract's caps.
+/// A settlement's effect on a session, with the contract's caps (saturating, as above).
 fn apply_settlement(view: &mut Session, hold: u64, charge: u64) {
     let released = hold.min(view.held);
     let charged = charge.min(released);
     view.held -= released;
-    view.balance += released - charged;
-    view.spent += charged;
+    view.balance = view.balance.saturating_add(released - charged);
+    view.spent = view.spent.saturating_add(charged);
 }
 
 fn marker(kind: &str, task: TaskKey) -> String {

@@ -7,7 +7,13 @@
 //!
 //! `Chain` is synchronous; ethers is async. Calls go to a thread of this chain's own that runs
 //! a tokio runtime, and the caller blocks on the answer: run the chain bridge on an arbiter of
-//! its own when it holds an `EvmChain`.
+//! its own when it holds an `EvmChain`. A call that panics answers an error; the thread and
+//! its runtime carry on (rebuilt if the panic escaped the call), so later calls are served.
+//!
+//! **Values from the chain are untrusted.** Anyone can call `depositToSession` with more than
+//! `u64::MAX` wei, so every number read back is converted without a panic: amounts (balances,
+//! payments, token counts) saturate at `u64::MAX` (see [`session_funds`] for a session's),
+//! ids and counts beyond `u64` are errors.
 
 use super::contracts::session_payment::SessionPaymentErrors;
 use super::contracts::session_v2::{Params, SessionV2Errors};
@@ -24,7 +30,9 @@ use ethers::abi::AbiEncode;
 use ethers::contract::ContractError;
 use ethers::prelude::*;
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,6 +101,41 @@ fn evm<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> ChainError {
     move |e| ChainError::Evm(format!("{what}: {e}"))
 }
 
+/// An amount read from the chain (wei, tokens), as this router counts it: saturated at
+/// `u64::MAX` when the chain holds more.
+pub fn saturating_u64(v: U256) -> u64 {
+    if v > U256::from(u64::MAX) {
+        u64::MAX
+    } else {
+        v.low_u64()
+    }
+}
+
+/// An id or a count read from the chain: beyond `u64` it is an error (nothing this router
+/// made can be numbered so high).
+fn id_u64(what: &'static str, v: U256) -> Result<u64, ChainError> {
+    if v > U256::from(u64::MAX) {
+        return Err(ChainError::Evm(format!(
+            "{what} {v} is beyond what this router counts (u64)"
+        )));
+    }
+    Ok(v.low_u64())
+}
+
+/// A session's funds on chain as `(balance, held, spent, deposit)` in `u64`. Anyone can
+/// deposit to any session, so the chain may hold more than `u64::MAX` wei for one: its total
+/// (the deposit) then saturates at `u64::MAX`, `spent` and `held` stay exact while they fit,
+/// and `balance` is what fits beside them. So `deposit = balance + held + spent` always holds
+/// without overflow, and a balance read as `u64::MAX - held - spent` may be more on chain.
+pub fn session_funds(balance: U256, held: U256, spent: U256) -> (u64, u64, u64, u64) {
+    let cap = U256::from(u64::MAX);
+    let spent = spent.min(cap);
+    let held = held.min(cap - spent);
+    let balance = balance.min(cap - spent - held);
+    let (balance, held, spent) = (balance.low_u64(), held.low_u64(), spent.low_u64());
+    (balance, held, spent, balance + held + spent)
+}
+
 /// The address a node id is paid at when it has no wallet of its own.
 pub fn node_address(node: &str) -> Address {
     if let Ok(a) = node.parse::<Address>() {
@@ -111,10 +154,11 @@ fn client(url: &str, key: &str) -> Result<(Arc<Client>, u64), ChainError> {
         .enable_all()
         .build()
         .map_err(evm("runtime"))?;
-    let chain_id = rt
-        .block_on(provider.get_chainid())
-        .map_err(evm("eth_chainId"))?
-        .as_u64();
+    let chain_id = id_u64(
+        "the chain id",
+        rt.block_on(provider.get_chainid())
+            .map_err(evm("eth_chainId"))?,
+    )?;
     let wallet: LocalWallet = key
         .trim()
         .parse::<LocalWallet>()
@@ -149,14 +193,27 @@ impl EvmChain {
         std::thread::Builder::new()
             .name("evm-chain".into())
             .spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
+                let runtime = || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                };
+                let Ok(mut rt) = runtime() else {
                     return;
                 };
                 while let Ok(job) = rx.recv() {
-                    rt.block_on(job(c.clone(), deployment));
+                    // `call` turns a job's panic into its answer; this catches one that
+                    // escaped it, and the thread starts over on a fresh runtime.
+                    let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        rt.block_on(job(c.clone(), deployment))
+                    }));
+                    if run.is_err() {
+                        tracing::error!("a chain call panicked on the chain thread; it restarts");
+                        match runtime() {
+                            Ok(fresh) => rt = fresh,
+                            Err(_) => return,
+                        }
+                    }
                 }
             })
             .map_err(evm("the chain thread"))?;
@@ -234,11 +291,11 @@ impl EvmChain {
                     .get_block_number()
                     .await
                     .map_err(evm("eth_blockNumber"))?
-                    .as_u64();
+                    .low_u64();
                 let mut total = 0u64;
                 for n in 0..=latest {
                     if let Some(b) = c.get_block(n).await.map_err(evm("eth_getBlockByNumber"))? {
-                        total += b.gas_used.as_u64();
+                        total = total.saturating_add(saturating_u64(b.gas_used));
                     }
                 }
                 Ok(total)
@@ -265,7 +322,8 @@ impl EvmChain {
         })
     }
 
-    /// Runs `f` on the chain's thread and waits for its answer.
+    /// Runs `f` on the chain's thread and waits for its answer; a panic inside `f` (or the
+    /// future it makes) is answered as an error, and the thread serves the next call.
     fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(Arc<Client>, Deployment) -> BoxFuture<'static, Result<T, ChainError>>
@@ -275,7 +333,14 @@ impl EvmChain {
         let (tx, rx) = std::sync::mpsc::channel();
         let job: Job = Box::new(move |c, d| {
             Box::pin(async move {
-                let _ = tx.send(f(c, d).await);
+                let answer = match std::panic::catch_unwind(AssertUnwindSafe(|| f(c, d))) {
+                    Ok(future) => AssertUnwindSafe(future)
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|p| Err(panicked(p.as_ref()))),
+                    Err(p) => Err(panicked(p.as_ref())),
+                };
+                let _ = tx.send(answer);
             })
         });
         self.jobs
@@ -284,6 +349,14 @@ impl EvmChain {
         rx.recv()
             .map_err(|_| ChainError::Evm("the chain thread stopped".into()))?
     }
+}
+
+/// A chain call's panic, as its answer.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> ChainError {
+    ChainError::Evm(format!(
+        "the chain call panicked: {}",
+        super::panic_message(payload)
+    ))
 }
 
 /// Sends a transaction and waits for its receipt, retrying transport failures with back-off;
@@ -322,8 +395,8 @@ fn chain_error(session_id: u64, e: ContractError<Client>) -> ChainError {
         if let SessionPaymentErrors::InsufficientBalance(b) = p {
             return ChainError::InsufficientBalance {
                 session_id,
-                needed: b.needed.as_u64(),
-                available: b.available.as_u64(),
+                needed: saturating_u64(b.needed),
+                available: saturating_u64(b.available),
             };
         }
         return ChainError::Evm(format!("SessionPayment reverted: {p:?}"));
@@ -388,20 +461,18 @@ async fn read_session(
         .session_balances(sid)
         .call()
         .await
-        .map_err(|e| chain_error(id, e))?
-        .as_u64();
+        .map_err(|e| chain_error(id, e))?;
     let held = payment
         .session_held(sid)
         .call()
         .await
-        .map_err(|e| chain_error(id, e))?
-        .as_u64();
+        .map_err(|e| chain_error(id, e))?;
     let spent = payment
         .session_network_usage(sid)
         .call()
         .await
-        .map_err(|e| chain_error(id, e))?
-        .as_u64();
+        .map_err(|e| chain_error(id, e))?;
+    let (balance, held, spent, deposit) = session_funds(balance, held, spent);
     let meta: serde_json::Value = serde_json::from_str(&s.params.metadata).unwrap_or_default();
     let p = s.params;
     Ok(Some(Session {
@@ -432,8 +503,8 @@ async fn read_session(
                 .as_f64()
                 .map_or(crate::session::DEFAULT_JUDGE_THRESHOLD, |t| t as f32),
         },
-        created_at_ms: s.created_at.as_u64() * 1000,
-        deposit: balance + held + spent,
+        created_at_ms: saturating_u64(s.created_at).saturating_mul(1000),
+        deposit,
         balance,
         held,
         spent,
@@ -467,7 +538,7 @@ impl Chain for EvmChain {
                 let receipt = send("create", sessions.create(p))
                     .await
                     .map_err(|e| chain_error(0, e))?;
-                let id = receipt
+                let event_id = receipt
                     .logs
                     .iter()
                     .filter(|l| l.address == d.sessions)
@@ -482,9 +553,11 @@ impl Chain for EvmChain {
                     })
                     .ok_or_else(|| ChainError::Evm("no SessionCreated event".into()))?
                     .session_id;
+                let sid = id_u64("the new session's id", event_id)?;
+                let id = U256::from(sid);
                 send("addRouter", sessions.add_router(id, c.address()))
                     .await
-                    .map_err(|e| chain_error(id.as_u64(), e))?;
+                    .map_err(|e| chain_error(sid, e))?;
                 if deposit > 0 {
                     let payment = SessionPayment::new(d.payment, c.clone());
                     send(
@@ -492,9 +565,9 @@ impl Chain for EvmChain {
                         payment.deposit_to_session(id).value(deposit),
                     )
                     .await
-                    .map_err(|e| chain_error(id.as_u64(), e))?;
+                    .map_err(|e| chain_error(sid, e))?;
                 }
-                existing(c, d, id.as_u64()).await
+                existing(c, d, sid).await
             })
         })
     }
@@ -506,12 +579,14 @@ impl Chain for EvmChain {
     fn sessions(&self) -> Result<Vec<Session>, ChainError> {
         self.call(move |c, d| {
             Box::pin(async move {
-                let count = SessionV2::new(d.sessions, c.clone())
-                    .session_count()
-                    .call()
-                    .await
-                    .map_err(|e| chain_error(0, e))?
-                    .as_u64();
+                let count = id_u64(
+                    "the session count",
+                    SessionV2::new(d.sessions, c.clone())
+                        .session_count()
+                        .call()
+                        .await
+                        .map_err(|e| chain_error(0, e))?,
+                )?;
                 let mut out = Vec::new();
                 for id in 1..=count {
                     if let Some(s) = read_session(c.clone(), d, id).await? {
@@ -640,19 +715,17 @@ impl Chain for EvmChain {
                     .call()
                     .await
                     .map_err(read)?;
-                let mut owed: BTreeMap<Address, u64> = BTreeMap::new();
+                // Summed in U256: a batch's payments to one node may pass u64 together.
+                let mut owed: BTreeMap<Address, U256> = BTreeMap::new();
                 for (s, c) in batch.iter().zip(&charged) {
-                    for (p, a) in s
-                        .payees
-                        .iter()
-                        .zip(split_payment(c.as_u64(), s.payees.len()))
-                    {
-                        *owed.entry(book.address(p)).or_default() += a;
+                    // The contract charges at most the hold we sent (a u64); more is an error.
+                    let c = id_u64("a charge settleCharges answered", *c)?;
+                    for (p, a) in s.payees.iter().zip(split_payment(c, s.payees.len())) {
+                        *owed.entry(book.address(p)).or_default() += U256::from(a);
                     }
                 }
                 let root = ethers::utils::keccak256(keys.concat());
-                let (nodes, amounts): (Vec<Address>, Vec<U256>) =
-                    owed.into_iter().map(|(a, v)| (a, U256::from(v))).unzip();
+                let (nodes, amounts): (Vec<Address>, Vec<U256>) = owed.into_iter().unzip();
                 let call = payment.settle_batch(root, keys, sids, holds, charges, nodes, amounts);
                 send("settleBatch", call).await.map_err(read)?;
                 Ok(())
@@ -678,12 +751,12 @@ impl Chain for EvmChain {
         self.call(move |c, d| {
             Box::pin(async move {
                 let payment = SessionPayment::new(d.payment, c);
-                Ok(payment
+                let pending = payment
                     .node_pending_payments(address)
                     .call()
                     .await
-                    .map_err(|e| chain_error(0, e))?
-                    .as_u64())
+                    .map_err(|e| chain_error(0, e))?;
+                Ok(saturating_u64(pending))
             })
         })
     }
@@ -706,7 +779,7 @@ impl Chain for EvmChain {
                 send("withdrawNodePayment", payment.withdraw_node_payment())
                     .await
                     .map_err(|e| chain_error(0, e))?;
-                Ok(pending.as_u64())
+                Ok(saturating_u64(pending))
             })
         })
     }
@@ -714,12 +787,12 @@ impl Chain for EvmChain {
     fn total_withdrawn(&self) -> Result<u64, ChainError> {
         self.call(move |c, d| {
             Box::pin(async move {
-                Ok(SessionPayment::new(d.payment, c)
+                let withdrawn = SessionPayment::new(d.payment, c)
                     .total_withdrawn()
                     .call()
                     .await
-                    .map_err(|e| chain_error(0, e))?
-                    .as_u64())
+                    .map_err(|e| chain_error(0, e))?;
+                Ok(saturating_u64(withdrawn))
             })
         })
     }
@@ -773,7 +846,7 @@ impl Chain for EvmChain {
                     failures: s.1,
                     consecutive_successes: s.2,
                     consecutive_failures: s.3,
-                    tokens: s.4 as u64,
+                    tokens: u64::try_from(s.4).unwrap_or(u64::MAX),
                     level: s.5,
                 })
             })
@@ -909,4 +982,34 @@ async fn read_trace(
         miners,
         force_ended: t.force_ended,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::anvil::AnvilNode;
+
+    /// A call that panics on the chain's thread (as `as_u64` on a stranger's deposit once did)
+    /// answers an error, and the same thread serves the calls after it.
+    #[test]
+    fn a_panicking_call_is_an_error_and_the_chain_thread_serves_on() {
+        let anvil = AnvilNode::start(None).expect("anvil starts");
+        let mut chain = EvmChain::deploy(&anvil.url, ANVIL_DEV_KEY, 1).expect("deployed");
+        let answer: Result<(), ChainError> =
+            chain.call(|_, _| Box::pin(async { panic!("an injected panic") }));
+        assert!(
+            matches!(&answer, Err(ChainError::Evm(m)) if m.contains("an injected panic")),
+            "{answer:?}"
+        );
+        let params = SessionParams {
+            name: "after a panic".into(),
+            redundant: 1,
+            ..SessionParams::default()
+        };
+        let s = chain
+            .create_session("owner", params, 10)
+            .expect("the chain thread serves on");
+        assert_eq!((s.balance, s.deposit), (10, 10));
+        assert_eq!(chain.session(s.id).unwrap().map(|s| s.balance), Some(10));
+    }
 }

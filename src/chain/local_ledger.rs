@@ -86,10 +86,13 @@ impl Chain for LocalLedger {
         Ok(self.store.sessions()?)
     }
 
+    /// Takes the deposit up to a session total of `u64::MAX` (the rest is not counted), so
+    /// `deposit = balance + held + spent` holds without overflow.
     fn deposit(&mut self, session_id: u64, amount: u64) -> Result<Session, ChainError> {
         let mut session = self.existing(session_id)?;
-        session.deposit = session.deposit.saturating_add(amount);
-        session.balance = session.balance.saturating_add(amount);
+        let taken = amount.min(u64::MAX - session.deposit);
+        session.deposit += taken;
+        session.balance = session.balance.saturating_add(taken);
         self.save_durably(&session)?;
         Ok(session)
     }
@@ -243,6 +246,11 @@ impl Chain for LocalLedger {
             .store
             .chain_record(&format!("nodestats/{node}"))?
             .unwrap_or_default())
+    }
+
+    /// The sessions cached here are read from the store again.
+    fn restart(&mut self) {
+        self.cache.clear();
     }
 }
 

@@ -38,6 +38,17 @@ pub enum ChainError {
     Unreachable(String),
 }
 
+/// The text a panic carried (`panic!`'s message), for the error that reports it.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".into()
+    }
+}
+
 /// How a settled charge is split among the nodes that earned it: equal shares, the remainder
 /// one unit each to the first ones. Both implementations use it, so they agree to the unit.
 pub fn split_payment(amount: u64, payees: usize) -> Vec<u64> {
@@ -157,17 +168,17 @@ impl NodeStats {
     /// `reportBatch`'s effect, for the embedded ledger.
     pub fn apply(&mut self, o: &NodeOutcome) {
         if o.success {
-            self.successes += 1;
-            self.consecutive_successes += 1;
+            self.successes = self.successes.saturating_add(1);
+            self.consecutive_successes = self.consecutive_successes.saturating_add(1);
             self.consecutive_failures = 0;
-            self.tokens += o.tokens;
+            self.tokens = self.tokens.saturating_add(o.tokens);
             if self.consecutive_successes >= deploy::UPGRADE_STREAK && self.level < 10 {
                 self.level += 1;
                 self.consecutive_successes = 0;
             }
         } else {
-            self.failures += 1;
-            self.consecutive_failures += 1;
+            self.failures = self.failures.saturating_add(1);
+            self.consecutive_failures = self.consecutive_failures.saturating_add(1);
             self.consecutive_successes = 0;
             if self.consecutive_failures >= deploy::DOWNGRADE_STREAK && self.level > 0 {
                 self.level -= 1;
@@ -178,7 +189,9 @@ impl NodeStats {
     }
 }
 
-/// What the network's contracts do for us, in one interface.
+/// What the network's contracts do for us, in one interface. Amounts are `u64`; a chain that
+/// holds more (anyone can deposit to a session on an EVM) reports them saturated, never wrapped
+/// and never by a panic (see [`evm::session_funds`]).
 pub trait Chain: Send {
     fn create_session(
         &mut self,
@@ -231,4 +244,7 @@ pub trait Chain: Send {
     fn report_node_outcomes(&mut self, outcomes: &[NodeOutcome]) -> Result<(), ChainError>;
     /// A node's record (zeros for a node never reported).
     fn node_stats(&self, node: &str) -> Result<NodeStats, ChainError>;
+    /// Starts over after one of its calls panicked (the chain bridge calls it): drops what it
+    /// keeps in memory, so the chain's own state is read afresh. Nothing to drop by default.
+    fn restart(&mut self) {}
 }
