@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 /// Frames waiting to be written to one node; a node that lets more pile up is too slow and
 /// is disconnected.
 pub const OUTBOX_FRAMES: usize = 1024;
-/// The longest backend name a miner may announce.
+/// The longest backend name a miner may announce (and model name the router repeats).
 pub const MAX_BACKEND_BYTES: usize = 64;
 /// Validations in flight to one remote validator.
 pub const MAX_PENDING_VALIDATIONS: usize = 256;
@@ -139,8 +139,12 @@ impl RemoteNode {
                 NodeRole::Miner,
             ) => {
                 if !self.links.models.contains(&model) {
-                    let reason =
-                        format!("this router serves {:?}, not {model:?}", self.links.models);
+                    // The name is echoed back (and logged) only when it is short.
+                    let named = match model.len() {
+                        0..=MAX_BACKEND_BYTES => format!("{model:?}"),
+                        n => format!("a model name of {n} bytes"),
+                    };
+                    let reason = format!("this router serves {:?}, not {named}", self.links.models);
                     return self.reject(reason, false, ctx);
                 }
                 if backend.len() > MAX_BACKEND_BYTES {
