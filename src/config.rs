@@ -165,6 +165,13 @@ pub struct NodesConfig {
     pub probes_required: u32,
     /// How miners are picked among those free: speed, least_load or round_robin.
     pub selection: crate::actors::node_pool::SelectionPolicy,
+    /// A node offline this long is forgotten (its reputation with it).
+    pub forget_offline_after_ms: u64,
+    /// A node-socket connection not logged in this long after it opened is closed.
+    pub login_timeout_ms: u64,
+    /// Node-socket connections waiting for their login at once: in all, and from one address.
+    pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_address: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -295,6 +302,15 @@ impl TestnetConfig {
             || self.nodes.offline_after_ms <= self.nodes.heartbeat_interval_ms
         {
             return fail("nodes.offline_after_ms must exceed nodes.heartbeat_interval_ms (> 0)");
+        }
+        if self.nodes.login_timeout_ms == 0
+            || self.nodes.max_unauthenticated == 0
+            || self.nodes.max_unauthenticated_per_address == 0
+        {
+            return fail("nodes.login_timeout_ms and nodes.max_unauthenticated(_per_address) must be at least 1");
+        }
+        if self.nodes.forget_offline_after_ms < self.nodes.offline_after_ms {
+            return fail("nodes.forget_offline_after_ms must be at least nodes.offline_after_ms");
         }
         if self.chain.kind == ChainKind::Rpc
             && (self.chain.rpc_url.is_empty() || self.chain.private_key.is_empty())

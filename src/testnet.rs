@@ -406,6 +406,7 @@ async fn start_actors(
         config.nodes.probes_required,
     )
     .with_policy(config.nodes.selection)
+    .with_forget_offline_after(Duration::from_millis(config.nodes.forget_offline_after_ms))
     .with_chain_reports(chain.clone().recipient())
     .start();
 
@@ -568,12 +569,18 @@ async fn start_actors(
     )?;
     let nodes = match options.node_listener {
         Some(listener) => {
-            let gateway = NodeGateway::new(actors.queue.clone(), actors.pool.clone()).start();
+            let limits = gateway::LoginLimits {
+                total: config.nodes.max_unauthenticated,
+                per_address: config.nodes.max_unauthenticated_per_address,
+            };
+            let gateway =
+                NodeGateway::new(actors.queue.clone(), actors.pool.clone(), limits).start();
             let settings = GatewaySettings {
                 models: vec![options.model.clone()],
                 max_tasks: config.nodes.max_tasks_per_miner,
                 heartbeat: Duration::from_millis(config.nodes.heartbeat_interval_ms),
                 offline_after: Duration::from_millis(config.nodes.offline_after_ms),
+                login_timeout: Duration::from_millis(config.nodes.login_timeout_ms),
             };
             let server = gateway::serve(
                 gateway.clone(),

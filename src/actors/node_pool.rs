@@ -141,6 +141,8 @@ pub struct NodeView {
 pub struct NodePool {
     nodes: BTreeMap<String, Node>,
     offline_after: Duration,
+    /// An offline node whose last heartbeat is older than this is forgotten.
+    forget_offline_after: Duration,
     rng: ChaCha8Rng,
     rules: ReputationRules,
     probes_required: u32,
@@ -155,6 +157,8 @@ pub struct NodePool {
 }
 
 pub const MAX_PENDING_REPORTS: usize = 10_000;
+/// How long an offline node is remembered unless configured (`nodes.forget_offline_after_ms`).
+pub const DEFAULT_FORGET_OFFLINE_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 impl NodePool {
     pub fn new(
@@ -166,6 +170,7 @@ impl NodePool {
         Self {
             nodes: BTreeMap::new(),
             offline_after,
+            forget_offline_after: DEFAULT_FORGET_OFFLINE_AFTER,
             rng: ChaCha8Rng::seed_from_u64(selection_seed),
             rules,
             probes_required,
@@ -175,6 +180,30 @@ impl NodePool {
             policy: SelectionPolicy::default(),
             turn: 0,
         }
+    }
+
+    /// Offline nodes are forgotten once their last heartbeat is this old.
+    pub fn with_forget_offline_after(mut self, after: Duration) -> Self {
+        self.forget_offline_after = after;
+        self
+    }
+
+    /// Forgets nodes offline for longer than `forget_offline_after` (since their last
+    /// heartbeat), so ids that come and go do not pile up. A node still held by a session
+    /// (pinned or reserved) or still suspended is kept: forgetting must not free it early.
+    fn forget_offline(&mut self, now: Instant) {
+        let (after, now_ms) = (self.forget_offline_after, crate::task::now_ms());
+        self.nodes.retain(|id, n| {
+            let forget = !n.online
+                && n.pinned.is_none()
+                && n.reserved_for.is_none()
+                && !n.reputation.suspended(now_ms)
+                && now.saturating_duration_since(n.last_heartbeat) > after;
+            if forget {
+                tracing::info!(miner = %id, "offline too long: forgotten");
+            }
+            !forget
+        });
     }
 
     pub fn with_policy(mut self, policy: SelectionPolicy) -> Self {
@@ -340,6 +369,7 @@ impl Actor for NodePool {
                     }
                 }
             }
+            pool.forget_offline(now);
             pool.probe_due();
             pool.send_reports();
         });

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 /// Frames waiting to be written to one node; a node that lets more pile up is too slow and
 /// is disconnected.
 pub const OUTBOX_FRAMES: usize = 1024;
-/// A node must log in within this long of connecting.
-pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest backend name a miner may announce (and model name the router repeats).
+pub const MAX_BACKEND_BYTES: usize = 64;
 /// Validations in flight to one remote validator.
 pub const MAX_PENDING_VALIDATIONS: usize = 256;
 
@@ -40,6 +40,8 @@ pub struct NodeLinks {
     pub max_tasks: usize,
     pub heartbeat: Duration,
     pub offline_after: Duration,
+    /// A node must log in within this long of connecting.
+    pub login_timeout: Duration,
 }
 
 enum Outgoing {
@@ -137,8 +139,19 @@ impl RemoteNode {
                 NodeRole::Miner,
             ) => {
                 if !self.links.models.contains(&model) {
-                    let reason =
-                        format!("this router serves {:?}, not {model:?}", self.links.models);
+                    // The name is echoed back (and logged) only when it is short.
+                    let named = match model.len() {
+                        0..=MAX_BACKEND_BYTES => format!("{model:?}"),
+                        n => format!("a model name of {n} bytes"),
+                    };
+                    let reason = format!("this router serves {:?}, not {named}", self.links.models);
+                    return self.reject(reason, false, ctx);
+                }
+                if backend.len() > MAX_BACKEND_BYTES {
+                    let reason = format!(
+                        "a backend name of {} bytes is over the limit of {MAX_BACKEND_BYTES}",
+                        backend.len()
+                    );
                     return self.reject(reason, false, ctx);
                 }
                 tracing::info!(node = %node.id, peer = %self.peer, %model, %backend, "remote miner registered");
@@ -320,9 +333,11 @@ impl Actor for RemoteNode {
             challenge: self.challenge.clone(),
         };
         self.send(&challenge, ctx);
-        ctx.run_later(LOGIN_TIMEOUT, |node, ctx| {
+        let login_timeout = self.links.login_timeout;
+        ctx.run_later(login_timeout, move |node, ctx| {
             if node.node.is_none() {
-                node.reject("no login within 10 s".into(), true, ctx);
+                let reason = format!("no login within {login_timeout:?}");
+                node.reject(reason, true, ctx);
             }
         });
         ctx.run_interval(self.links.heartbeat, |node, ctx| {
@@ -341,11 +356,12 @@ impl Actor for RemoteNode {
         let _ = self.out.try_send(Outgoing::Close(None));
         if let Some(node) = &self.node {
             tracing::info!(node = %node.id, peer = %self.peer, "node connection closed");
-            self.links.gateway.do_send(Left {
-                id: node.id.clone(),
-                connection: self.connection,
-            });
         }
+        // Also when it never logged in: the gateway counts connections waiting for a login.
+        self.links.gateway.do_send(Left {
+            id: self.node.as_ref().map(|n| n.id.clone()),
+            connection: self.connection,
+        });
     }
 }
 

@@ -40,6 +40,59 @@ use tokio::sync::mpsc;
 /// subscriber (the final record, which carries the whole text, always arrives).
 pub const SUBSCRIBER_CAPACITY: usize = 1024;
 
+/// The longest error text a miner's failure or refusal keeps; a longer one is cut to this
+/// (on a character boundary) and marked as cut.
+pub const MAX_REPORT_ERROR_BYTES: usize = 1024;
+
+/// The latest a deadline may lie: a duration from a stored or a peer's record that would
+/// overflow the clock counts as this long.
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The instant `after` from now, or [`FAR_FUTURE`] from now when that overflows the clock.
+fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + FAR_FUTURE.min(after))
+}
+
+/// Why a report's content is out of bounds (a token index or a result past the task's
+/// `max_tokens`, a precommit that is no keccak256 hash), if it is. Reports are bounded before any
+/// arithmetic on them: whatever a miner sends, nothing here overflows.
+fn out_of_bounds(kind: &ReportKind, max_tokens: usize) -> Option<String> {
+    match kind {
+        ReportKind::Token { index, .. } if *index >= max_tokens => Some(format!(
+            "token index {index} is past the task's max_tokens {max_tokens}"
+        )),
+        ReportKind::Precommit { hash } if !is_commitment_hex(hash) => Some(format!(
+            "a precommit of {} bytes is not 0x and 64 hex digits",
+            hash.len()
+        )),
+        ReportKind::Commit { result } if result.token_ids.len() > max_tokens => Some(format!(
+            "a result of {} tokens is over the task's max_tokens {max_tokens}",
+            result.token_ids.len()
+        )),
+        _ => None,
+    }
+}
+
+/// `0x` and 64 hex digits: a keccak256 hash as `TaskResult::commitment_hex` writes it.
+fn is_commitment_hex(hash: &str) -> bool {
+    hash.len() == 66 && hash.starts_with("0x") && hash[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Cuts a miner's error text to [`MAX_REPORT_ERROR_BYTES`].
+fn bounded_error(mut error: String) -> String {
+    if error.len() > MAX_REPORT_ERROR_BYTES {
+        let mut end = MAX_REPORT_ERROR_BYTES;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+        error.push_str("… (cut)");
+    }
+    error
+}
+
 /// Someone following a task: gets its end, and with `live` also its states and tokens.
 #[derive(Clone, Debug)]
 pub struct Subscriber {
@@ -169,7 +222,8 @@ pub struct QueueStats {
     pub decode_tokens_per_second: f64,
     pub replacements: u64,
     pub rejected_reveals: u64,
-    /// Reports refused for their signature (unsigned, forged, replayed).
+    /// Reports refused for their signature (unsigned, forged, replayed) or their content
+    /// (out of bounds).
     pub rejected_reports: u64,
     /// Network tasks (probes of nodes) that ended, passed or not; they count nowhere else.
     pub network_tasks: BTreeMap<&'static str, u64>,
@@ -239,7 +293,7 @@ impl LiveTask {
             wanted,
             stage_started: Instant::now(),
             created: Instant::now(),
-            deadline: Instant::now() + timeout,
+            deadline: deadline_after(timeout),
             selecting: false,
             starved_since: None,
             revealed: false,
@@ -652,7 +706,7 @@ impl SessionQueue {
 
     /// Asks every precommitted miner to reveal.
     fn reveal(&mut self, key: TaskKey) {
-        let commit_deadline = Instant::now() + self.config.commit_timeout();
+        let commit_deadline = deadline_after(self.config.commit_timeout());
         let Some(task) = self.live.get_mut(&key) else {
             return;
         };
@@ -1108,7 +1162,7 @@ impl SessionQueue {
                 .record
                 .last_round()
                 .filter(|a| outcome.agreeing.contains(&a.miner))
-                .filter_map(|a| Some(a.precommitted_at_ms? - a.acked_at_ms?))
+                .filter_map(|a| Some(a.precommitted_at_ms?.saturating_sub(a.acked_at_ms?)))
                 .collect();
             if let Some(ms) = decode_ms.iter().min() {
                 let rate = tokens as f64 / (*ms).max(1) as f64 * 1000.0;
@@ -1204,16 +1258,25 @@ impl SessionQueue {
         let MinerReport {
             key, miner, kind, ..
         } = report;
-        let precommit_timeout = Duration::from_millis(
-            self.live
-                .get(&key)
-                .map(|t| t.record.precommit_timeout_ms)
-                .unwrap_or(0),
-        );
         let Some(task) = self.live.get_mut(&key) else {
             tracing::debug!(task = %key, %miner, "report for a task that is not live: ignored");
             return;
         };
+        if let Some(why) = out_of_bounds(&kind, task.record.request.max_tokens) {
+            self.stats.rejected_reports += 1;
+            tracing::warn!(task = %key, %miner, %why, "a report refused");
+            return;
+        }
+        let kind = match kind {
+            ReportKind::Failed { error } => ReportKind::Failed {
+                error: bounded_error(error),
+            },
+            ReportKind::Refused { error } => ReportKind::Refused {
+                error: bounded_error(error),
+            },
+            kind => kind,
+        };
+        let precommit_timeout = Duration::from_millis(task.record.precommit_timeout_ms);
         if task.finishing {
             return;
         }
@@ -1242,7 +1305,7 @@ impl SessionQueue {
                 a.state = AssignmentState::Acked;
                 a.acked_at_ms = Some(now);
                 task.deadlines
-                    .insert(miner, Instant::now() + precommit_timeout);
+                    .insert(miner, deadline_after(precommit_timeout));
             }
             ReportKind::Token { index, text } => {
                 if task.stream_source.is_none() {
@@ -1250,6 +1313,7 @@ impl SessionQueue {
                 }
                 // Honest miners produce the same tokens, so after a switch of source the
                 // new one continues where the stream stopped.
+                // `index` is below the task's max_tokens (checked above): no overflow.
                 if task.stream_source.as_deref() == Some(&miner) && index >= task.streamed_tokens {
                     task.streamed_tokens = index + 1;
                     task.publish(TaskEvent::Token { text });

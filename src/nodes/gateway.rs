@@ -13,11 +13,19 @@ use crate::nodes::protocol::MAX_FRAME_BYTES;
 use actix::prelude::*;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use std::collections::HashMap;
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::time::Duration;
 
-/// Connections accepted at once; more are refused with 503 until some close.
+/// Logged-in nodes at once; more connections are refused with 503 until some close.
 pub const MAX_CONNECTIONS: usize = 4096;
+
+/// How many connections may wait for their login at once: in all, and from one address.
+/// Beyond either, a new connection is refused with 503 before its WebSocket opens.
+#[derive(Clone, Copy, Debug)]
+pub struct LoginLimits {
+    pub total: usize,
+    pub per_address: usize,
+}
 
 pub struct NodeGateway {
     queue: Addr<SessionQueue>,
@@ -25,15 +33,36 @@ pub struct NodeGateway {
     /// Node id → (its current connection, its stand-in).
     current: HashMap<String, (u64, Addr<RemoteNode>)>,
     next_connection: u64,
+    limits: LoginLimits,
+    /// Connections not logged in yet → the address they came from.
+    unauthenticated: HashMap<u64, IpAddr>,
+    /// Per address: how many of them came from it.
+    unauthenticated_from: HashMap<IpAddr, usize>,
 }
 
 impl NodeGateway {
-    pub fn new(queue: Addr<SessionQueue>, pool: Addr<NodePool>) -> Self {
+    pub fn new(queue: Addr<SessionQueue>, pool: Addr<NodePool>, limits: LoginLimits) -> Self {
         Self {
             queue,
             pool,
             current: HashMap::new(),
             next_connection: 0,
+            limits,
+            unauthenticated: HashMap::new(),
+            unauthenticated_from: HashMap::new(),
+        }
+    }
+
+    /// The connection is no longer waiting for its login (it logged in, or it ended).
+    fn authenticated_or_gone(&mut self, connection: u64) {
+        let Some(ip) = self.unauthenticated.remove(&connection) else {
+            return;
+        };
+        if let Some(n) = self.unauthenticated_from.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.unauthenticated_from.remove(&ip);
+            }
         }
     }
 }
@@ -42,19 +71,31 @@ impl Actor for NodeGateway {
     type Context = Context<Self>;
 }
 
-/// A number for a new connection, or none when there are too many.
+/// A number for a new connection from `from`, or why there is none.
 #[derive(Message)]
-#[rtype(result = "Option<u64>")]
-pub struct Accept;
+#[rtype(result = "Result<u64, &'static str>")]
+pub struct Accept {
+    pub from: IpAddr,
+}
 
 impl Handler<Accept> for NodeGateway {
-    type Result = Option<u64>;
-    fn handle(&mut self, _: Accept, _: &mut Context<Self>) -> Option<u64> {
+    type Result = Result<u64, &'static str>;
+    fn handle(&mut self, m: Accept, _: &mut Context<Self>) -> Self::Result {
         if self.current.len() >= MAX_CONNECTIONS {
-            return None;
+            return Err("too many node connections");
+        }
+        if self.unauthenticated.len() >= self.limits.total {
+            return Err("too many connections waiting for their login");
+        }
+        let from_here = self.unauthenticated_from.get(&m.from).copied().unwrap_or(0);
+        if from_here >= self.limits.per_address {
+            return Err("too many connections from this address waiting for their login");
         }
         self.next_connection += 1;
-        Some(self.next_connection)
+        let connection = self.next_connection;
+        self.unauthenticated.insert(connection, m.from);
+        *self.unauthenticated_from.entry(m.from).or_default() += 1;
+        Ok(connection)
     }
 }
 
@@ -70,6 +111,7 @@ pub struct Joined {
 impl Handler<Joined> for NodeGateway {
     type Result = ();
     fn handle(&mut self, m: Joined, _: &mut Context<Self>) {
+        self.authenticated_or_gone(m.connection);
         if let Some((_, older)) = self.current.insert(m.id, (m.connection, m.node)) {
             older.do_send(Replaced);
         }
@@ -97,24 +139,28 @@ impl Handler<ValidatorReady> for NodeGateway {
     }
 }
 
-/// A connection ended.
+/// A connection ended; `id` is the node it logged in as (none if it never did).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Left {
-    pub id: String,
+    pub id: Option<String>,
     pub connection: u64,
 }
 
 impl Handler<Left> for NodeGateway {
     type Result = ();
     fn handle(&mut self, m: Left, _: &mut Context<Self>) {
-        if self.current.get(&m.id).map(|(c, _)| *c) != Some(m.connection) {
+        self.authenticated_or_gone(m.connection);
+        let Some(id) = m.id else {
+            return;
+        };
+        if self.current.get(&id).map(|(c, _)| *c) != Some(m.connection) {
             return; // a replaced connection: the node lives on in the newer one
         }
-        self.current.remove(&m.id);
-        self.pool.do_send(GoOffline { id: m.id.clone() });
-        self.queue.do_send(LeaveValidator { id: m.id.clone() });
-        self.queue.do_send(NodeLost { miner: m.id });
+        self.current.remove(&id);
+        self.pool.do_send(GoOffline { id: id.clone() });
+        self.queue.do_send(LeaveValidator { id: id.clone() });
+        self.queue.do_send(NodeLost { miner: id });
     }
 }
 
@@ -137,6 +183,8 @@ pub struct GatewaySettings {
     pub max_tasks: usize,
     pub heartbeat: Duration,
     pub offline_after: Duration,
+    /// A connection not logged in this long after it opened is closed.
+    pub login_timeout: Duration,
 }
 
 /// Serves the node WebSocket on `listener` (at `/` and `/node`).
@@ -156,6 +204,7 @@ pub fn serve(
         max_tasks: settings.max_tasks,
         heartbeat: settings.heartbeat,
         offline_after: settings.offline_after,
+        login_timeout: settings.login_timeout,
     };
     let data = web::Data::new(links);
     let server = HttpServer::new(move || {
@@ -185,16 +234,35 @@ async fn connect(
     body: web::Payload,
     links: web::Data<NodeLinks>,
 ) -> actix_web::Result<HttpResponse> {
-    let peer = req
-        .peer_addr()
+    let address = req.peer_addr();
+    let peer = address
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into());
-    let Ok(Some(connection)) = links.gateway.send(Accept).await else {
-        return Ok(HttpResponse::ServiceUnavailable().json(serde_json::json!({
-            "error": {"code": "overloaded", "message": "too many node connections"}
-        })));
+    let from = address.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let accepted = links
+        .gateway
+        .send(Accept { from })
+        .await
+        .unwrap_or(Err("the node gateway is not running"));
+    let connection = match accepted {
+        Ok(connection) => connection,
+        Err(why) => {
+            tracing::warn!(%peer, why, "node connection refused");
+            return Ok(HttpResponse::ServiceUnavailable().json(serde_json::json!({
+                "error": {"code": "overloaded", "message": why}
+            })));
+        }
     };
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let (response, session, stream) = match actix_ws::handle(&req, body) {
+        Ok(parts) => parts,
+        Err(e) => {
+            links.gateway.do_send(Left {
+                id: None,
+                connection,
+            });
+            return Err(e);
+        }
+    };
     let stream = stream
         .max_frame_size(MAX_FRAME_BYTES)
         .aggregate_continuations()
