@@ -172,6 +172,21 @@ pub struct NodesConfig {
     /// Node-socket connections waiting for their login at once: in all, and from one address.
     pub max_unauthenticated: usize,
     pub max_unauthenticated_per_address: usize,
+    /// Addresses (0x and 40 hex digits) of the remote validators this router admits on its
+    /// node socket; a node logging in as a validator with any other key is refused. The
+    /// validators a testnet starts itself are added to it.
+    pub validators_allowed: Vec<String>,
+}
+
+impl NodesConfig {
+    /// The validator allow-list as addresses (checked by [`TestnetConfig::validate`]; an
+    /// entry that does not parse admits nobody).
+    pub fn validators_allowed(&self) -> Vec<ethers::types::Address> {
+        self.validators_allowed
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -369,6 +384,13 @@ impl TestnetConfig {
         if self.router.max_sessions_per_key == 0 {
             return fail("router.max_sessions_per_key must be at least 1");
         }
+        for a in &self.nodes.validators_allowed {
+            if !is_address(a) {
+                return Err(ConfigError::Invalid(format!(
+                    "nodes.validators_allowed: {a:?} is not an address (0x and 40 hex digits)"
+                )));
+            }
+        }
         if self.router.peer_dead_after_ms == 0 {
             return fail("router.peer_dead_after_ms must be above 0");
         }
@@ -386,6 +408,12 @@ impl TestnetConfig {
         }
         Ok(())
     }
+}
+
+/// `0x` and 40 hex digits.
+fn is_address(a: &str) -> bool {
+    a.strip_prefix("0x")
+        .is_some_and(|h| h.len() == 40 && h.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// Lays `overlay` over `base`, table by table.

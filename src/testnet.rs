@@ -6,7 +6,7 @@
 use crate::actors::chain_bridge::{ChainBridge, CreateSession, ListSessions};
 use crate::actors::messages::{MinerReport, ToMiner, Wrap};
 use crate::actors::miner::{EngineFactory, Miner, MinerFaults, MinerSpec, NodeUplink};
-use crate::actors::node_pool::{NodePool, SetProber};
+use crate::actors::node_pool::{AdmitValidators, NodePool, SetProber};
 use crate::actors::peer_routers::PeerRouters;
 use crate::actors::router::{Router, RouterSettings};
 use crate::actors::session_queue::{SessionQueue, Shutdown};
@@ -480,6 +480,8 @@ async fn start_actors(
     );
     let queue = queue_context.run(queue);
     pool.do_send(SetProber(queue.clone().recipient()));
+    // Remote validators log in only with a key on the operator's allow-list.
+    pool.do_send(AdmitValidators(config.nodes.validators_allowed()));
 
     let mut miners = Vec::new();
     for (index, key) in node_keys.iter().enumerate().take(config.nodes.miners) {

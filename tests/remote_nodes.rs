@@ -379,8 +379,13 @@ fn validators_connected(net: &TestNetwork) -> f64 {
 /// by the validator's own key, it reaches the decision under the validator's id.
 #[test]
 fn a_remote_validators_evidence_counts_only_under_its_own_signature() {
+    let validator = NodeKey::random("validator");
     let net = TestnetBuilder::new()
-        .config("[nodes]\nprobes_required = 0\n[queue]\nmax_replacements = 0\n")
+        .config(&format!(
+            "[nodes]\nprobes_required = 0\nvalidators_allowed = [\"{:?}\"]\n\
+             [queue]\nmax_replacements = 0\n",
+            validator.address()
+        ))
         .miners(1)
         .validators(0)
         .engines(Engines::Scripted(Script::default()))
@@ -410,7 +415,6 @@ fn a_remote_validators_evidence_counts_only_under_its_own_signature() {
     };
 
     // Logged in with its key, the validator's evidence signed with another key.
-    let validator = NodeKey::random("validator");
     raw_validator(
         &net,
         validator.clone(),

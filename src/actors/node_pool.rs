@@ -154,6 +154,8 @@ pub struct NodePool {
     policy: SelectionPolicy,
     /// The round robin's position.
     turn: usize,
+    /// Keys that may log in as validators (`AdmitValidators`).
+    validators_allowed: std::collections::HashSet<ethers::types::Address>,
 }
 
 pub const MAX_PENDING_REPORTS: usize = 10_000;
@@ -179,6 +181,7 @@ impl NodePool {
             reports: Vec::new(),
             policy: SelectionPolicy::default(),
             turn: 0,
+            validators_allowed: Default::default(),
         }
     }
 
@@ -812,5 +815,30 @@ impl Handler<ListNodes> for NodePool {
                 })
                 .collect(),
         )
+    }
+}
+
+/// Admits validators: these keys may log in as validators from now on (the operator's
+/// allow-list, and the validators a testnet starts itself).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdmitValidators(pub Vec<ethers::types::Address>);
+
+impl Handler<AdmitValidators> for NodePool {
+    type Result = ();
+    fn handle(&mut self, m: AdmitValidators, _: &mut Context<Self>) {
+        self.validators_allowed.extend(m.0);
+    }
+}
+
+/// Whether a key may log in as a validator.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct ValidatorAdmitted(pub ethers::types::Address);
+
+impl Handler<ValidatorAdmitted> for NodePool {
+    type Result = bool;
+    fn handle(&mut self, m: ValidatorAdmitted, _: &mut Context<Self>) -> bool {
+        self.validators_allowed.contains(&m.0)
     }
 }

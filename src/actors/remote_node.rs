@@ -1,5 +1,6 @@
 //! The router's stand-in for a node on another host, one per node WebSocket connection. It
-//! logs the node in (`nodes::protocol`: a challenge signed with the node key), then plays the
+//! logs the node in (`nodes::protocol`: a challenge signed with the node key; a validator
+//! only with a key the pool admitted, `AdmitValidators`), then plays the
 //! node's part towards the router's actors: the pool gets its registration and heartbeats as
 //! from a local miner, the queue sends it `ToMiner` (and validators' `Validate`) and gets its
 //! reports, so the session queue treats local and remote miners alike.
@@ -9,7 +10,7 @@
 //! gateway then tells the pool the node is offline and the queue to hand its tasks to others.
 
 use super::messages::{MinerReport, ToMiner};
-use super::node_pool::{GoOffline, Heartbeat, NodePool, Register};
+use super::node_pool::{GoOffline, Heartbeat, NodePool, Register, ValidatorAdmitted};
 use super::validator::Validate;
 use crate::nodes::gateway::{Joined, Left, NodeGateway};
 use crate::nodes::protocol::{self, NodeFrame, NodeRole, RouterFrame, WireValidate};
@@ -261,6 +262,33 @@ impl RemoteNode {
             address,
             role,
         };
+        if role == NodeRole::Validator {
+            // A validator decides verdicts: only keys the operator admitted may be one. Nothing
+            // else from the node is read until the pool answers.
+            let admitted = self.links.pool.send(ValidatorAdmitted(address));
+            ctx.wait(
+                admitted
+                    .into_actor(self)
+                    .map(move |admitted, this, ctx| match admitted {
+                        Ok(true) => this.logged_in(node, ctx),
+                        Ok(false) => this.reject(
+                            format!(
+                                "validator {} is not admitted: its address is not on this router's validator allow-list (nodes.validators_allowed)",
+                                node.id
+                            ),
+                            false,
+                            ctx,
+                        ),
+                        Err(_) => this.reject("the router cannot admit validators now".into(), true, ctx),
+                    }),
+            );
+            return;
+        }
+        self.logged_in(node, ctx);
+    }
+
+    fn logged_in(&mut self, node: Node, ctx: &mut Context<Self>) {
+        let role = node.role;
         tracing::info!(node = %node.id, ?role, peer = %self.peer, "node logged in");
         self.links.gateway.do_send(Joined {
             id: node.id.clone(),

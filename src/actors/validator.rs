@@ -7,7 +7,9 @@
 
 use crate::models::engine::{GenerateRequest, InferenceEngine, Prompt};
 use crate::task::{TaskKey, TaskResult};
-use crate::validation::consensus::{Evidence, Level, MinerEvidence, ValidationPlan};
+use crate::validation::consensus::{
+    check_evidence, Evidence, Level, MinerEvidence, ValidationPlan,
+};
 use crate::validation::embedding_service::EmbeddingService;
 use crate::validation::engine_service::EngineService;
 use crate::validation::poi::poi;
@@ -93,8 +95,13 @@ impl Handler<Validate> for Validator {
     }
 }
 
-/// Asks `count` of `validators`, round robin from `*next`, and returns the evidence of those
-/// that answered within `timeout`. Asks nobody when the plan needs no validator.
+/// Asks `count` of `validators` (all of them when there are no more), drawn at random for
+/// the task: the draw is seeded by the task's key and `*next` (a counter the caller keeps), so
+/// a validator cannot tell in advance which tasks it will judge, and the same seed draws the
+/// same validators. Returns the evidence of those that answered within `timeout`, each
+/// bounded by `consensus::check_evidence` (evidence out of range or about other miners comes
+/// back as a validator that could not check, so it is not paid). Asks nobody when the plan
+/// needs no validator.
 pub fn gather_evidence(
     validators: &[Recipient<Validate>],
     count: usize,
@@ -104,19 +111,45 @@ pub fn gather_evidence(
 ) -> impl std::future::Future<Output = Vec<Evidence>> {
     let mut asks = Vec::new();
     if m.plan.levels.needs_validators() && !validators.is_empty() {
-        for _ in 0..count.clamp(1, validators.len()) {
-            let v = &validators[*next % validators.len()];
-            *next = next.wrapping_add(1);
-            asks.push(v.send(m.clone()).timeout(timeout));
+        let seed = validator_draw_seed(m.key, *next);
+        *next = next.wrapping_add(1);
+        for i in draw_validators(validators.len(), count, seed) {
+            asks.push(validators[i].send(m.clone()).timeout(timeout));
         }
     }
+    let miners: Vec<String> = m.results.iter().map(|(miner, _)| miner.clone()).collect();
     async move {
+        let names: Vec<&str> = miners.iter().map(String::as_str).collect();
         futures_util::future::join_all(asks)
             .await
             .into_iter()
             .filter_map(Result::ok)
+            .map(|e| check_evidence(e, &names))
             .collect()
     }
+}
+
+/// The seed of the validators drawn for the `draw`-th validation of task `key`.
+pub fn validator_draw_seed(key: TaskKey, draw: usize) -> u64 {
+    let h = ethers::utils::keccak256(
+        [
+            key.session_id.to_be_bytes(),
+            key.task_id.to_be_bytes(),
+            (draw as u64).to_be_bytes(),
+        ]
+        .concat(),
+    );
+    u64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
+}
+
+/// `count` (at least one, at most `n`) distinct indexes below `n`, drawn with `seed`.
+pub fn draw_validators(n: usize, count: usize, seed: u64) -> Vec<usize> {
+    use rand::SeedableRng;
+    if n == 0 {
+        return vec![];
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    rand::seq::index::sample(&mut rng, n, count.clamp(1, n)).into_vec()
 }
 
 async fn embedding_evidence(

@@ -5,6 +5,7 @@
 
 use super::client::Client;
 use super::testnet::{answer_prompt, wait_for_ctrl_c, wait_for_miners, TestnetArgs};
+use crate::chain::node_key::NodeKey;
 use crate::config::ChainKind;
 use crate::testnet::{miner_id, node_keys_dir};
 use anyhow::Context;
@@ -123,8 +124,17 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let nodes_url = format!("{ws}://127.0.0.1:{node_port}");
     let chain = net.chain.unwrap_or(ChainKind::Anvil);
 
+    // The validators' keys are made here, before the router starts: it admits exactly them.
+    let validator_keys = (0..validators)
+        .map(|i| NodeKey::load_or_create(&keys, &format!("validator-{}", i + 1)))
+        .collect::<Result<Vec<_>, _>>()
+        .context("making the validators' keys")?;
+
     let mut children = Children(Vec::new());
     let mut router = Command::new(&exe);
+    for key in &validator_keys {
+        router.args(["--allow-validator", &format!("{:?}", key.address())]);
+    }
     router
         .arg("router")
         .args(["--listen", &listen.to_string()])

@@ -63,6 +63,10 @@ pub struct NetworkArgs {
     /// trust <data-dir>/tls/ca.pem.
     #[arg(long, conflicts_with = "tls_cert")]
     pub tls_self_signed: bool,
+    /// Admit a remote validator with this address (0x and 40 hex digits) on the node socket,
+    /// besides those in nodes.validators_allowed; repeatable.
+    #[arg(long = "allow-validator", value_name = "ADDRESS")]
+    pub allow_validators: Vec<String>,
 }
 
 impl NetworkArgs {
@@ -73,6 +77,9 @@ impl NetworkArgs {
         let nodes = &mut config.nodes;
         nodes.miners = self.miners.unwrap_or(nodes.miners);
         nodes.validators = self.validators.unwrap_or(nodes.validators);
+        nodes
+            .validators_allowed
+            .extend(self.allow_validators.iter().cloned());
         if let Some(b) = &self.backend {
             nodes.backend = b.clone();
         }

@@ -594,6 +594,14 @@ impl TestNetwork {
         let testnet = self.testnet.take().expect("the network is running");
         let mut payees: Vec<String> = testnet.miner_ids.clone();
         payees.extend((0..self.config.nodes.validators).map(|i| format!("validator-{}", i + 1)));
+        // Remote validators are paid under their id (their address).
+        payees.extend(
+            self.config
+                .nodes
+                .validators_allowed()
+                .into_iter()
+                .map(crate::nodes::protocol::node_id),
+        );
         testnet.shutdown();
         let operations = self.history.operations();
         let (checked, mut violations) = match Store::open(&self.data_dir) {

@@ -9,8 +9,13 @@
 //! - `exact` groups the valid results by hash; without it they form one group.
 //! - The consensus strategy weighs the groups: `majority` and `median_of_means` count miners,
 //!   `reputation_weighted` sums reputations. A group holding more than half of the weight of
-//!   all results is accepted. Validators' numeric evidence is pooled by the mean, or by the
-//!   median of means under `median_of_means` (robust to a lying validator).
+//!   all results is accepted. Validators' numeric evidence is pooled by the median, or by the
+//!   median of means (over at least three groups) under `median_of_means`: either way one
+//!   lying validator among three cannot move the pooled number past the honest two.
+//! - Evidence is bounded before it is used ([`check_evidence`]): every number finite and in
+//!   its range, every miner it names one of the task's (once), and every miner named unless
+//!   the validator reports why not. Evidence that fails counts as a validator that could not
+//!   check: it decides nothing and is not paid.
 //! - Without an accepted group the disagreement policy decides: `fail_hard` fails the task,
 //!   `best_effort` takes the heaviest valid group, `return_all` returns every result.
 
@@ -124,10 +129,11 @@ impl<'de> Deserialize<'de> for Levels {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Consensus {
-    /// Miners count one each; evidence is averaged.
+    /// Miners count one each; evidence is pooled by the median.
     #[default]
     Majority,
-    /// Miners count by their reputation (plus one, so a new node still counts).
+    /// Miners count by their reputation (plus one, so a new node still counts); evidence is
+    /// pooled by the median.
     ReputationWeighted,
     /// Miners count one each; evidence is pooled by the median of means.
     MedianOfMeans,
@@ -262,19 +268,25 @@ impl Decision {
     }
 }
 
-/// Pools one number from several validators.
+/// Pools one number from several validators: the median, or under `median_of_means` the
+/// median of the means of at least three groups of consecutive values (about √n of them, an
+/// odd number). Fewer than half of the values (or groups) lying cannot move it past the
+/// others.
 pub fn pool(values: &[f32], consensus: Consensus) -> Option<f32> {
     if values.is_empty() {
         return None;
     }
     let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
-    if consensus != Consensus::MedianOfMeans || values.len() < 3 {
-        return Some(mean(values));
-    }
-    // Groups of about √n consecutive values; the median of their means.
-    let groups = (values.len() as f64).sqrt().round().max(1.0) as usize;
-    let size = values.len().div_ceil(groups);
-    let mut means: Vec<f32> = values.chunks(size).map(mean).collect();
+    let n = values.len();
+    let groups = if consensus == Consensus::MedianOfMeans {
+        let g = ((n as f64).sqrt().round() as usize).max(3) | 1;
+        g.min(n)
+    } else {
+        n
+    };
+    let mut means: Vec<f32> = (0..groups)
+        .map(|j| mean(&values[j * n / groups..(j + 1) * n / groups]))
+        .collect();
     means.sort_by(f32::total_cmp);
     let mid = means.len() / 2;
     Some(if means.len() % 2 == 1 {
@@ -282,6 +294,92 @@ pub fn pool(values: &[f32], consensus: Consensus) -> Option<f32> {
     } else {
         (means[mid - 1] + means[mid]) / 2.0
     })
+}
+
+/// How far an honest figure may stray past its range by rounding (a cosine of 1.0000001).
+const ROUNDING: f32 = 1e-3;
+
+fn within(x: f32, lo: f32, hi: f32) -> bool {
+    x.is_finite() && x >= lo - ROUNDING && x <= hi + ROUNDING
+}
+
+/// What is wrong with one miner's evidence: a number that is not finite or out of its range.
+fn out_of_range(e: &MinerEvidence) -> Option<String> {
+    if let Some(s) = e.similarity {
+        if !within(s, -1.0, 1.0) {
+            return Some(format!("similarity {s} is not within -1..1"));
+        }
+    }
+    if let Some(g) = &e.grade {
+        if !within(g.score, 1.0, 10.0) {
+            return Some(format!("grade {} is not within 1..10", g.score));
+        }
+        if !within(g.p_yes, 0.0, 1.0) || !within(g.answer_mass, 0.0, 1.0) {
+            return Some("a grade's probabilities are not within 0..1".into());
+        }
+    }
+    if let Some(l) = &e.likelihood {
+        let fractions = [
+            l.argmax_fraction,
+            l.seed_match_fraction,
+            l.outside_support_fraction,
+            l.rare_fraction,
+        ];
+        if fractions.iter().any(|&f| !within(f, 0.0, 1.0)) {
+            return Some("a likelihood fraction is not within 0..1".into());
+        }
+        if !within(l.mean_logprob, f32::MIN, 0.0) {
+            return Some(format!(
+                "mean log-probability {} is not finite and at most 0",
+                l.mean_logprob
+            ));
+        }
+    }
+    None
+}
+
+/// Bounds one validator's `evidence` about `miners` (the task's, in its results' order)
+/// before anything uses it. Evidence whose numbers are not finite and in range, that names a
+/// miner not among `miners` (or one more often than it has a result), or that names none of
+/// them without saying why, is replaced by evidence that only reports the validator could not
+/// check (its own errors kept): it decides nothing and is not paid.
+pub fn check_evidence(evidence: Evidence, miners: &[&str]) -> Evidence {
+    let mut named: HashMap<&str, usize> = HashMap::new();
+    let mut problem = None;
+    for e in &evidence.miners {
+        let count = named.entry(e.miner.as_str()).or_default();
+        *count += 1;
+        let results = miners.iter().filter(|m| **m == e.miner).count();
+        if *count > results {
+            problem = Some(if results == 0 {
+                format!("it names {:?}, which is not a miner of this task", e.miner)
+            } else {
+                format!("it names {:?} more than once", e.miner)
+            });
+        } else if let Some(why) = out_of_range(e) {
+            problem = Some(format!("about {:?}: {why}", e.miner));
+        }
+        if problem.is_some() {
+            break;
+        }
+    }
+    if problem.is_none() && evidence.errors.is_empty() {
+        if let Some(m) = miners.iter().find(|m| !named.contains_key(**m)) {
+            problem = Some(format!("it says nothing about {m:?} and not why"));
+        }
+    }
+    match problem {
+        None => evidence,
+        Some(why) => {
+            let mut errors = evidence.errors;
+            errors.push(format!("evidence dropped: {why}"));
+            Evidence {
+                validator: evidence.validator,
+                miners: vec![],
+                errors,
+            }
+        }
+    }
 }
 
 /// Decides on `results` ((miner, result) pairs) from the validators' `evidence`.
@@ -314,7 +412,12 @@ pub fn decide(
             reasons: vec!["no validator answered".into()],
         };
     }
-    for e in evidence {
+    let names: Vec<&str> = results.iter().map(|(m, _)| m.as_str()).collect();
+    let evidence: Vec<Evidence> = evidence
+        .iter()
+        .map(|e| check_evidence(e.clone(), &names))
+        .collect();
+    for e in &evidence {
         for err in &e.errors {
             reasons.push(format!("{}: {err}", e.validator));
         }
