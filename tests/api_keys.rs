@@ -62,7 +62,9 @@ fn issued_keys_have_quotas_see_only_their_own_and_are_stored_hashed() {
         "POST",
         &operator,
         "/api/v1/keys",
-        Some(json!({"name": "alice", "max_inflight": 1, "max_tasks": 3, "deposit": 100000})),
+        Some(
+            json!({"name": "alice", "max_inflight": 1, "max_tasks": 3, "deposit": 100000, "credit": 110000}),
+        ),
     );
     assert_eq!(status, 201, "{alice}");
     let (status, bob) = call(

@@ -408,14 +408,7 @@ impl KeyRing {
         if taken.is_some() {
             return Ok(());
         }
-        let spent = self
-            .store
-            .send(ReadCounts {
-                hashes: vec![hash.to_string()],
-                counter: Counter::Credit,
-            })
-            .await??;
-        let left = credit.saturating_sub(spent.first().copied().unwrap_or(0));
+        let left = credit.saturating_sub(self.credit_spent(hash).await?);
         Err(KeyError::NoCredit {
             wanted: amount,
             left,

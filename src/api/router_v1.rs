@@ -182,15 +182,7 @@ pub async fn owned_session(
     caller: &Caller,
     id: u64,
 ) -> Result<Session, ApiError> {
-    let session = state
-        .actors
-        .chain
-        .send(GetSession(id))
-        .await?
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(|| {
-            ApiError::NotFound("session_not_found", format!("session {id} does not exist"))
-        })?;
+    let session = any_session(state, id).await?;
     if session.owner != caller.owner {
         return Err(ApiError::Forbidden(format!(
             "session {id} belongs to another key"

@@ -132,11 +132,11 @@ pub fn run(args: TestnetArgs) -> anyhow::Result<()> {
 
     let mut children = Children(Vec::new());
     let mut router = Command::new(&exe);
+    router.arg("router");
     for key in &validator_keys {
         router.args(["--allow-validator", &format!("{:?}", key.address())]);
     }
     router
-        .arg("router")
         .args(["--listen", &listen.to_string()])
         .args(["--node-listen", &format!("127.0.0.1:{node_port}")])
         .args(["--miners", "0", "--validators", "0"])
