@@ -72,7 +72,7 @@ pub async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     }
     let _ = writeln!(out, "# HELP cortensor_replacements_total Miners replaced on tasks.\n# TYPE cortensor_replacements_total counter\ncortensor_replacements_total {}", stats.replacements);
     let _ = writeln!(out, "# HELP cortensor_rejected_reveals_total Reveals that did not match their precommit.\n# TYPE cortensor_rejected_reveals_total counter\ncortensor_rejected_reveals_total {}", stats.rejected_reveals);
-    let _ = writeln!(out, "# HELP cortensor_rejected_reports_total Miners' reports refused for their signature (unsigned, forged, or replayed from another assignment).\n# TYPE cortensor_rejected_reports_total counter\ncortensor_rejected_reports_total {}", stats.rejected_reports);
+    let _ = writeln!(out, "# HELP cortensor_rejected_reports_total Miners' reports refused for their signature (unsigned, forged, or replayed from another assignment) or their content (a token index, precommit or result out of bounds).\n# TYPE cortensor_rejected_reports_total counter\ncortensor_rejected_reports_total {}", stats.rejected_reports);
     let _ = writeln!(
         out,
         "# HELP cortensor_miners Miners by state.\n# TYPE cortensor_miners gauge"
