@@ -444,6 +444,22 @@ pub struct RecordOutcome {
 #[rtype(result = "Vec<NodeView>")]
 pub struct ListNodes;
 
+/// The fastest decode speed observed among the nodes (tokens/s), if any was measured.
+#[derive(Message)]
+#[rtype(result = "Option<f64>")]
+pub struct FastestSpeed;
+
+impl Handler<FastestSpeed> for NodePool {
+    type Result = Option<f64>;
+    fn handle(&mut self, _: FastestSpeed, _: &mut Context<Self>) -> Option<f64> {
+        self.nodes
+            .values()
+            .filter_map(|n| n.speed)
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .reduce(f64::max)
+    }
+}
+
 impl Handler<Register> for NodePool {
     type Result = ();
     fn handle(&mut self, m: Register, _: &mut Context<Self>) {

@@ -196,19 +196,8 @@ async fn check_precommit_timeout(
     asked: Duration,
     max_tokens: usize,
 ) -> Result<(), ApiError> {
-    let nodes = state
-        .actors
-        .pool
-        .send(crate::actors::node_pool::ListNodes)
-        .await?;
-    let best = nodes
-        .iter()
-        .filter_map(|n| n.tokens_per_second)
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .fold(None, |best: Option<f64>, s| {
-            Some(best.map_or(s, |b| b.max(s)))
-        });
-    let Some(best) = best else {
+    let fastest = crate::actors::node_pool::FastestSpeed;
+    let Some(best) = state.actors.pool.send(fastest).await? else {
         return Ok(());
     };
     let floor = precommit_floor_s(max_tokens, best);

@@ -104,6 +104,13 @@ enum Counter {
 }
 
 impl Counter {
+    /// Whether what it takes is flushed before it is answered: credit is money a crash must
+    /// not hand out twice; a task quota is checked on every task and keeps sled's own pace
+    /// (as it always did).
+    fn durable(self) -> bool {
+        matches!(self, Counter::Credit)
+    }
+
     /// The counter's name in the store.
     fn name(self, hash: &str) -> String {
         match self {
@@ -131,8 +138,8 @@ impl Handler<ReadCounts> for KeyStore {
     }
 }
 
-/// Takes `amount` of a key's counter if it stays within `limit` (flushed: what it took
-/// survives a crash): the count after, or `None` with nothing taken.
+/// Takes `amount` of a key's counter if it stays within `limit` (flushed if the counter is
+/// durable): the count after, or `None` with nothing taken.
 #[derive(Message)]
 #[rtype(result = "Result<Option<u64>, StoreError>")]
 struct TakeWithin {
@@ -147,7 +154,7 @@ impl Handler<TakeWithin> for KeyStore {
     fn handle(&mut self, m: TakeWithin, _: &mut Context<Self>) -> Self::Result {
         let name = m.counter.name(&m.hash);
         let taken = self.store.add_amount_within(&name, m.amount, m.limit)?;
-        if taken.is_some() {
+        if taken.is_some() && m.counter.durable() {
             self.store.flush()?;
         }
         Ok(taken)
@@ -167,7 +174,10 @@ impl Handler<GiveBack> for KeyStore {
     type Result = Result<(), StoreError>;
     fn handle(&mut self, m: GiveBack, _: &mut Context<Self>) -> Self::Result {
         self.store.sub_amount(&m.counter.name(&m.hash), m.amount)?;
-        self.store.flush()
+        if m.counter.durable() {
+            self.store.flush()?;
+        }
+        Ok(())
     }
 }
 
@@ -311,20 +321,8 @@ impl KeyRing {
             .collect();
         all.sort_by(|a, b| a.1.name.cmp(&b.1.name));
         let hashes: Vec<String> = all.iter().map(|(h, _)| h.clone()).collect();
-        let tasks = self
-            .store
-            .send(ReadCounts {
-                hashes: hashes.clone(),
-                counter: Counter::Tasks,
-            })
-            .await??;
-        let spent = self
-            .store
-            .send(ReadCounts {
-                hashes,
-                counter: Counter::Credit,
-            })
-            .await??;
+        let tasks = self.counts(hashes.clone(), Counter::Tasks).await?;
+        let spent = self.counts(hashes, Counter::Credit).await?;
         Ok(all
             .into_iter()
             .zip(tasks.into_iter().zip(spent))
@@ -450,14 +448,13 @@ impl KeyRing {
 
     /// What a key has spent of its credit.
     pub async fn credit_spent(&self, hash: &str) -> Result<u64, KeyError> {
-        let spent = self
-            .store
-            .send(ReadCounts {
-                hashes: vec![hash.to_string()],
-                counter: Counter::Credit,
-            })
-            .await??;
+        let spent = self.counts(vec![hash.to_string()], Counter::Credit).await?;
         Ok(spent.first().copied().unwrap_or(0))
+    }
+
+    /// Each key's count of one counter.
+    async fn counts(&self, hashes: Vec<String>, counter: Counter) -> Result<Vec<u64>, KeyError> {
+        Ok(self.store.send(ReadCounts { hashes, counter }).await??)
     }
 
     fn entry(&self, hash: &str) -> Option<KeyEntry> {

@@ -22,13 +22,7 @@ pub fn routes(r: &mut Routes) {
 
 /// The instance of the peer whose key the request carries, or 401.
 fn peer_of(state: &ApiState, req: &HttpRequest) -> Result<u8, ApiError> {
-    let key = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or(ApiError::Unauthorized)?;
+    let key = super::auth::bearer_token(req).ok_or(ApiError::Unauthorized)?;
     state
         .peer_keys
         .get(&key_hash(key))
