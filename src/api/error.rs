@@ -150,7 +150,9 @@ impl From<super::keys::KeyError> for ApiError {
         match e {
             KeyError::NameTaken(_) | KeyError::Full => ApiError::Conflict(e.to_string()),
             KeyError::NoSuchKey(_) => ApiError::NotFound("not_found", e.to_string()),
-            KeyError::QuotaExhausted(_) => ApiError::QuotaExceeded(e.to_string()),
+            KeyError::QuotaExhausted(_) | KeyError::TooManySessions(_) => {
+                ApiError::QuotaExceeded(e.to_string())
+            }
             KeyError::NoCredit { .. } => ApiError::InsufficientBalance(e.to_string()),
             KeyError::Store(_) | KeyError::Stopped(_) => {
                 ApiError::StorageUnavailable(e.to_string(), 1)

@@ -98,6 +98,11 @@ async fn issue(
         .issue(&body.name, body.max_inflight, body.max_tasks, credit)
         .await?;
     let hash = super::keys::key_hash(&key);
+    // The default session is the key's first, out of its credit like any other.
+    state
+        .keys
+        .take_session(&hash, &entry, state.max_sessions_per_key)
+        .await?;
     state.keys.spend_credit(&hash, &entry, deposit).await?;
     let open = OpenSession {
         owner: entry.owner.clone(),

@@ -29,6 +29,8 @@ pub enum KeyError {
     Full,
     #[error("this key's quota of {0} tasks is used up")]
     QuotaExhausted(u64),
+    #[error("this key has opened {0} sessions, its limit")]
+    TooManySessions(usize),
     #[error("a deposit of {wanted} is more than this key's remaining credit of {left} (an operator grants credit)")]
     NoCredit { wanted: u64, left: u64 },
     #[error(transparent)]
@@ -101,6 +103,7 @@ impl Handler<SaveKey> for KeyStore {
 enum Counter {
     Tasks,
     Credit,
+    Sessions,
 }
 
 impl Counter {
@@ -116,6 +119,7 @@ impl Counter {
         match self {
             Counter::Tasks => format!("key-tasks/{hash}"),
             Counter::Credit => format!("key-credit-spent/{hash}"),
+            Counter::Sessions => format!("key-sessions/{hash}"),
         }
     }
 }
@@ -411,6 +415,38 @@ impl KeyRing {
             wanted: amount,
             left,
         })
+    }
+
+    /// Counts a session the key opens against its limit (operators' keys are not limited),
+    /// atomically: two requests cannot both open the last one. A session then not opened is
+    /// given back with [`KeyRing::give_back_session`].
+    pub async fn take_session(
+        &self,
+        hash: &str,
+        entry: &KeyEntry,
+        max: usize,
+    ) -> Result<(), KeyError> {
+        if entry.role == Role::Operator {
+            return Ok(());
+        }
+        let taken = self
+            .store
+            .send(TakeWithin {
+                hash: hash.to_string(),
+                counter: Counter::Sessions,
+                amount: 1,
+                limit: max as u64,
+            })
+            .await??;
+        taken.map(drop).ok_or(KeyError::TooManySessions(max))
+    }
+
+    /// Gives back a session [`KeyRing::take_session`] counted that was not opened.
+    pub async fn give_back_session(&self, hash: &str, entry: &KeyEntry) -> Result<(), KeyError> {
+        if entry.role == Role::Operator {
+            return Ok(());
+        }
+        self.give_back(hash, Counter::Sessions, 1).await
     }
 
     /// Gives back a deposit [`KeyRing::spend_credit`] took that was not made.

@@ -315,13 +315,6 @@ async fn check_session_limits(
             state.max_reserved_nodes
         )));
     }
-    let open = owned_sessions(state, caller).await?.len();
-    if open >= state.max_sessions_per_key {
-        return Err(ApiError::QuotaExceeded(format!(
-            "this key has opened {open} sessions, its limit of {}",
-            state.max_sessions_per_key
-        )));
-    }
     Ok(())
 }
 
@@ -360,11 +353,14 @@ async fn create_session(
     params.validate().map_err(ApiError::Invalid)?;
     check_session_limits(&state, &caller, &params).await?;
     let deposit = body.deposit.unwrap_or(state.default_deposit);
-    // The deposit comes out of the key's credit (an operator's grant), never from nothing.
-    state
-        .keys
-        .spend_credit(&caller.key_hash, &caller.key, deposit)
+    let (keys, hash, key) = (&state.keys, &caller.key_hash, &caller.key);
+    keys.take_session(hash, key, state.max_sessions_per_key)
         .await?;
+    // The deposit comes out of the key's credit (an operator's grant), never from nothing.
+    if let Err(e) = keys.spend_credit(hash, key, deposit).await {
+        keys.give_back_session(hash, key).await?;
+        return Err(e.into());
+    }
     let open = OpenSession {
         owner: caller.owner.clone(),
         params,
@@ -373,10 +369,8 @@ async fn create_session(
     let session = match state.actors.router.send(open).await {
         Ok(Ok(session)) => session,
         failed => {
-            state
-                .keys
-                .refund_credit(&caller.key_hash, &caller.key, deposit)
-                .await?;
+            keys.refund_credit(hash, key, deposit).await?;
+            keys.give_back_session(hash, key).await?;
             failed??
         }
     };
